@@ -1,0 +1,185 @@
+"""Backbones: an architecture's components and its role map.
+
+A backbone maps each component (``vision``, ``fusion``, ``decoder``, ``projector``, ``llm``) to a
+module path in the model, and each role (a kind of module: ``attn.q``, ``mlp.up``, ``norm``...) to
+patterns over module names. Methods ask for roles, never for module names, so one role map per
+backbone replaces a method x architecture table.
+
+Role patterns are regular expressions searched (``re.search``) in a module's dotted name relative to
+its component's root (e.g. ``layers.3.attn.q``), or callables ``(name, module) -> bool``.
+
+For a model of your own, write a role map in a few lines::
+
+    bb = peftmed.Backbone(
+        name="my-vlm",
+        components={"vision": "image_encoder", "decoder": "text_decoder"},
+        roles={"attn.q": r"\\.q_proj$", "attn.v": r"\\.v_proj$", "mlp.up": r"\\.fc1$",
+               "mlp.down": r"\\.fc2$"},          # norm and bias are inferred when not given
+    )
+    model = peftmed.apply(my_model, "vision=layernorm decoder=lora(r=8)", backbone=bb)
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from torch import nn
+
+from ..errors import PeftmedError, UnknownNameError
+
+COMPONENTS = ("vision", "fusion", "decoder", "projector", "llm")
+
+# The roles methods may ask for, with what they mean.
+ROLES: dict[str, str] = {
+    "attn.q": "self-attention query projection",
+    "attn.k": "self-attention key projection",
+    "attn.v": "self-attention value projection",
+    "attn.qkv": "fused self-attention query/key/value projection",
+    "attn.o": "self-attention output projection",
+    "cross.q": "cross-attention query projection",
+    "cross.k": "cross-attention key projection",
+    "cross.v": "cross-attention value projection",
+    "cross.o": "cross-attention output projection",
+    "mlp.up": "feed-forward input projection(s) (incl. gate)",
+    "mlp.down": "feed-forward output projection",
+    "norm": "normalisation layers (LayerNorm, RMSNorm)",
+    "embed": "token / patch / position embeddings",
+    "head": "output heads (LM head, classifier)",
+    "self_attention": "self-attention blocks that can take key/value prefixes",
+    "cross_attention": "cross-attention blocks that can take key/value prefixes",
+}
+
+Pattern = Union[str, Callable[[str, nn.Module], bool]]
+
+
+def _is_norm(name: str, module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(
+        ("LayerNorm", "RMSNorm", "Norm")
+    ) and any(True for _ in module.parameters(recurse=False))
+
+
+def _is_embedding(name: str, module: nn.Module) -> bool:
+    return isinstance(module, nn.Embedding)
+
+
+# Roles inferred for any model whose role map does not name them.
+INFERRED_ROLES: dict[str, tuple[Pattern, ...]] = {
+    "norm": (_is_norm,),
+    "embed": (_is_embedding,),
+}
+
+
+@dataclass
+class Backbone:
+    """An architecture's components and role map, plus (optionally) how to build and load it.
+
+    Fields:
+      name: what ``--backbone`` takes.
+      components: component -> dotted module path in the model ("" is the whole model).
+      roles: role -> pattern(s) for all components.
+      component_roles: component -> {role -> pattern(s)}, overriding ``roles`` for that component.
+      builder: ``builder(**options) -> nn.Module`` building a fresh model (random init).
+      loader: ``loader(path, **options) -> nn.Module`` loading a real checkpoint folder.
+      description: one line for ``peftmed backbones``.
+      tasks: tasks the built model serves (``"vqa"``, ``"report"``).
+      defaults: options passed to builder unless overridden.
+    """
+
+    name: str
+    components: Mapping[str, str]
+    roles: Mapping[str, Pattern | Iterable[Pattern]] = field(default_factory=dict)
+    component_roles: Mapping[str, Mapping[str, Pattern | Iterable[Pattern]]] = field(default_factory=dict)
+    builder: Callable[..., nn.Module] | None = None
+    loader: Callable[..., nn.Module] | None = None
+    description: str = ""
+    tasks: tuple[str, ...] = ()
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for comp in self.component_roles:
+            if comp not in self.components:
+                raise PeftmedError(
+                    f"backbone {self.name!r}: component_roles names {comp!r}, which is not one of its "
+                    f"components {sorted(self.components)}"
+                )
+
+    # ---- building --------------------------------------------------------------------------------
+    def build(self, **options) -> nn.Module:
+        if self.builder is None:
+            raise PeftmedError(
+                f"backbone {self.name!r} has no builder; pass your own model to peftmed.apply(model, ...)"
+            )
+        return self._tag(self.builder(**{**self.defaults, **options}))
+
+    def from_pretrained(self, path, **options) -> nn.Module:
+        if self.loader is None:
+            raise PeftmedError(f"backbone {self.name!r} cannot load checkpoints (it has no loader)")
+        return self._tag(self.loader(path, **{**self.defaults, **options}))
+
+    def _tag(self, model: nn.Module) -> nn.Module:
+        """Remember the backbone on the model, so peftmed.apply(model, recipe) needs no backbone=."""
+        model.peftmed_backbone = self.name
+        return model
+
+    # ---- components and roles ----------------------------------------------------------------------
+    def check_component(self, component: str) -> None:
+        if component not in self.components:
+            raise UnknownNameError(
+                "component", component, self.components, hint=f"(backbone {self.name!r})"
+            )
+
+    def component_module(self, model: nn.Module, component: str) -> nn.Module:
+        self.check_component(component)
+        path = self.components[component]
+        try:
+            return model.get_submodule(path) if path else model
+        except AttributeError as exc:
+            raise PeftmedError(
+                f"backbone {self.name!r} maps component {component!r} to {path!r}, which is not a "
+                f"module of this {type(model).__name__}"
+            ) from exc
+
+    def role_patterns(self, component: str, role: str) -> tuple[Pattern, ...]:
+        table = self.component_roles.get(component, {})
+        pats = table.get(role, self.roles.get(role))
+        if pats is None:
+            pats = INFERRED_ROLES.get(role, ())
+        if isinstance(pats, str) or callable(pats):
+            return (pats,)
+        return tuple(pats)
+
+    def declared_roles(self, component: str) -> list[str]:
+        names = set(self.roles) | set(self.component_roles.get(component, {})) | set(INFERRED_ROLES)
+        return sorted(names)
+
+    def match(self, model: nn.Module, component: str, role: str) -> dict[str, nn.Module]:
+        """Modules of ``component`` playing ``role``, keyed by their name relative to the model root."""
+        root = self.component_module(model, component)
+        prefix = self.components[component]
+        patterns = self.role_patterns(component, role)
+        found: dict[str, nn.Module] = {}
+        for rel, module in root.named_modules():
+            if not rel or ".base_layer" in f".{rel}":
+                continue  # adapter wrappers keep the original module at <name>.base_layer
+            if any(_pattern_hits(p, rel, module) for p in patterns):
+                found[f"{prefix}.{rel}" if prefix else rel] = module
+        return found
+
+    def component_of(self, name: str) -> str | None:
+        """The component a model-level parameter or module name belongs to (longest path wins)."""
+        best, best_len = None, -1
+        for comp, path in self.components.items():
+            if path == "" or name == path or name.startswith(path + "."):
+                if len(path) > best_len:
+                    best, best_len = comp, len(path)
+        return best
+
+
+def _pattern_hits(pattern: Pattern, name: str, module: nn.Module) -> bool:
+    if callable(pattern):
+        return bool(pattern(name, module))
+    return re.search(pattern, name) is not None

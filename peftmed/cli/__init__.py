@@ -1,0 +1,79 @@
+"""The ``peftmed`` command line. Every sub-command is registered through the ``register_commands``
+hook, the built-in ones included (``peftmed.cli.core_commands``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import PeftmedError
+
+
+@dataclass
+class Command:
+    """One sub-command: ``configure(parser)`` adds arguments, ``run(args) -> int`` runs it."""
+
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+def str2bool(text: str) -> bool:
+    """Parse a boolean flag value; '--flag False' means False (the reference code got this wrong)."""
+    low = str(text).strip().lower()
+    if low in {"1", "true", "yes", "y", "on"}:
+        return True
+    if low in {"0", "false", "no", "n", "off"}:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
+
+
+def build_parser(registry=None) -> argparse.ArgumentParser:
+    from ..plugins import default_registry
+
+    registry = registry or default_registry()
+    parser = argparse.ArgumentParser(
+        prog="peftmed",
+        description="Parameter-efficient fine-tuning of medical vision-language models.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run 'peftmed COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in registry.names("command"):
+        cmd = registry.get("command", name)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description or cmd.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        cmd.configure(p)
+        p.set_defaults(_command=cmd)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..plugins import default_registry
+
+    registry = default_registry()
+    parser = build_parser(registry)
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "_command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._command.run(args) or 0)
+    except PeftmedError as exc:
+        print(f"peftmed {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"peftmed {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m peftmed.cli
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""What a method is, and how the core applies each family.
+
+A method is a named strategy with a config dataclass and a family:
+
+- ``inject``: wraps the modules of its roles in an :class:`AdapterLayer` that holds new parameters
+  (LoRA, IA3). It provides ``layer_class``.
+- ``select``: unfreezes existing parameters (LayerNorm-, FFN-, Attention-tuning, BitFit, full). It
+  provides ``select(ctx) -> {name: Parameter}``.
+- ``prompt``: adds learned key/value prefixes to attention (Prefix, P-Tuning v2). It provides
+  ``attach(ctx) -> PromptModule``.
+
+The core dispatches on the family, never on a method's name; a third-party method subclasses
+:class:`Method`, sets ``name`` and ``family``, and registers an instance through the
+``register_methods`` hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import types
+import typing
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, RecipeError, UnknownNameError
+
+log = logging.getLogger("peftmed.methods")
+
+FAMILIES = ("inject", "select", "prompt")
+
+
+@dataclass
+class MethodConfig:
+    """Options every method has. Subclasses add theirs, each with a comment, and check them in
+    ``validate`` (called at construction)."""
+
+    roles: tuple[str, ...] | None = None  # roles to touch; None = the method's defaults
+
+    def __post_init__(self):
+        if self.roles is not None:
+            if isinstance(self.roles, str):
+                self.roles = tuple(r for r in self.roles.replace("+", ",").split(",") if r)
+            self.roles = tuple(self.roles)
+            if not self.roles:
+                raise ConfigError("roles=[] selects nothing; leave it out to use the method's defaults")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the bad value and the valid range."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+class Method:
+    """Base class of all methods. Subclasses set the class attributes and the family's hook."""
+
+    name: ClassVar[str] = ""
+    family: ClassVar[str] = ""
+    config_class: ClassVar[type[MethodConfig]] = MethodConfig
+    default_roles: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    short_label: ClassVar[str] = ""  # how the papers' rows write it, e.g. "LoRA"
+    mergeable: ClassVar[bool] = False
+    version: ClassVar[str] = "1"
+
+    # inject family
+    layer_class: ClassVar[type[AdapterLayer] | None] = None
+
+    def __init__(self):
+        if self.family not in FAMILIES:
+            raise ConfigError(f"method {self.name!r} has family {self.family!r}; expected one of {FAMILIES}")
+        if not self.short_label:
+            type(self).short_label = self.name
+
+    def __repr__(self) -> str:
+        return f"<method {self.name} ({self.family})>"
+
+    # ---- configs -----------------------------------------------------------------------------------
+    def make_config(self, options: Mapping[str, Any] | None = None, *, lenient: bool = False) -> MethodConfig:
+        """Build and validate a config from recipe options.
+
+        Unknown options raise (listing the valid ones, suggesting the closest); with ``lenient``
+        (adapters written by a newer version) they are dropped with a warning.
+        """
+        options = dict(options or {})
+        cls = self.config_class
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        kwargs = {}
+        for key, value in options.items():
+            if key not in names:
+                if lenient:
+                    warnings.warn(
+                        f"method {self.name!r}: ignoring unknown option {key!r}={value!r} "
+                        f"(written by a newer version?)",
+                        stacklevel=2,
+                    )
+                    continue
+                raise UnknownNameError(f"option of method {self.name!r}", key, names)
+            kwargs[key] = _coerce(self.name, key, value, hints.get(key, Any))
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"method {self.name!r}: {exc}") from None
+
+    def roles_for(self, config: MethodConfig) -> tuple[str, ...]:
+        return tuple(config.roles) if config.roles else tuple(self.default_roles)
+
+    # ---- families (override the one of your family) ------------------------------------------------
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        """select family: the parameters to unfreeze, keyed by model-level parameter name."""
+        raise NotImplementedError(f"{self.name} is not a select-family method")
+
+    def extra_parameters(self, ctx: ApplyContext, layers: Mapping[str, AdapterLayer]) -> dict[str, nn.Parameter]:
+        """inject family: existing base parameters to train as well (e.g. LoRA's bias option)."""
+        return {}
+
+    def attach(self, ctx: ApplyContext) -> PromptModule:
+        """prompt family: build the prompt module and hook it into the component's attention."""
+        raise NotImplementedError(f"{self.name} is not a prompt-family method")
+
+
+@dataclass
+class ApplyContext:
+    """What a method sees when it is applied to one component."""
+
+    model: nn.Module  # the base model (already wrapped by earlier methods/adapters)
+    backbone: Any  # peftmed.backbones.Backbone
+    component: str
+    method: Method
+    config: MethodConfig
+    adapter_name: str
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def component_module(self) -> nn.Module:
+        return self.backbone.component_module(self.model, self.component)
+
+    @property
+    def component_path(self) -> str:
+        return self.backbone.components[self.component]
+
+    def roles(self) -> tuple[str, ...]:
+        return self.method.roles_for(self.config)
+
+    def match(self, role: str) -> dict[str, nn.Module]:
+        return self.backbone.match(self.model, self.component, role)
+
+    def matched(self, *, require: bool = True) -> dict[str, tuple[nn.Module, str]]:
+        """name -> (module, role) over this method's roles; raises if nothing matches."""
+        found: dict[str, tuple[nn.Module, str]] = {}
+        for role in self.roles():
+            for name, module in self.match(role).items():
+                found.setdefault(name, (module, role))
+        if require and not found:
+            raise RecipeError(
+                f"method {self.method.name!r} on component {self.component!r} of backbone "
+                f"{self.backbone.name!r} matches no module: it asks for roles {list(self.roles())}, "
+                f"and this component has none of them (its roles: "
+                f"{', '.join(self.available_roles()) or 'none'}). Pass roles=[...] to choose others."
+            )
+        return found
+
+    def available_roles(self) -> list[str]:
+        return [r for r in self.backbone.declared_roles(self.component) if self.match(r)]
+
+
+class AdapterLayer(nn.Module):
+    """Wraps a base module and holds per-adapter parameters (inject family).
+
+    Subclasses keep per-adapter tensors in ``nn.ParameterDict`` attributes listed in
+    ``adapter_attributes`` and implement ``add_adapter``, ``forward`` and, if mergeable,
+    ``delta_weight``-style ``merge``/``unmerge``. The wrapped module stays at ``.base_layer``.
+    """
+
+    adapter_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.configs: dict[str, MethodConfig] = {}
+        self.roles: dict[str, str] = {}
+        self.disabled = False
+
+    # subclasses implement -----------------------------------------------------------------------
+    def add_adapter(self, name: str, config: MethodConfig, role: str) -> None:
+        raise NotImplementedError
+
+    def merge(self, name: str | None = None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+
+    def unmerge(self, name: str | None = None) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot unmerge")
+
+    # shared -------------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self.configs)
+
+    def uses(self, name: str | None) -> bool:
+        """Whether this layer applies adapter ``name`` now (active, present, not merged)."""
+        return (
+            not self.disabled and name is not None and name == self.active_adapter
+            and name in self.configs and name not in self.merged_adapters
+        )
+
+    def adapter_state(self, name: str) -> dict[str, nn.Parameter]:
+        return {attr: getattr(self, attr)[name] for attr in self.adapter_attributes if name in getattr(self, attr)}
+
+    def remove_adapter(self, name: str) -> None:
+        for attr in self.adapter_attributes:
+            store = getattr(self, attr)
+            if name in store:
+                del store[name]
+        self.configs.pop(name, None)
+        self.roles.pop(name, None)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def set_active(self, name: str | None) -> None:
+        self.active_adapter = name if name in self.configs else None
+
+    @property
+    def weight(self) -> torch.Tensor:  # code that reads .weight of the original module keeps working
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base_layer, "bias", None)
+
+
+class PromptModule(nn.Module):
+    """What a prompt-family method attaches: holds the prompt parameters of one component."""
+
+    def set_active(self, active: bool) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        """Remove the hooks this module put into the model's attention."""
+        raise NotImplementedError
+
+    def fold(self) -> None:  # optional: fold a reparameterisation away after training
+        """Replace the reparameterisation network by the prefixes it produces (no-op by default)."""
+
+
+def adapter_parameter_ids(root: nn.Module) -> set[int]:
+    """ids of the parameters that adapters added under ``root`` (not the model's own)."""
+    ids: set[int] = set()
+    for m in root.modules():
+        if isinstance(m, AdapterLayer):
+            for attr in m.adapter_attributes:
+                ids.update(id(p) for p in getattr(m, attr).parameters())
+        elif isinstance(m, PromptModule):
+            ids.update(id(p) for p in m.parameters())
+    return ids
+
+
+def base_named_parameters(root: nn.Module):
+    """(name, parameter) of the model's own parameters under ``root``, adapters' excluded."""
+    skip = adapter_parameter_ids(root)
+    for n, p in root.named_parameters():
+        if id(p) not in skip:
+            yield n, p
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def canonical_name(name: str) -> str:
+    """A parameter or module name with adapter wrappers removed (stable across wrapping)."""
+    return name.replace(".base_layer", "")
+
+
+def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(method, key, value, a)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"method {method!r}: bad value {key}={value!r}")
+    if hint is Any or hint is None:
+        return value
+    if origin in (tuple, list) or hint in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.replace("+", ",").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"method {method!r}: option {key} expects a list, got {value!r}")
+        return tuple(value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        raise ConfigError(f"method {method!r}: option {key} expects true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"method {method!r}: option {key} expects an integer, got {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"method {method!r}: option {key} expects a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"method {method!r}: option {key} expects text, got {value!r}")
+        return value
+    return value

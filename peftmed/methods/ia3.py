@@ -1,0 +1,92 @@
+"""IA3: learned per-channel scaling of keys, values and the feed-forward input (Liu et al., 2022)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+from ..hookspecs import hookimpl
+from .base import AdapterLayer, Method, MethodConfig
+
+
+@dataclass
+class IA3Config(MethodConfig):
+    feedforward_roles: tuple[str, ...] = ("mlp.down",)  # roles scaled on their input, not output
+
+
+class IA3Linear(AdapterLayer):
+    """y = W (x * l) + b for feed-forward roles; y = (W x + b) * l otherwise. l starts at 1."""
+
+    adapter_attributes = ("ia3_scale",)
+
+    def __init__(self, base_layer: nn.Module):
+        if not isinstance(base_layer, nn.Linear):
+            raise RecipeError(f"IA3 wraps nn.Linear layers; got {type(base_layer).__name__}")
+        super().__init__(base_layer)
+        self.ia3_scale = nn.ParameterDict()
+        self.on_input: dict[str, bool] = {}
+
+    def add_adapter(self, name: str, config: IA3Config, role: str) -> None:
+        base = self.base_layer
+        on_input = role in config.feedforward_roles
+        size = base.in_features if on_input else base.out_features
+        self.ia3_scale[name] = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
+        self.on_input[name] = on_input
+        self.configs[name] = config
+        self.roles[name] = role
+
+    def merge(self, name: str | None = None) -> None:
+        name = name or self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return
+        scale = self.ia3_scale[name].detach()
+        with torch.no_grad():
+            if self.on_input[name]:
+                self.base_layer.weight.mul_(scale[None, :])
+            else:
+                self.base_layer.weight.mul_(scale[:, None])
+                if self.base_layer.bias is not None:
+                    self.base_layer.bias.mul_(scale)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
+        if name is None or name not in self.merged_adapters:
+            return
+        scale = self.ia3_scale[name].detach()
+        with torch.no_grad():
+            if self.on_input[name]:
+                self.base_layer.weight.div_(scale[None, :])
+            else:
+                self.base_layer.weight.div_(scale[:, None])
+                if self.base_layer.bias is not None:
+                    self.base_layer.bias.div_(scale)
+        self.merged_adapters.remove(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if not self.uses(name):
+            return self.base_layer(x)
+        scale = self.ia3_scale[name].to(x.dtype)
+        if self.on_input[name]:
+            return self.base_layer(x * scale)
+        return self.base_layer(x) * scale
+
+
+class IA3(Method):
+    name = "ia3"
+    family = "inject"
+    config_class = IA3Config
+    default_roles = ("attn.k", "attn.v", "mlp.down")
+    description = "IA3: learned scaling vectors on keys, values and feed-forward activations"
+    short_label = "IA3"
+    mergeable = True
+    layer_class = IA3Linear
+
+
+@hookimpl
+def register_methods(register):
+    register(IA3())

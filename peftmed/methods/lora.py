@@ -1,0 +1,145 @@
+"""LoRA: low-rank updates W + s * B A on linear layers (the reference inject-family plugin).
+
+A third party writing an inject method copies this file: a config dataclass, an AdapterLayer
+subclass, a Method subclass, and one ``register_methods`` hook implementation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..errors import ConfigError, RecipeError
+from ..hookspecs import hookimpl
+from .base import AdapterLayer, ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name
+
+INITS = ("kaiming", "gaussian", "orthogonal")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = 8  # rank of the update
+    alpha: float = 8.0  # scaling numerator: s = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the LoRA branch's input, in [0, 1)
+    bias: str = "none"  # none | all (train every bias of the component) | lora_only (biases of wrapped layers)
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r)
+    init: str = "kaiming"  # kaiming (A kaiming-uniform, B zero) | gaussian (A ~ N(0, 1/r)) | orthogonal
+    kernel: str = "auto"  # lora_linear implementation: auto | triton | cuda | cpp | torch
+
+    def validate(self) -> None:
+        if self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got r={self.r}")
+        if self.alpha <= 0:
+            raise ConfigError(f"alpha must be > 0, got alpha={self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got dropout={self.dropout}")
+        if self.bias not in BIAS_MODES:
+            raise ConfigError(f"bias must be one of {BIAS_MODES}, got bias={self.bias!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got init={self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoraLinear(AdapterLayer):
+    """nn.Linear + per-adapter low-rank update; forward through the fused ``lora_linear`` op."""
+
+    adapter_attributes = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
+        if not isinstance(base_layer, nn.Linear):
+            raise RecipeError(
+                f"LoRA wraps nn.Linear layers; got {type(base_layer).__name__}. "
+                f"Choose roles that name linear layers."
+            )
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
+        base = self.base_layer
+        dev, dtype = base.weight.device, base.weight.dtype
+        a = torch.empty(config.r, base.in_features, device=dev, dtype=dtype)
+        if config.init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        elif config.init == "gaussian":
+            nn.init.normal_(a, std=1.0 / config.r)
+        else:
+            nn.init.orthogonal_(a)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(torch.zeros(base.out_features, config.r, device=dev, dtype=dtype))
+        self.configs[name] = config
+        self.roles[name] = role
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name] @ self.lora_A[name]) * self.configs[name].scaling
+
+    def merge(self, name: str | None = None) -> None:
+        name = name or self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return
+        with torch.no_grad():
+            self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged_adapters.append(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
+        if name is None or name not in self.merged_adapters:
+            return
+        with torch.no_grad():
+            self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+        self.merged_adapters.remove(name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if not self.uses(name):
+            return self.base_layer(x)
+        cfg = self.configs[name]
+        a, b = self.lora_A[name], self.lora_B[name]
+        return kernels.lora_linear(
+            x, self.base_layer.weight, self.base_layer.bias, a.to(x.dtype), b.to(x.dtype), cfg.scaling,
+            dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={c.r}, alpha={c.alpha}" for n, c in self.configs.items())
+
+
+class Lora(Method):
+    name = "lora"
+    family = "inject"
+    config_class = LoraConfig
+    default_roles = ("attn.q", "attn.v", "attn.qkv")
+    description = "LoRA: trainable low-rank update B A added to frozen linear weights"
+    short_label = "LoRA"
+    mergeable = True
+    layer_class = LoraLinear
+
+    def extra_parameters(self, ctx: ApplyContext, layers) -> dict[str, nn.Parameter]:
+        cfg: LoraConfig = ctx.config
+        if cfg.bias == "none":
+            return {}
+        if cfg.bias == "lora_only":
+            return {
+                f"{canonical_name(n)}.bias": layer.base_layer.bias
+                for n, layer in layers.items()
+                if getattr(layer.base_layer, "bias", None) is not None
+            }
+        root, path = ctx.component_module, ctx.component_path
+        return {
+            canonical_name(f"{path}.{n}" if path else n): p
+            for n, p in base_named_parameters(root)
+            if n.endswith("bias")
+        }
+
+
+@hookimpl
+def register_methods(register):
+    register(Lora())

@@ -1,0 +1,137 @@
+"""Select-family methods: unfreeze existing parameters chosen by role.
+
+LayerNorm-tuning (Chen et al., ACM MM 2024: ~0.04% of MISS), FFN-tuning, Attention-tuning, BitFit,
+full fine-tuning, and ``frozen`` (explicitly nothing).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .. import kernels
+from ..hookspecs import hookimpl
+from .base import ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name, unwrap
+
+
+def _params_of(ctx: ApplyContext, modules: dict[str, nn.Module], *, bias_only: bool = False) -> dict[str, nn.Parameter]:
+    out: dict[str, nn.Parameter] = {}
+    for name, module in modules.items():
+        for pname, p in unwrap(module).named_parameters():
+            if bias_only and not pname.endswith("bias"):
+                continue
+            out[canonical_name(f"{name}.{pname}")] = p
+    return out
+
+
+class SelectMethod(Method):
+    family = "select"
+
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        return _params_of(ctx, {n: m for n, (m, _) in ctx.matched().items()})
+
+
+@dataclass
+class LayerNormConfig(MethodConfig):
+    fused: bool = True  # route the tuned LayerNorms through peftmed's fused layer_norm op
+    kernel: str = "auto"  # layer_norm implementation: auto | triton | cuda | cpp | torch
+
+
+class LayerNormTuning(SelectMethod):
+    name = "layernorm"
+    config_class = LayerNormConfig
+    default_roles = ("norm",)
+    description = "LayerNorm-tuning: train only the gains and biases of normalisation layers"
+    aliases = ("ln", "ln-tuning")
+    short_label = "LN"
+
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        matched = ctx.matched()
+        if ctx.config.fused:
+            # swap module instances in this model only (never patch nn.LayerNorm process-wide)
+            for name, (module, _) in matched.items():
+                if type(module) is nn.LayerNorm and module.elementwise_affine:
+                    fused = kernels.FusedLayerNorm.from_module(module, impl=ctx.config.kernel)
+                    ctx.model.set_submodule(name, fused)
+                    matched[name] = (fused, "norm")
+        return _params_of(ctx, {n: m for n, (m, _) in matched.items()})
+
+
+class FFNTuning(SelectMethod):
+    name = "ffn"
+    config_class = MethodConfig
+    default_roles = ("mlp.up", "mlp.down")
+    description = "FFN-tuning: train the feed-forward layers (weights and biases)"
+    short_label = "FFN"
+
+
+@dataclass
+class AttentionConfig(MethodConfig):
+    cross: bool = True  # also train cross-attention projections where the component has them
+
+
+class AttentionTuning(SelectMethod):
+    name = "attention"
+    config_class = AttentionConfig
+    default_roles = ("attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o")
+    description = "Attention-tuning: train the attention projections (weights and biases)"
+    aliases = ("attn",)
+    short_label = "Attn"
+
+    def roles_for(self, config: AttentionConfig) -> tuple[str, ...]:
+        if config.roles:
+            return tuple(config.roles)
+        extra = ("cross.q", "cross.k", "cross.v", "cross.o") if config.cross else ()
+        return self.default_roles + extra
+
+
+class BitFit(SelectMethod):
+    name = "bitfit"
+    config_class = MethodConfig
+    description = "BitFit: train only the bias terms"
+    short_label = "BitFit"
+
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        if ctx.config.roles:
+            return _params_of(ctx, {n: m for n, (m, _) in ctx.matched().items()}, bias_only=True)
+        root, path = ctx.component_module, ctx.component_path
+        return {
+            canonical_name(f"{path}.{n}" if path else n): p
+            for n, p in base_named_parameters(root)
+            if n.endswith("bias")
+        }
+
+
+class Full(SelectMethod):
+    name = "full"
+    config_class = MethodConfig
+    description = "Full fine-tuning of the component (the papers' T)"
+    aliases = ("t", "all")
+    short_label = "T"
+
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        if ctx.config.roles:
+            return super().select(ctx)
+        root, path = ctx.component_module, ctx.component_path
+        return {
+            canonical_name(f"{path}.{n}" if path else n): p
+            for n, p in base_named_parameters(root)
+        }
+
+
+class Frozen(SelectMethod):
+    name = "frozen"
+    config_class = MethodConfig
+    description = "Nothing trained in the component (the papers' F)"
+    aliases = ("f", "none")
+    short_label = "F"
+
+    def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
+        return {}
+
+
+@hookimpl
+def register_methods(register):
+    for cls in (LayerNormTuning, FFNTuning, AttentionTuning, BitFit, Full, Frozen):
+        register(cls())

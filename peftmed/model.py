@@ -1,0 +1,667 @@
+"""The model wrapper: apply a recipe, report trainable parameters, save/load, merge, several adapters.
+
+    model = peftmed.build_backbone("miss-tiny")
+    pm = peftmed.apply(model, "vision=full fusion=lora(r=8,alpha=16) decoder=lora(r=8,alpha=16)")
+    print(pm.trainable_report())
+    pm.save_adapter("out/adapter")
+    pm2 = peftmed.load_adapter(peftmed.build_backbone("miss-tiny"), "out/adapter")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones.base import Backbone
+from .errors import AdapterError, PeftmedError, RecipeError, UnknownNameError
+from .methods.base import (
+    AdapterLayer,
+    ApplyContext,
+    Method,
+    MethodConfig,
+    PromptModule,
+    adapter_parameter_ids,
+    canonical_name,
+)
+from .plugins import Registry, default_registry
+from .recipe import Recipe
+
+MANIFEST = "adapter.json"
+WEIGHTS = "adapter.safetensors"
+FORMAT = "peftmed-adapter"
+FORMAT_VERSION = 1
+MANIFEST_KEYS = {
+    "format", "format_version", "peftmed_version", "torch_version", "plugins", "backbone",
+    "adapter_name", "recipe", "recipe_json", "methods", "tensors", "trainable",
+}
+
+
+@dataclass
+class AppliedMethod:
+    """One method applied to one component of one adapter."""
+
+    component: str
+    method: Method
+    config: MethodConfig
+    layers: dict[str, AdapterLayer] = field(default_factory=dict)  # inject: module name -> layer
+    params: dict[str, nn.Parameter] = field(default_factory=dict)  # select (+ inject extras)
+    prompt_key: str | None = None  # prompt: key in PeftModel.prompt_modules
+
+    def tensors(self, owner: PeftModel, adapter: str) -> dict[str, nn.Parameter]:
+        """Canonical tensor name -> parameter, as saved in an adapter file."""
+        out: dict[str, nn.Parameter] = {}
+        for name, layer in self.layers.items():
+            for attr, p in layer.adapter_state(adapter).items():
+                out[f"{canonical_name(name)}.{attr}"] = p
+        out.update(self.params)
+        if self.prompt_key is not None:
+            module = owner.prompt_modules[self.prompt_key]
+            for n, p in module.named_parameters():
+                out[f"prompt.{self.component}.{self.method.name}.{n}"] = p
+        return out
+
+
+@dataclass
+class AdapterState:
+    name: str
+    recipe: Recipe
+    applied: list[AppliedMethod] = field(default_factory=list)
+    saved_values: dict[str, torch.Tensor] | None = None  # select values while inactive
+
+
+class PeftModel(nn.Module):
+    """A model with named adapters, one active. Calls and unknown attributes go to the model."""
+
+    def __init__(self, model: nn.Module, backbone: Backbone, *, registry: Registry | None = None,
+                 keep_base: bool = True):
+        super().__init__()
+        if isinstance(model, PeftModel):
+            raise PeftmedError("model is already a PeftModel; use its add_adapter()")
+        self.base_model = model
+        self.prompt_modules = nn.ModuleDict()
+        object.__setattr__(self, "backbone", backbone)
+        object.__setattr__(self, "registry", registry or default_registry())
+        object.__setattr__(self, "adapters", {})
+        object.__setattr__(self, "_originals", {})
+        self.active_adapter: str | None = None
+        self.keep_base = keep_base  # keep select-family base values, to switch adapters and disable
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.base_counts = self._count_base()
+
+    # ---- delegation ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in {"base_model", "prompt_modules"}:
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- applying ---------------------------------------------------------------------------------
+    def add_adapter(self, name: str, recipe: str | Recipe | Mapping, *, activate: bool = True) -> AdapterState:
+        """Apply ``recipe`` as a new adapter ``name``; it becomes the active one unless told not to."""
+        if name in self.adapters:
+            raise RecipeError(
+                f"adapter {name!r} already exists on this model; name a new adapter "
+                f"(add_adapter('other', recipe)) or remove it first"
+            )
+        recipe = Recipe.parse(recipe, components=list(self.backbone.components))
+        plan = self._plan(recipe)
+        return self._apply_plan(name, recipe, plan, activate=activate)
+
+    def _plan(self, recipe: Recipe, *, lenient: bool = False,
+              configs: Mapping[str, list[dict]] | None = None) -> list[tuple[str, Method, MethodConfig]]:
+        """Validate everything before touching the model: unknown names and bad options fail here."""
+        plan = []
+        resolved = recipe.resolve(self.backbone.components)
+        for component, calls in resolved.items():
+            families = {}
+            for i, call in enumerate(calls):
+                method = self.registry.method(call.name)
+                options = call.options
+                if configs is not None:
+                    options = configs[component][i]
+                config = method.make_config(options, lenient=lenient)
+                if method.family == "prompt" and "prompt" in families:
+                    raise RecipeError(
+                        f"component {component!r} gets two prompt-family methods ({families['prompt']} "
+                        f"and {method.name}); a component takes at most one"
+                    )
+                families.setdefault(method.family, method.name)
+                plan.append((component, method, config))
+        if not plan:
+            raise RecipeError(f"recipe {recipe.to_text()!r} trains nothing (every component is frozen)")
+        return plan
+
+    def _apply_plan(self, name: str, recipe: Recipe, plan, *, activate: bool) -> AdapterState:
+        previous = self.active_adapter
+        if previous is not None:
+            self._deactivate(previous)
+        state = AdapterState(name, recipe)
+        self.adapters[name] = state
+        try:
+            for component, method, config in plan:
+                ctx = ApplyContext(self.base_model, self.backbone, component, method, config, name)
+                state.applied.append(self._apply_one(ctx))
+        except Exception:
+            self.remove_adapter(name, _rollback=True)
+            if previous is not None:
+                self._activate(previous)
+            raise
+        if activate:
+            self._activate(name)
+        else:
+            self._deactivate(name)
+            if previous is not None:
+                self._activate(previous)
+        return state
+
+    def _apply_one(self, ctx: ApplyContext) -> AppliedMethod:
+        method = ctx.method
+        applied = AppliedMethod(ctx.component, method, ctx.config)
+        if method.family == "inject":
+            for mod_name, (module, role) in ctx.matched().items():
+                layer = self._find_layer(mod_name, method.layer_class)
+                if layer is None:
+                    try:
+                        layer = method.layer_class(self.base_model.get_submodule(mod_name))
+                    except RecipeError as exc:
+                        raise RecipeError(f"method {method.name!r} cannot wrap {mod_name!r}: {exc}") from None
+                    self.base_model.set_submodule(mod_name, layer)
+                if ctx.adapter_name in layer.configs:
+                    raise RecipeError(f"method {method.name!r} applied twice to {mod_name!r} in one adapter")
+                layer.add_adapter(ctx.adapter_name, ctx.config, role)
+                layer.set_active(ctx.adapter_name)
+                applied.layers[mod_name] = layer
+            applied.params = dict(method.extra_parameters(ctx, applied.layers))
+        elif method.family == "select":
+            applied.params = dict(method.select(ctx))
+            if not applied.params:
+                raise RecipeError(
+                    f"method {method.name!r} on component {ctx.component!r} selects no parameter"
+                )
+        elif method.family == "prompt":
+            module = method.attach(ctx)
+            if not isinstance(module, PromptModule):
+                raise PeftmedError(f"method {method.name!r}.attach must return a PromptModule, got {module!r}")
+            key = f"{ctx.adapter_name}__{ctx.component}__{method.name}".replace(".", "_")
+            self.prompt_modules[key] = module
+            applied.prompt_key = key
+        else:  # Method.__init__ validates the family; a plugin bypassing it gets a clear error
+            raise PeftmedError(f"method {method.name!r} has unknown family {method.family!r}")
+        if self.keep_base:
+            for pname, p in applied.params.items():
+                self._originals.setdefault(pname, p.detach().to("cpu", copy=True))
+        return applied
+
+    def _find_layer(self, name: str, layer_class) -> AdapterLayer | None:
+        module = self.base_model.get_submodule(name)
+        while isinstance(module, AdapterLayer):
+            if type(module) is layer_class:
+                return module
+            module = module.base_layer
+        return None
+
+    # ---- adapters ---------------------------------------------------------------------------------
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (``None``: the base model alone)."""
+        if name is not None and name not in self.adapters:
+            raise UnknownNameError("adapter", name, self.adapters)
+        if name == self.active_adapter:
+            return
+        if self.active_adapter is not None:
+            self._deactivate(self.active_adapter)
+        if name is not None:
+            self._activate(name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        active = self.active_adapter
+        self.set_adapter(None)
+        try:
+            yield
+        finally:
+            self.set_adapter(active)
+
+    def _select_params(self, name: str) -> dict[str, nn.Parameter]:
+        return {k: p for a in self.adapters[name].applied for k, p in a.params.items()}
+
+    def _deactivate(self, name: str) -> None:
+        state = self.adapters[name]
+        selected = self._select_params(name)
+        if selected:
+            if not self.keep_base:
+                raise PeftmedError(
+                    f"adapter {name!r} trains base parameters and this PeftModel was made with "
+                    f"keep_base=False, so the base values to switch back to were not kept"
+                )
+            state.saved_values = {k: p.detach().to("cpu", copy=True) for k, p in selected.items()}
+            with torch.no_grad():
+                for k, p in selected.items():
+                    p.copy_(self._originals[k])
+        self._set_layers_active(None)
+        self.active_adapter = None
+        self._refresh_trainable()
+
+    def _activate(self, name: str) -> None:
+        state = self.adapters[name]
+        if state.saved_values is not None:
+            with torch.no_grad():
+                for k, p in self._select_params(name).items():
+                    p.copy_(state.saved_values[k])
+            state.saved_values = None
+        self._set_layers_active(name)
+        self.active_adapter = name
+        self._refresh_trainable()
+
+    def _set_layers_active(self, name: str | None) -> None:
+        for module in self.base_model.modules():
+            if isinstance(module, AdapterLayer):
+                module.set_active(name)
+        for key, module in self.prompt_modules.items():
+            module.set_active(name is not None and key.startswith(f"{name}__"))
+
+    def _refresh_trainable(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if self.active_adapter is not None:
+            for p in self.adapter_tensors(self.active_adapter).values():
+                p.requires_grad_(True)
+
+    def remove_adapter(self, name: str, *, _rollback: bool = False) -> None:
+        if name not in self.adapters:
+            raise UnknownNameError("adapter", name, self.adapters)
+        if self.active_adapter == name and not _rollback:
+            self._deactivate(name)
+        state = self.adapters.pop(name)
+        for applied in state.applied:
+            for mod_name, layer in applied.layers.items():
+                layer.remove_adapter(name)
+                if not layer.adapters:
+                    self._unwrap_layer(mod_name, layer)
+            if applied.prompt_key is not None:
+                self.prompt_modules[applied.prompt_key].detach()
+                del self.prompt_modules[applied.prompt_key]
+        if _rollback:
+            with torch.no_grad():
+                for k, p in {k: p for a in state.applied for k, p in a.params.items()}.items():
+                    if k in self._originals:
+                        p.copy_(self._originals[k])
+        if self.active_adapter == name:
+            self.active_adapter = None
+        self._refresh_trainable()
+
+    def _unwrap_layer(self, mod_name: str, layer: AdapterLayer) -> None:
+        """Put ``layer.base_layer`` back where ``layer`` sits (it may be nested in other wrappers)."""
+        parent_name = mod_name
+        module = self.base_model.get_submodule(mod_name)
+        if module is layer:
+            self.base_model.set_submodule(mod_name, layer.base_layer)
+            return
+        while isinstance(module, AdapterLayer):
+            if module.base_layer is layer:
+                module.base_layer = layer.base_layer
+                return
+            module = module.base_layer
+        raise PeftmedError(f"adapter layer at {parent_name!r} not found for removal")
+
+    # ---- tensors and counts ------------------------------------------------------------------------
+    def adapter_tensors(self, name: str | None = None) -> dict[str, nn.Parameter]:
+        name = name or self._require_active()
+        out: dict[str, nn.Parameter] = {}
+        for applied in self.adapters[name].applied:
+            for k, p in applied.tensors(self, name).items():
+                out.setdefault(k, p)
+        return out
+
+    def _require_active(self) -> str:
+        if self.active_adapter is None:
+            raise PeftmedError("no active adapter; call set_adapter(name)")
+        return self.active_adapter
+
+    def _count_base(self) -> dict[str, int]:
+        skip = adapter_parameter_ids(self.base_model)
+        counts = {c: 0 for c in self.backbone.components}
+        total, seen = 0, set()
+        for n, p in self.base_model.named_parameters():
+            if id(p) in skip or id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += p.numel()
+            comp = self.backbone.component_of(canonical_name(n))
+            if comp is not None:
+                counts[comp] += p.numel()
+        counts["*"] = total
+        return counts
+
+    def trainable_report(self, name: str | None = None) -> TrainableReport:
+        """Trainable parameters per component and method, as the papers' tables show them."""
+        name = name or self._require_active()
+        rows, seen = [], set()
+        for applied in self.adapters[name].applied:
+            count = 0
+            for p in applied.tensors(self, name).values():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    count += p.numel()
+            rows.append(ReportRow(applied.component, applied.method.name, applied.config.to_dict(), count,
+                                  self.base_counts[applied.component]))
+        return TrainableReport(
+            backbone=self.backbone.name, recipe=self.adapters[name].recipe.to_text(),
+            row=self.adapters[name].recipe.row(list(self.backbone.components), self.registry),
+            rows=rows, total_base=self.base_counts["*"],
+            component_totals={c: self.base_counts[c] for c in self.backbone.components},
+        )
+
+    def num_trainable(self) -> int:
+        seen, n = set(), 0
+        for p in self.parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        return n
+
+    # ---- merge ------------------------------------------------------------------------------------
+    def _mergeable_layers(self, name: str) -> list[AdapterLayer]:
+        state = self.adapters[name]
+        for applied in state.applied:
+            if applied.method.family == "prompt" and not applied.method.mergeable:
+                raise PeftmedError(
+                    f"method {applied.method.name!r} ({applied.method.family} family) cannot be merged "
+                    f"into the weights"
+                )
+            if applied.method.family == "inject" and not applied.method.mergeable:
+                raise PeftmedError(f"method {applied.method.name!r} cannot be merged into the weights")
+        return [layer for a in state.applied for layer in a.layers.values()]
+
+    def merge(self, name: str | None = None) -> None:
+        """Fold the active adapter's inject updates into the base weights (select methods already are)."""
+        name = name or self._require_active()
+        for layer in self._mergeable_layers(name):
+            layer.merge(name)
+
+    def unmerge(self, name: str | None = None) -> None:
+        name = name or self._require_active()
+        for layer in self._mergeable_layers(name):
+            layer.unmerge(name)
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active adapter and return the plain model with every adapter layer removed."""
+        self.merge()
+        for mod_name, module in list(self.base_model.named_modules()):
+            if isinstance(module, AdapterLayer) and ".base_layer" not in mod_name:
+                inner = module
+                while isinstance(inner, AdapterLayer):
+                    inner = inner.base_layer
+                self.base_model.set_submodule(mod_name, inner)
+        for module in self.prompt_modules.values():
+            module.detach()
+        return self.base_model
+
+    # ---- save / load ------------------------------------------------------------------------------
+    def save_adapter(self, path: str | os.PathLike, name: str | None = None) -> Path:
+        """Write ``adapter.json`` + ``adapter.safetensors`` to ``path`` (atomically: temp + rename)."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        name = name or self._require_active()
+        if name != self.active_adapter:
+            raise PeftmedError(f"save the active adapter; {name!r} is not active (call set_adapter)")
+        state = self.adapters[name]
+        tensors = {k: p.detach().contiguous().cpu() for k, p in self.adapter_tensors(name).items()}
+        owners = {}
+        methods: dict[str, list[dict]] = {}
+        tensor_meta: dict[str, dict] = {}
+        for applied in state.applied:
+            owner = self.registry.owner("method", applied.method.name)
+            dist = owner.distribution if owner else "(unregistered)"
+            version = owner.version if owner else ""
+            if owner is not None and not owner.builtin:
+                owners[dist] = version
+            methods.setdefault(applied.component, []).append({
+                "method": applied.method.name, "method_version": applied.method.version,
+                "family": applied.method.family, "plugin": dist, "plugin_version": version,
+                "config": applied.config.to_dict(),
+            })
+            for k, p in applied.tensors(self, name).items():
+                tensor_meta.setdefault(k, {"shape": list(p.shape), "dtype": str(p.dtype).replace("torch.", ""),
+                                           "component": applied.component, "method": applied.method.name})
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "peftmed_version": __version__,
+            "torch_version": torch.__version__, "plugins": owners, "backbone": self.backbone.name,
+            "adapter_name": name, "recipe": state.recipe.to_text(), "recipe_json": state.recipe.to_dict(),
+            "methods": methods, "tensors": tensor_meta, "trainable": sum(t.numel() for t in tensors.values()),
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    def load_adapter(self, path: str | os.PathLike, name: str | None = None, *, activate: bool = True) -> AdapterState:
+        """Apply the recipe saved at ``path`` as adapter ``name`` and load its tensors.
+
+        Every check runs before the model is touched or is rolled back on failure: a manifest
+        for another backbone, unknown methods, missing/unexpected tensors, wrong shapes, a
+        truncated or corrupt safetensors file.
+        """
+        path = Path(path)
+        manifest = read_manifest(path)
+        if manifest["backbone"] != self.backbone.name:
+            raise AdapterError(
+                f"adapter {str(path)!r} was saved for backbone {manifest['backbone']!r}; this model is "
+                f"backbone {self.backbone.name!r}"
+            )
+        tensors = read_tensors(path, manifest)
+        name = name or manifest.get("adapter_name") or "default"
+        if name in self.adapters:
+            raise AdapterError(f"adapter {name!r} already exists on this model; pass another name")
+        recipe = Recipe.from_dict(manifest["recipe_json"])
+        try:
+            configs = {c: [m["config"] for m in ms] for c, ms in manifest["methods"].items()}
+            plan = self._plan(recipe, lenient=True, configs=configs)
+        except (KeyError, TypeError) as exc:
+            raise AdapterError(f"{path / MANIFEST}: recipe and methods do not agree ({exc})") from exc
+        state = self._apply_plan(name, recipe, plan, activate=True)
+        try:
+            own = self.adapter_tensors(name)
+            missing = sorted(set(own) - set(tensors))
+            unexpected = sorted(set(tensors) - set(own))
+            if missing or unexpected:
+                raise AdapterError(
+                    f"adapter {str(path)!r} does not match this model: "
+                    + (f"missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}; " if missing else "")
+                    + (f"unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}" if unexpected else "")
+                )
+            for k, p in own.items():
+                if tuple(tensors[k].shape) != tuple(p.shape):
+                    raise AdapterError(
+                        f"adapter tensor {k!r} has shape {tuple(tensors[k].shape)} in {str(path)!r} but the "
+                        f"model expects {tuple(p.shape)}"
+                    )
+            with torch.no_grad():
+                for k, p in own.items():
+                    p.copy_(tensors[k].to(p.dtype))
+        except Exception:
+            self.remove_adapter(name, _rollback=True)
+            raise
+        if not activate:
+            self.set_adapter(None)
+        return state
+
+
+@dataclass
+class ReportRow:
+    component: str
+    method: str
+    config: dict[str, Any]
+    trainable: int
+    component_total: int
+
+
+@dataclass
+class TrainableReport:
+    backbone: str
+    recipe: str
+    row: str
+    rows: list[ReportRow]
+    total_base: int
+    component_totals: dict[str, int]
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.trainable for r in self.rows)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total_base if self.total_base else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backbone": self.backbone, "recipe": self.recipe, "row": self.row,
+            "trainable": self.trainable, "total": self.total_base, "percent": self.percent,
+            "components": self.component_totals,
+            "rows": [
+                {"component": r.component, "method": r.method, "config": r.config, "trainable": r.trainable,
+                 "component_total": r.component_total,
+                 "percent_of_model": 100.0 * r.trainable / self.total_base if self.total_base else 0.0}
+                for r in self.rows
+            ],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"backbone {self.backbone}  recipe {self.recipe}  ({self.row})",
+                 f"{'component':<10} {'method':<12} {'trainable':>13} {'of component':>13} {'% model':>9}"]
+        for r in self.rows:
+            pc = 100.0 * r.trainable / r.component_total if r.component_total else 0.0
+            pm = 100.0 * r.trainable / self.total_base if self.total_base else 0.0
+            lines.append(f"{r.component:<10} {r.method:<12} {r.trainable:>13,} {pc:>12.3f}% {pm:>8.3f}%")
+        lines.append(f"{'total':<10} {'':<12} {self.trainable:>13,} {'':>13} {self.percent:>8.3f}%"
+                     f"   (model: {self.total_base:,} parameters)")
+        return "\n".join(lines)
+
+
+def read_manifest(path: Path) -> dict:
+    from . import __version__
+
+    mpath = Path(path) / MANIFEST
+    if not Path(path).is_dir():
+        raise AdapterError(f"adapter folder {str(path)!r} does not exist")
+    if not mpath.is_file():
+        raise AdapterError(f"{str(path)!r} is not a peftmed adapter: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{mpath} is not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise AdapterError(f"{mpath} is not a peftmed adapter manifest (format is not {FORMAT!r})")
+    for key in ("backbone", "recipe_json", "methods", "tensors"):
+        if key not in manifest:
+            raise AdapterError(f"{mpath} lacks the key {key!r}")
+    unknown = sorted(set(manifest) - MANIFEST_KEYS)
+    if unknown or int(manifest.get("format_version", 1)) > FORMAT_VERSION:
+        warnings.warn(
+            f"{mpath} was written by peftmed {manifest.get('peftmed_version', '?')} (format "
+            f"{manifest.get('format_version')}; this is {__version__}, format {FORMAT_VERSION}); "
+            f"ignoring unknown keys {unknown}",
+            stacklevel=3,
+        )
+    return manifest
+
+
+def read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    wpath = Path(path) / WEIGHTS
+    if not wpath.is_file():
+        raise AdapterError(f"adapter weights {str(wpath)!r} are missing")
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
+        raise AdapterError(f"adapter weights {str(wpath)!r} are truncated or corrupt: {exc}") from exc
+    listed = manifest["tensors"]
+    if set(listed) != set(tensors):
+        diff = sorted(set(listed) ^ set(tensors))
+        raise AdapterError(f"{wpath} and its manifest list different tensors: {diff[:5]}")
+    for k, meta in listed.items():
+        if list(tensors[k].shape) != list(meta["shape"]):
+            raise AdapterError(
+                f"tensor {k!r} in {wpath} has shape {list(tensors[k].shape)}; the manifest says {meta['shape']}"
+            )
+    return tensors
+
+
+def resolve_backbone(model: nn.Module, backbone: Backbone | str | None, registry: Registry) -> Backbone:
+    if isinstance(backbone, Backbone):
+        return backbone
+    if backbone is None:
+        backbone = getattr(model, "peftmed_backbone", None)
+        if backbone is None:
+            raise PeftmedError(
+                f"cannot tell the backbone of this {type(model).__name__}; pass backbone='name' "
+                f"(one of {', '.join(registry.names('backbone'))}) or a peftmed.Backbone with your role map"
+            )
+    return registry.backbone(backbone)
+
+
+def apply(model: nn.Module, recipe: str | Recipe | Mapping, *, backbone: Backbone | str | None = None,
+          adapter_name: str = "default", registry: Registry | None = None, keep_base: bool = True) -> PeftModel:
+    """Apply ``recipe`` to ``model``; returns a PeftModel whose active adapter is ``adapter_name``."""
+    registry = registry or default_registry()
+    if isinstance(model, PeftModel):
+        if adapter_name in model.adapters:
+            raise RecipeError(
+                f"this model already has adapter {adapter_name!r}; to apply a second recipe name a new "
+                f"adapter: peftmed.apply(model, recipe, adapter_name='other') or model.add_adapter('other', recipe)"
+            )
+        model.add_adapter(adapter_name, recipe)
+        return model
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise RecipeError("this model already carries adapter layers; apply the recipe to its PeftModel")
+    bb = resolve_backbone(model, backbone, registry)
+    pm = PeftModel(model, bb, registry=registry, keep_base=keep_base)
+    pm.add_adapter(adapter_name, recipe)
+    return pm
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, backbone: Backbone | str | None = None,
+                 adapter_name: str | None = None, registry: Registry | None = None) -> PeftModel:
+    """Load a saved adapter onto ``model`` (a plain model or a PeftModel)."""
+    registry = registry or default_registry()
+    if isinstance(model, PeftModel):
+        model.load_adapter(path, adapter_name)
+        return model
+    manifest = read_manifest(Path(path))
+    bb = resolve_backbone(model, backbone or getattr(model, "peftmed_backbone", None) or manifest["backbone"], registry)
+    pm = PeftModel(model, bb, registry=registry)
+    pm.load_adapter(path, adapter_name)
+    return pm
