@@ -11,22 +11,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import attend
 from ..hookspecs import hookimpl
 from .base import Backbone
 
 
 class ToyAttention(nn.Module):
+    """Follows the prefix protocol of peftmed.attention (num_heads, head_dim, prefix_provider)."""
+
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.heads = heads
+        self.num_heads, self.head_dim = heads, dim // heads
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.prefix_provider = None
 
     def forward(self, x, context=None, causal=False):
         context = x if context is None else context
         b, t, d = x.shape
-        split = lambda y: y.view(b, -1, self.heads, d // self.heads).transpose(1, 2)  # (B, H, T, D)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(context)), split(self.v(context)),
-                                             is_causal=causal)
+        split = lambda y: y.view(b, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        prefix = self.prefix_provider() if self.prefix_provider is not None else None
+        out = attend(split(self.q(x)), split(self.k(context)), split(self.v(context)), prefix=prefix, causal=causal)
         return self.o(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -106,6 +110,7 @@ TOY_ROLES = {
     "cross.q": r"\.cross\.q$", "cross.k": r"\.cross\.k$", "cross.v": r"\.cross\.v$", "cross.o": r"\.cross\.o$",
     "mlp.up": r"\.mlp\.fc1$", "mlp.down": r"\.mlp\.fc2$", "head": r"lm_head$",
     "embed": (r"^embed$", r"^patch_embed$"),
+    "self_attention": r"\.attn$", "cross_attention": r"\.cross$",
 }
 
 TOY_BACKBONE = Backbone(
