@@ -13,9 +13,9 @@ class PeftmedError(Exception):
 class UnknownNameError(PeftmedError, KeyError):
     """A name (method, backbone, component, option, dataset...) that is not registered."""
 
-    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
+    def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = "", where: str = ""):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        super().__init__(unknown_message(kind, name, self.known, hint))
+        super().__init__(unknown_message(kind, name, self.known, hint, where))
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
@@ -41,9 +41,9 @@ class ShapeError(PeftmedError, ValueError):
     """Tensors whose shapes do not agree."""
 
 
-def unknown_message(kind: str, name: str, known: Iterable[str], hint: str = "") -> str:
+def unknown_message(kind: str, name: str, known: Iterable[str], hint: str = "", where: str = "") -> str:
     known = sorted(known)
-    msg = f"unknown {kind} {name!r}"
+    msg = f"unknown {kind} {name!r}" + (f" {where}" if where else "")
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
     if close:
         msg += f"; did you mean {close[0]!r}?"

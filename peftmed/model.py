@@ -100,6 +100,18 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
         self.base_counts = self._count_base()
 
+    def __deepcopy__(self, memo):
+        """Copy the model and adapters; the registry and backbone description are shared."""
+        import copy
+
+        memo[id(self.registry)] = self.registry
+        memo[id(self.backbone)] = self.backbone
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            object.__setattr__(new, key, copy.deepcopy(value, memo))
+        return new
+
     # ---- delegation ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         return self.base_model(*args, **kwargs)

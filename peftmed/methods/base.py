@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, RecipeError, UnknownNameError
+from ..errors import ConfigError, PeftmedError, RecipeError, UnknownNameError
 
 log = logging.getLogger("peftmed.methods")
 
@@ -105,7 +105,7 @@ class Method:
                         stacklevel=2,
                     )
                     continue
-                raise UnknownNameError(f"option of method {self.name!r}", key, names)
+                raise UnknownNameError("option", key, names, where=f"for method {self.name!r}")
             kwargs[key] = _coerce(self.name, key, value, hints.get(key, Any))
         try:
             return cls(**kwargs)
@@ -158,6 +158,12 @@ class ApplyContext:
     def matched(self, *, require: bool = True) -> dict[str, tuple[nn.Module, str]]:
         """name -> (module, role) over this method's roles; raises if nothing matches."""
         found: dict[str, tuple[nn.Module, str]] = {}
+        known = set(self.backbone.declared_roles(self.component))
+        from ..backbones.base import ROLES
+
+        for role in self.roles():
+            if role not in known and role not in ROLES:
+                raise UnknownNameError("role", role, known | set(ROLES), where=f"in component {self.component!r}")
         for role in self.roles():
             for name, module in self.match(role).items():
                 found.setdefault(name, (module, role))
@@ -238,6 +244,20 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self):
         return getattr(self.base_layer, "bias", None)
+
+    @property
+    def innermost(self) -> nn.Module:
+        """The original module under every wrapper (LoRA over IA3 over nn.Linear -> the nn.Linear)."""
+        return unwrap(self.base_layer)
+
+    def mergeable_base(self) -> nn.Module:
+        """The base module a merge writes into; merging is exact only directly over the original one."""
+        if isinstance(self.base_layer, AdapterLayer):
+            raise PeftmedError(
+                f"cannot merge {type(self).__name__} stacked over {type(self.base_layer).__name__} "
+                f"(two inject methods on one module); run unmerged or merge a single method"
+            )
+        return self.base_layer
 
 
 class PromptModule(nn.Module):

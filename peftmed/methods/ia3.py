@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, Method, MethodConfig
+from .base import AdapterLayer, Method, MethodConfig, unwrap
 
 
 @dataclass
@@ -23,14 +23,14 @@ class IA3Linear(AdapterLayer):
     adapter_attributes = ("ia3_scale",)
 
     def __init__(self, base_layer: nn.Module):
-        if not isinstance(base_layer, nn.Linear):
-            raise RecipeError(f"IA3 wraps nn.Linear layers; got {type(base_layer).__name__}")
+        if not isinstance(unwrap(base_layer), nn.Linear):
+            raise RecipeError(f"IA3 wraps nn.Linear layers; got {type(unwrap(base_layer)).__name__}")
         super().__init__(base_layer)
         self.ia3_scale = nn.ParameterDict()
         self.on_input: dict[str, bool] = {}
 
     def add_adapter(self, name: str, config: IA3Config, role: str) -> None:
-        base = self.base_layer
+        base = self.innermost
         on_input = role in config.feedforward_roles
         size = base.in_features if on_input else base.out_features
         self.ia3_scale[name] = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
@@ -43,13 +43,14 @@ class IA3Linear(AdapterLayer):
         if name is None or name in self.merged_adapters:
             return
         scale = self.ia3_scale[name].detach()
+        base = self.mergeable_base()
         with torch.no_grad():
             if self.on_input[name]:
-                self.base_layer.weight.mul_(scale[None, :])
+                base.weight.mul_(scale[None, :])
             else:
-                self.base_layer.weight.mul_(scale[:, None])
-                if self.base_layer.bias is not None:
-                    self.base_layer.bias.mul_(scale)
+                base.weight.mul_(scale[:, None])
+                if base.bias is not None:
+                    base.bias.mul_(scale)
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
@@ -57,13 +58,14 @@ class IA3Linear(AdapterLayer):
         if name is None or name not in self.merged_adapters:
             return
         scale = self.ia3_scale[name].detach()
+        base = self.mergeable_base()
         with torch.no_grad():
             if self.on_input[name]:
-                self.base_layer.weight.div_(scale[None, :])
+                base.weight.div_(scale[None, :])
             else:
-                self.base_layer.weight.div_(scale[:, None])
-                if self.base_layer.bias is not None:
-                    self.base_layer.bias.div_(scale)
+                base.weight.div_(scale[:, None])
+                if base.bias is not None:
+                    base.bias.div_(scale)
         self.merged_adapters.remove(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 from .. import kernels
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name
+from .base import AdapterLayer, ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name, unwrap
 
 INITS = ("kaiming", "gaussian", "orthogonal")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -54,9 +54,9 @@ class LoraLinear(AdapterLayer):
     adapter_attributes = ("lora_A", "lora_B")
 
     def __init__(self, base_layer: nn.Module):
-        if not isinstance(base_layer, nn.Linear):
+        if not isinstance(unwrap(base_layer), nn.Linear):
             raise RecipeError(
-                f"LoRA wraps nn.Linear layers; got {type(base_layer).__name__}. "
+                f"LoRA wraps nn.Linear layers; got {type(unwrap(base_layer)).__name__}. "
                 f"Choose roles that name linear layers."
             )
         super().__init__(base_layer)
@@ -64,7 +64,7 @@ class LoraLinear(AdapterLayer):
         self.lora_B = nn.ParameterDict()
 
     def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
-        base = self.base_layer
+        base = self.innermost
         dev, dtype = base.weight.device, base.weight.dtype
         a = torch.empty(config.r, base.in_features, device=dev, dtype=dtype)
         if config.init == "kaiming":
@@ -85,16 +85,18 @@ class LoraLinear(AdapterLayer):
         name = name or self.active_adapter
         if name is None or name in self.merged_adapters:
             return
+        base = self.mergeable_base()
         with torch.no_grad():
-            self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
+            base.weight += self.delta_weight(name).to(base.weight.dtype)
         self.merged_adapters.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
         name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
         if name is None or name not in self.merged_adapters:
             return
+        base = self.mergeable_base()
         with torch.no_grad():
-            self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
+            base.weight -= self.delta_weight(name).to(base.weight.dtype)
         self.merged_adapters.remove(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,6 +105,9 @@ class LoraLinear(AdapterLayer):
             return self.base_layer(x)
         cfg = self.configs[name]
         a, b = self.lora_A[name], self.lora_B[name]
+        if isinstance(self.base_layer, AdapterLayer):  # stacked over another method: add the update
+            h = nn.functional.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
+            return self.base_layer(x) + cfg.scaling * (h @ a.to(x.dtype).t()) @ b.to(x.dtype).t()
         return kernels.lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, a.to(x.dtype), b.to(x.dtype), cfg.scaling,
             dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel,
@@ -128,9 +133,9 @@ class Lora(Method):
             return {}
         if cfg.bias == "lora_only":
             return {
-                f"{canonical_name(n)}.bias": layer.base_layer.bias
+                f"{canonical_name(n)}.bias": layer.innermost.bias
                 for n, layer in layers.items()
-                if getattr(layer.base_layer, "bias", None) is not None
+                if getattr(layer.innermost, "bias", None) is not None
             }
         root, path = ctx.component_module, ctx.component_path
         return {

@@ -1,0 +1,35 @@
+"""Test-wide settings. TRITON_INTERPRET must be set before anything imports triton (peft,
+transformers model modules and torch.compile do), so it is set here, before any test module loads."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VQA_RAD = REPO.parent / "shared" / "data" / "vqa_rad"
+
+
+@pytest.fixture
+def registry():
+    """A fresh registry (built-ins plus installed entry points), also made the process default."""
+    import peftmed.plugins as plugins
+
+    reg = plugins.build_registry()
+    old = plugins._default
+    plugins.set_default_registry(reg)
+    yield reg
+    plugins.set_default_registry(old)
+
+
+@pytest.fixture
+def vqa_rad_dir():
+    if not (VQA_RAD / "trainset.json").is_file():
+        pytest.skip(f"VQA-RAD not found at {VQA_RAD} (expected ../shared/data/vqa_rad beside the repo)")
+    return VQA_RAD
