@@ -86,6 +86,7 @@ class IA3(Method):
     description = "IA3: learned scaling vectors on keys, values and feed-forward activations"
     short_label = "IA3"
     mergeable = True
+    identity_at_init = True  # scales start at one; the conformance kit checks the promise
     layer_class = IA3Linear
 
 

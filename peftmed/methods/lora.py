@@ -125,6 +125,7 @@ class Lora(Method):
     description = "LoRA: trainable low-rank update B A added to frozen linear weights"
     short_label = "LoRA"
     mergeable = True
+    identity_at_init = True  # B starts at zero; the conformance kit checks the promise
     layer_class = LoraLinear
 
     def extra_parameters(self, ctx: ApplyContext, layers) -> dict[str, nn.Parameter]:
