@@ -63,6 +63,7 @@ def attend_reference(q, k, v, *, prefix=None, attn_mask=None, causal=False, drop
         k = torch.cat([pk.to(k.dtype), k], dim=2)
         v = torch.cat([pv.to(v.dtype), v], dim=2)
         if mask is not None:
+            mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # a causal-only mask is (Tq, Tk)
             mask = torch.broadcast_to(mask, (mask.shape[0], mask.shape[1], tq, mask.shape[-1]))
             ones = torch.ones(*mask.shape[:-1], pk.shape[-2], dtype=torch.bool, device=mask.device)
             mask = torch.cat([ones, mask], dim=-1)

@@ -33,6 +33,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.methods.lora",
     "peftmed.methods.ia3",
     "peftmed.methods.select",
+    "peftmed.methods.prompt",
     "peftmed.backbones.custom",
     "peftmed.cli.core_commands",
 )
