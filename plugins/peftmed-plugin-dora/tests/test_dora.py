@@ -1,0 +1,39 @@
+"""DoRA against the conformance kit, plus what is specific to it."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peftmed  # noqa: E402
+from peftmed.testing import conformance_tests, fresh_registry  # noqa: E402
+
+TestDoraConformance = conformance_tests(method_name="dora", options={"r": 4, "alpha": 8})
+
+
+def test_dora_is_registered_by_its_distribution():
+    reg = fresh_registry()
+    owner = reg.owner("method", "dora")
+    assert owner is not None and owner.distribution == "peftmed-plugin-dora"
+
+
+def test_weight_is_magnitude_times_unit_direction():
+    """After training, each row of the merged weight has the learned magnitude as its norm."""
+    reg = fresh_registry()
+    model = peftmed.build_backbone("toy-vlm")
+    pm = peftmed.apply(model, "fusion=dora(r=2)", registry=reg)
+    layer = next(m for m in pm.modules() if type(m).__name__ == "DoraLinear")
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+        layer.magnitude["default"].uniform_(0.5, 2.0)
+    pm.merge()
+    torch.testing.assert_close(layer.base_layer.weight.norm(dim=1), layer.magnitude["default"].detach())
+
+
+@pytest.mark.parametrize("bad", ["r=0", "alpha=-1", "dropout=1.0"])
+def test_bad_options_name_the_value(bad):
+    reg = fresh_registry()
+    with pytest.raises(peftmed.ConfigError, match=bad.split("=")[0]):
+        peftmed.apply(peftmed.build_backbone("toy-vlm"), f"fusion=dora({bad})", registry=reg)
