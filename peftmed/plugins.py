@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.methods.prompt",
     "peftmed.backbones.custom",
     "peftmed.cli.core_commands",
+    "peftmed.data.plugin", "peftmed.metrics.plugin",
 )
 
 # hook name -> registry kind

@@ -1,0 +1,82 @@
+"""Reading annotation files with errors that name the file and the record index."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from .records import DataError, MissingDataError, VQARecord
+
+log = logging.getLogger("peftmed.data")
+
+
+def data_root(data_dir, dataset: str, must_contain: Iterable[str] = ()) -> Path:
+    """``data_dir`` as a Path, checked to exist (with the entries ``dataset`` needs)."""
+    if data_dir is None:
+        raise MissingDataError(f"dataset {dataset!r} reads files: pass data_dir= (CLI: --data-dir)")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise MissingDataError(f"data directory of dataset {dataset!r} not found: {root}")
+    for name in must_contain:
+        if not (root / name).exists():
+            raise MissingDataError(f"dataset {dataset!r}: {root / name} not found (is {root} its folder?)")
+    return root
+
+
+def read_records(path: Path) -> list[dict]:
+    """A JSON file holding a list of objects; a malformed file or record names the file and index."""
+    if not path.is_file():
+        raise MissingDataError(f"annotation file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of question records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
+    return data
+
+
+def field(rec: dict, key: str, path: Path, index: int, kinds=(str,)):
+    """``rec[key]``, required and of one of ``kinds``; else an error naming file, index and key."""
+    if key not in rec:
+        raise DataError(f"{path}: record {index} has no {key!r} field (fields: {sorted(rec)})")
+    value = rec[key]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise DataError(
+            f"{path}: record {index} field {key!r} is {value!r}; expected {' or '.join(k.__name__ for k in kinds)}"
+        )
+    return value
+
+
+def build_record(path: Path, index: int, **kwargs) -> VQARecord:
+    """A ``VQARecord``, with a bad value (e.g. answer_type) reported with file and record index."""
+    try:
+        return VQARecord(**kwargs)
+    except DataError as exc:
+        raise DataError(f"{path}: record {index}: {exc}") from exc
+
+
+def drop_missing_images(records: list[VQARecord], dataset: str, skip_missing: bool) -> list[VQARecord]:
+    """Check every image file exists; raise naming the qid and path, or skip (and log) when told to."""
+    kept, missing = [], []
+    for rec in records:
+        if callable(rec.image) or Path(rec.image).is_file():
+            kept.append(rec)
+        else:
+            missing.append(rec)
+    if missing and not skip_missing:
+        first = missing[0]
+        raise MissingDataError(
+            f"dataset {dataset!r}: image of question {first.qid!r} not found: {first.image} "
+            f"({len(missing)} question(s) lack their image; skip_missing=True skips them)"
+        )
+    if missing:
+        log.warning("dataset %r: skipped %d question(s) whose image is missing (first: qid %r, %s)",
+                    dataset, len(missing), missing[0].qid, missing[0].image)
+    return kept

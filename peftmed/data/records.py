@@ -1,0 +1,163 @@
+"""The record every dataset yields, the dataset registry entry, and helpers over records.
+
+A dataset plugin registers a ``DatasetSpec`` whose ``load(split, data_dir=None, **options)`` returns a
+list of ``VQARecord``. Everything downstream (``VQADataset``, instruction rendering, metrics) works on
+records, so a new dataset only has to produce them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+from PIL import Image
+
+from ..errors import PeftmedError, UnknownNameError
+
+ANSWER_TYPES = ("CLOSED", "OPEN")
+
+# Final punctuation that answer normalisation strips ("Yes." == "yes"); brackets and quotes are kept
+# because they can be part of an answer ("(left)").
+_FINAL_PUNCT = ".,;:!?"
+
+ImageSource = Union[str, Path, Callable[[], Image.Image]]
+
+
+class DataError(PeftmedError, ValueError):
+    """Dataset files or records that cannot be used (malformed, empty, leaking test questions)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data directory, annotation file or image that does not exist."""
+
+
+def normalize_answer(text: Any) -> str:
+    """Lower case, collapse whitespace, strip final punctuation: how the field compares answers."""
+    text = re.sub(r"\s+", " ", str(text).lower()).strip()
+    return text.rstrip(_FINAL_PUNCT).rstrip()
+
+
+@dataclass
+class VQARecord:
+    """One question about one image.
+
+    Fields:
+      qid: question id, unique within a dataset (predictions are matched to answers by it).
+      question, answer: the text as released (normalise with ``normalize_answer`` to compare).
+      answer_type: "CLOSED" (yes/no or a choice named in the question) or "OPEN".
+      image: a file path, or a zero-argument callable returning a PIL image (generated images).
+      image_id: stable key of the image (file name for files); caches and leak checks use it.
+      question_type, organ: the dataset's labels, for per-type / per-organ breakdowns.
+      extra: anything else the dataset provides (e.g. a phantom image's report and findings).
+    """
+
+    qid: str
+    question: str
+    answer: str
+    answer_type: str
+    image: ImageSource
+    image_id: str
+    question_type: str = ""
+    organ: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.qid = str(self.qid)
+        self.answer = str(self.answer)
+        self.answer_type = str(self.answer_type).strip().upper()
+        if self.answer_type not in ANSWER_TYPES:
+            raise DataError(
+                f"question {self.qid!r} has answer_type {self.answer_type!r}; expected one of {ANSWER_TYPES}"
+            )
+
+    def load_image(self) -> Image.Image:
+        """The image as an RGB PIL image (decoded now; ``VQADataset`` caches the resized result)."""
+        if callable(self.image):
+            img = self.image()
+        else:
+            path = Path(self.image)
+            if not path.is_file():
+                raise MissingDataError(f"image of question {self.qid!r} not found: {path}")
+            img = Image.open(path)
+        return img.convert("RGB")
+
+
+@dataclass
+class DatasetSpec:
+    """A registered dataset (what ``--dataset`` names).
+
+    Fields:
+      name: the registry name (e.g. "vqa-rad").
+      description: one line for listings.
+      load: ``load(split, data_dir=None, **options) -> list[VQARecord]``.
+      task: what the records are for ("vqa").
+      splits: the split names ``load`` accepts; the first is the training split.
+      needs_data_dir: True when files must be supplied (``--data-dir``); False for generated data.
+      options: option name -> one-line help, for listings and error messages.
+    """
+
+    name: str
+    description: str
+    load: Callable[..., list[VQARecord]]
+    task: str = "vqa"
+    splits: tuple[str, ...] = ("train", "test")
+    needs_data_dir: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+
+    def check_split(self, split: str) -> None:
+        if split not in self.splits:
+            raise UnknownNameError("split", split, self.splits, hint=f"(dataset {self.name!r})")
+
+
+def load_records(name: str, split: str, data_dir=None, registry=None, **options) -> list[VQARecord]:
+    """Load ``split`` of the registered dataset ``name`` as a list of records.
+
+    An unknown dataset raises ``UnknownNameError`` listing the registered ones; an empty split raises
+    ``DataError``.
+    """
+    if registry is None:
+        from ..plugins import default_registry
+
+        registry = default_registry()
+    spec: DatasetSpec = registry.get("dataset", name)
+    spec.check_split(split)
+    if spec.needs_data_dir and data_dir is None:
+        raise MissingDataError(
+            f"dataset {spec.name!r} reads files: pass data_dir= (CLI: --data-dir) pointing at its folder"
+        )
+    records = spec.load(split, data_dir=data_dir, **options)
+    if not records:
+        raise DataError(f"split {split!r} of dataset {spec.name!r} is empty (data dir: {data_dir})")
+    check_unique_qids(records, f"{spec.name}/{split}")
+    return records
+
+
+def check_unique_qids(records: Sequence[VQARecord], where: str = "records") -> None:
+    seen: set[str] = set()
+    dupes = [r.qid for r in records if r.qid in seen or seen.add(r.qid)]
+    if dupes:
+        raise DataError(f"{where}: duplicate qid(s) {sorted(set(dupes))[:10]}; qids must be unique")
+
+
+def majority_baseline(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord]) -> dict[str, str]:
+    """Predict, for every test question, the most frequent (normalised) train answer of its answer type.
+
+    Ties go to the alphabetically first answer, so the baseline is deterministic. An answer type absent
+    from the training set falls back to the most frequent answer overall.
+    """
+    if not train_records:
+        raise DataError("majority_baseline needs at least one training record")
+    counts: dict[str, Counter] = {t: Counter() for t in ANSWER_TYPES}
+    for r in train_records:
+        counts[r.answer_type][normalize_answer(r.answer)] += 1
+    overall = sum(counts.values(), Counter())
+
+    def top(c: Counter) -> str:
+        return min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+
+    best = {t: top(c) if c else top(overall) for t, c in counts.items()}
+    return {r.qid: best[r.answer_type] for r in test_records}

@@ -1,0 +1,58 @@
+"""SLAKE (Liu et al. 2021) in its official layout; English questions by default.
+
+Layout of ``data_dir``::
+
+    train.json, validate.json, test.json   lists of {qid, img_name, question, answer, answer_type,
+                                           q_lang, content_type, location, modality, ...}
+    imgs/<img_name>                        e.g. imgs/xmlab1/source.jpg
+
+``question_type`` is SLAKE's ``content_type`` (Organ, Position, Abnormality...), ``organ`` its
+``location`` (Lung, Abdomen...). ``lang="en"`` (default), ``"zh"`` or ``"all"``.
+"""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
+from .records import DatasetSpec, VQARecord
+
+SPLITS = ("train", "validate", "test")
+LANGS = ("en", "zh", "all")
+_MAPPED = {"qid", "img_name", "question", "answer", "answer_type", "content_type", "location"}
+
+
+def load(split: str, data_dir=None, lang: str = "en", skip_missing: bool = False) -> list[VQARecord]:
+    if lang not in LANGS:
+        raise ConfigError(f"slake: lang must be one of {LANGS}, got {lang!r}")
+    root = data_root(data_dir, "slake", must_contain=("imgs",))
+    path = root / f"{split}.json"
+    records = []
+    for i, rec in enumerate(read_records(path)):
+        q_lang = str(rec.get("q_lang", "en"))
+        if lang != "all" and q_lang != lang:
+            continue
+        img_name = field(rec, "img_name", path, i)
+        records.append(build_record(
+            path, i,
+            qid=str(field(rec, "qid", path, i, (str, int))),
+            question=field(rec, "question", path, i),
+            answer=str(field(rec, "answer", path, i, (str, int, float))),
+            answer_type=field(rec, "answer_type", path, i),
+            image=str(root / "imgs" / img_name),
+            image_id=img_name,
+            question_type=str(rec.get("content_type", "")),
+            organ=str(rec.get("location", "")),
+            extra={k: v for k, v in rec.items() if k not in _MAPPED},
+        ))
+    return drop_missing_images(records, "slake", skip_missing)
+
+
+SPEC = DatasetSpec(
+    name="slake",
+    description="SLAKE bilingual radiology VQA (official layout, English by default); needs --data-dir",
+    load=load,
+    splits=SPLITS,
+    needs_data_dir=True,
+    options={"lang": "question language: en (default), zh or all",
+             "skip_missing": "skip (and log) questions whose image file is missing instead of failing"},
+)

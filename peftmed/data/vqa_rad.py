@@ -1,0 +1,69 @@
+"""VQA-RAD (Lau et al. 2018): the official release JSON plus the common train/test split files.
+
+Layout of ``data_dir``::
+
+    VQA_RAD Dataset Public.json   official release, 2,248 questions (all fields)
+    trainset.json, testset.json   the split recent Med-VQA work uses (1,798 / 450 questions)
+    images/synpicNNNN.jpg         315 images
+
+``train`` / ``test`` take their questions from the split files and the release's extra fields
+(phrase_type, question_rephrase, evaluation...) from the official JSON by qid; ``all`` is the whole
+official release. Questions are answered about shared images, so ``image_id`` is the file name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
+from .records import DataError, DatasetSpec, VQARecord
+
+OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
+SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
+# fields mapped onto VQARecord attributes; everything else goes to extra
+_MAPPED = {"qid", "image_name", "question", "answer", "answer_type", "question_type", "image_organ"}
+
+
+def load(split: str, data_dir=None, skip_missing: bool = False) -> list[VQARecord]:
+    root = data_root(data_dir, "vqa-rad", must_contain=("images",))
+    official_path = root / OFFICIAL_JSON
+    official: dict[str, dict] = {}
+    if official_path.exists() or split == "all":
+        for i, rec in enumerate(read_records(official_path)):
+            official[str(field(rec, "qid", official_path, i, (str, int)))] = rec
+    if split == "all":
+        path, rows = official_path, list(official.values())
+    else:
+        path = root / SPLIT_FILES[split]
+        rows = read_records(path)
+
+    records = []
+    for i, rec in enumerate(rows):
+        qid = str(field(rec, "qid", path, i, (str, int)))
+        if official and qid not in official:
+            raise DataError(f"{path}: record {i} has qid {qid!r}, which is not in {official_path.name}")
+        full = {**official.get(qid, {}), **rec}
+        image_name = field(full, "image_name", path, i)
+        records.append(build_record(
+            path, i,
+            qid=qid,
+            question=field(full, "question", path, i),
+            answer=str(field(full, "answer", path, i, (str, int, float))),
+            answer_type=field(full, "answer_type", path, i),
+            image=str(root / "images" / image_name),
+            image_id=image_name,
+            question_type=str(full.get("question_type", "")).strip().upper(),
+            organ=str(full.get("image_organ", "")).strip().upper(),
+            extra={k: v for k, v in full.items() if k not in _MAPPED},
+        ))
+    return drop_missing_images(records, "vqa-rad", skip_missing)
+
+
+SPEC = DatasetSpec(
+    name="vqa-rad",
+    description="VQA-RAD radiology VQA (315 images; train 1,798 / test 450 questions); needs --data-dir",
+    load=load,
+    splits=("train", "test", "all"),
+    needs_data_dir=True,
+    options={"skip_missing": "skip (and log) questions whose image file is missing instead of failing"},
+)
