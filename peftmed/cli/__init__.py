@@ -55,9 +55,14 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..errors import PluginError
     from ..plugins import default_registry
 
-    registry = default_registry()
+    try:
+        registry = default_registry()
+    except PluginError as exc:  # strict mode (PEFTMED_STRICT_PLUGINS=1) or a broken built-in
+        print(f"peftmed: error: {exc}", file=sys.stderr)
+        return 2
     parser = build_parser(registry)
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * args.verbose
