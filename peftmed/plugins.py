@@ -34,7 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.methods.ia3",
     "peftmed.methods.select",
     "peftmed.methods.prompt",
-    "peftmed.backbones.custom",
+    "peftmed.backbones.custom", "peftmed.backbones.miss.plugin",
     "peftmed.cli.core_commands",
     "peftmed.data.plugin", "peftmed.metrics.plugin",
 )
