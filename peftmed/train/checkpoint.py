@@ -1,0 +1,247 @@
+"""Training checkpoints, written atomically so a crash never leaves a half-written one in use.
+
+Layout under ``<output>/checkpoints``::
+
+    latest                  one line: the name of the newest complete checkpoint
+    step-00000100/
+        adapter/            the adapter (adapter.json + adapter.safetensors), loadable by peftmed.load_adapter
+        weights.safetensors the trainable tensors, for a model that is not a PeftModel
+        trainer_state.pt    optimizer, scheduler and RNG states (tensors and plain dicts; weights_only load)
+        trainer.json        step, data position, config, recipe, backbone, loss history
+
+A checkpoint is written into a temporary folder, renamed into place, and only then named in
+``latest`` (itself replaced atomically: temp file + ``os.replace``). A crash at any point leaves
+``latest`` naming the previous, complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import PeftmedError
+
+LATEST = "latest"
+META = "trainer.json"
+STATE = "trainer_state.pt"
+WEIGHTS = "weights.safetensors"
+ADAPTER = "adapter"
+FORMAT = "peftmed-checkpoint"
+
+
+class CheckpointError(PeftmedError, ValueError):
+    """A checkpoint that is missing, corrupt, or belongs to another run (recipe, backbone)."""
+
+
+# ---- RNG states as tensors (so torch.load(weights_only=True) reads them) ------------------------------
+def rng_state() -> dict[str, Any]:
+    """The RNG states of torch (CPU and CUDA), numpy and python, as tensors and numbers."""
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                   "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
+
+
+# ---- writing -----------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, torch.Tensor],
+                     state: Mapping[str, Any], meta: Mapping[str, Any], keep: int = 1) -> Path:
+    """Write checkpoint ``step-NNNNNNNN`` under ``root`` atomically; prune to the newest ``keep``.
+
+    ``model`` is saved as an adapter folder when it is a PeftModel (else ``trainable`` goes to
+    weights.safetensors); ``state`` (optimizer, scheduler, RNG) goes through torch.save; ``meta``
+    to JSON.
+    """
+    from safetensors.torch import save_file
+
+    from ..model import PeftModel
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    final = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
+    try:
+        if isinstance(model, PeftModel):
+            model.save_adapter(tmp / ADAPTER)
+        else:
+            save_file({k: t.detach().contiguous().cpu() for k, t in trainable.items()}, str(tmp / WEIGHTS))
+        with open(tmp / STATE, "wb") as fh:
+            torch.save(dict(state), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
+        _fsync_dir(tmp)
+        if final.exists():  # left by a crash after the rename but before `latest` named it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        (root / LATEST).parent.mkdir(parents=True, exist_ok=True)
+        _write_text_atomic(root / LATEST, name + "\n")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prune(root, keep)
+    return final
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (never the one ``latest`` names); drop stale temp folders."""
+    latest = latest_checkpoint(root)
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else steps:
+        if latest is None or old.resolve() != latest.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- reading -----------------------------------------------------------------------------------------
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint ``root/latest`` names, or None when there is none."""
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / META).is_file() else None
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder from a checkpoint, a checkpoints root, or a training output folder."""
+    path = Path(path)
+    if (path / META).is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no checkpoint to resume from in {str(path)!r} (expected {path}/checkpoints/{LATEST} naming a "
+        f"step-* folder with {META}); train without --resume to start afresh"
+    )
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((Path(ckpt) / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read {META}: {exc}") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{ckpt / META} is not a peftmed checkpoint (format is not {FORMAT!r})")
+    return meta
+
+
+def read_state(ckpt: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(ckpt) / STATE
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated files raise assorted pickle/zip errors
+        raise CheckpointError(f"checkpoint state {str(path)!r} is missing or corrupt: {exc}") from exc
+
+
+def read_trainable(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    ckpt = Path(ckpt)
+    path = ckpt / ADAPTER / "adapter.safetensors"
+    if not path.is_file():
+        path = ckpt / WEIGHTS
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint weights {str(path)!r} are missing or corrupt: {exc}") from exc
+
+
+def check_same_run(meta: Mapping[str, Any], *, backbone: str | None, recipe: Mapping | None,
+                   components: list[str] | None) -> None:
+    """Refuse to resume a checkpoint of another backbone or recipe, naming the difference."""
+    from ..recipe import Recipe
+
+    if meta.get("backbone") != backbone:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was trained on backbone {meta.get('backbone')!r}, this run uses "
+            f"{backbone!r}"
+        )
+    if recipe is None and meta.get("recipe_json") is None:
+        return
+    if recipe is None or meta.get("recipe_json") is None:
+        raise CheckpointError("cannot resume: one of the checkpoint and this run has a recipe, the other has not")
+    old, new = Recipe.from_dict(meta["recipe_json"]), Recipe.from_dict(recipe)
+    comps = components or sorted(set(old.entries) | set(new.entries))
+    a, b = old.resolve(comps), new.resolve(comps)
+    diffs = []
+    for comp in comps:
+        ta = "+".join(c.to_text() for c in a.get(comp, ())) or "frozen"
+        tb = "+".join(c.to_text() for c in b.get(comp, ())) or "frozen"
+        if ta != tb:
+            diffs.append(f"{comp}: checkpoint {ta}, this run {tb}")
+    if diffs:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint was trained with recipe {old.to_text()!r}, this run uses "
+            f"{new.to_text()!r} ({'; '.join(diffs)}); use the same recipe or another --output"
+        )

@@ -1,0 +1,178 @@
+"""Running the trainer under ``torchrun``: process group, device, data sharding, model wrapping.
+
+``torchrun --nproc-per-node 2 -m peftmed train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; the trainer
+joins the process group (gloo on CPU, nccl on GPU), wraps the model in DistributedDataParallel (or
+FullyShardedDataParallel with ``strategy=fsdp``), gives each rank its slice of every global batch,
+and logs and checkpoints on rank 0 only. A single process needs none of this: ``Dist`` then says
+world size 1 and every collective is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import ConfigError
+
+log = logging.getLogger("peftmed.train")
+
+
+@dataclass
+class Dist:
+    """Where this process sits: rank, world size, device, and whether we opened the group."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a scalar over ranks (each rank gets it)."""
+        if not self.enabled:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value / self.world_size
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (e.g. rank 0's clock says stop)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def gather_objects(self, obj):
+        """Every rank's ``obj`` as a list on every rank (RNG states for the checkpoint)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {name!r} is not a torch device (expected auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} asked for, but this torch sees no CUDA device; use --device cpu")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def setup(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world <= 1:
+        return Dist(device=dev)
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        owns = True
+    return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                owns_group=owns)
+
+
+class LossModule(nn.Module):
+    """``forward(batch) = model.compute_loss(batch)``: DDP/FSDP synchronise gradients only for what runs
+    through a wrapper's forward, and VQA models train through compute_loss."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.compute_loss(batch)
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
+    """The module the training step calls: the loss module, wrapped for DDP or FSDP when distributed."""
+    module = LossModule(model)
+    if not d.enabled:
+        return module
+    if strategy in ("auto", "ddp"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+        # use_orig_params keeps frozen and trainable tensors side by side in one flat parameter, which
+        # PEFT needs; size-based wrapping shards any architecture without a per-model block list.
+        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=10_000_000)
+        return FSDP(module, use_orig_params=True, auto_wrap_policy=policy, sync_module_states=True,
+                    device_id=d.device if d.device.type == "cuda" else None)
+    raise ConfigError(f"strategy must be auto, ddp or fsdp, got {strategy!r}")
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    except ImportError:  # a torch built without distributed support
+        return False
+    return isinstance(module, FSDP)
+
+
+def no_sync(module: nn.Module, skip: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if skip and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def full_params(module: nn.Module):
+    """Inside the block, every rank sees the full (unsharded) parameters of an FSDP model."""
+    if is_fsdp(module):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(module, writeback=False):
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(module: nn.Module, params, max_norm: float) -> torch.Tensor:
+    """The global gradient norm (clipped to ``max_norm`` when > 0), computed across FSDP shards."""
+    if is_fsdp(module):
+        return module.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.clip_grad_norm_(params, float("inf"))

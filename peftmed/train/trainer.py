@@ -1,0 +1,460 @@
+"""The trainer: AdamW + cosine schedule with warm-up, accumulation, clipping, bf16 autocast on GPU,
+periodic evaluation and atomic, exactly-resumable checkpoints; the same code under torchrun.
+
+    trainer = Trainer(pm, VQADataset(train_records, pm.image_size), TrainConfig(steps=500, lr=1e-4),
+                      output_dir="runs/lora", eval_fn=lambda m, limit: evaluate(m, test_records).scores)
+    result = trainer.train()            # or train(resume=True) to continue the latest checkpoint
+
+Exact resume: the data order of epoch e is a permutation drawn from a generator seeded with
+(seed, e); a checkpoint stores the position in it (epoch, global batch), the optimizer and
+scheduler states and every RNG state, so a resumed run computes the same losses as one never
+interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ConfigError, PeftmedError
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig
+
+log = logging.getLogger("peftmed.train")
+
+
+class NonFiniteLossError(PeftmedError, RuntimeError):
+    """The loss (or gradient norm) became NaN or infinite; training stopped before the update."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did. ``losses[i]`` is the loss of optimizer step i + 1 (resumed runs included)."""
+
+    step: int
+    epoch: float
+    losses: list[float]
+    lrs: list[float]
+    evals: list[dict[str, Any]]
+    stopped_by: str  # steps | epochs | time
+    checkpoint: Path | None
+    samples_per_second: float
+    train_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "losses": self.losses, "lrs": self.lrs,
+                "evals": self.evals, "stopped_by": self.stopped_by,
+                "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+                "samples_per_second": self.samples_per_second, "train_seconds": self.train_seconds, **self.extra}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Stable name -> trainable parameter, sorted by name (the optimizer's parameter order).
+
+    For a PeftModel these are its adapter tensors (canonical names, what an adapter file holds); a
+    parameter that requires grad outside the adapter would be trained but never saved, so it is refused.
+    """
+    from ..model import PeftModel
+
+    if isinstance(model, PeftModel):
+        tensors: dict[str, nn.Parameter] = {}
+        seen: set[int] = set()
+        for name, p in model.adapter_tensors().items():
+            if id(p) not in seen:
+                seen.add(id(p))
+                tensors[name] = p
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+        if stray:
+            raise ConfigError(
+                f"parameters {stray[:3]} require grad but are not part of the active adapter, so they "
+                f"would be trained and never saved; freeze them or add them to the recipe"
+            )
+        frozen = [n for n, p in tensors.items() if not p.requires_grad]
+        if frozen:
+            raise ConfigError(f"adapter tensors {frozen[:3]} do not require grad; is the adapter active?")
+    else:
+        tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not tensors:
+        raise ConfigError("the model has no trainable parameter (nothing requires grad); apply a recipe first")
+    return dict(sorted(tensors.items()))
+
+
+def cosine_with_warmup(warmup: int, horizon: int | None, min_ratio: float) -> Callable[[int], float]:
+    """lr factor of optimizer step ``s`` (0-based): linear warm-up to 1, cosine down to ``min_ratio``.
+
+    With no horizon (a wall-clock budget alone) the factor stays 1 after warm-up.
+    """
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / warmup
+        if horizon is None:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, horizon - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    """Trains ``model`` (anything with ``compute_loss(batch) -> scalar``, usually a PeftModel).
+
+    Args:
+      model: the model; only parameters that require grad are optimised and checkpointed.
+      train_data: a sequence of samples (e.g. ``peftmed.data.VQADataset``); ``collate_fn`` batches them
+        (default ``peftmed.data.collate``).
+      config: a TrainConfig.
+      output_dir: where checkpoints (``checkpoints/``) and the final adapter (``adapter/``) go; None
+        writes nothing.
+      eval_fn: ``eval_fn(model, limit) -> dict of scores``, called every ``eval_every`` steps (``limit``
+        = ``eval_samples``) on rank 0; the CLI passes ``peftmed.train.evaluate``.
+      run_info: JSON-able facts stored in each checkpoint (``backbone``, ``recipe_json``, dataset...).
+        A resume with another ``backbone`` or ``recipe_json`` is refused.
+    """
+
+    def __init__(self, model: nn.Module, train_data: Sequence, config: TrainConfig, *,
+                 output_dir: str | Path | None = None, collate_fn: Callable | None = None,
+                 eval_fn: Callable[[nn.Module, int | None], dict] | None = None,
+                 run_info: Mapping[str, Any] | None = None):
+        if not hasattr(model, "compute_loss"):
+            raise ConfigError(f"{type(model).__name__} has no compute_loss(batch); the trainer needs one")
+        if collate_fn is None:
+            from ..data import collate as collate_fn
+        self.model, self.data, self.config = model, train_data, config
+        self.collate_fn, self.eval_fn = collate_fn, eval_fn
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.run_info = dict(run_info or {})
+        self.run_info.setdefault("backbone", getattr(getattr(model, "backbone", None), "name", None))
+        if "recipe_json" not in self.run_info and getattr(model, "active_adapter", None):
+            self.run_info["recipe_json"] = model.adapters[model.active_adapter].recipe.to_dict()
+
+    # ---- geometry ----------------------------------------------------------------------------------
+    def _geometry(self) -> None:
+        c, d = self.config, self.dist
+        self.per_rank = c.batch_size * c.grad_accum
+        self.global_batch = self.per_rank * d.world_size
+        n = len(self.data)
+        if n == 0:
+            raise ConfigError("the training set is empty")
+        self.steps_per_epoch = n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {n} samples, fewer than one global batch of {self.global_batch} "
+                f"(batch_size {c.batch_size} x grad_accum {c.grad_accum} x {d.world_size} processes); "
+                f"lower --batch-size or --grad-accum"
+            )
+        limits = []
+        if c.steps is not None:
+            limits.append(c.steps)
+        if c.epochs is not None:
+            limits.append(max(1, round(c.epochs * self.steps_per_epoch)))
+        self.horizon = min(limits) if limits else None
+        if c.warmup_steps is not None:
+            self.warmup = c.warmup_steps
+        else:
+            self.warmup = int(round(c.warmup_ratio * self.horizon)) if self.horizon else 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The sample order of ``epoch``: the same on every rank and in every resumed run."""
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.data), generator=g)
+
+    def _micro_batches(self, epoch: int, start: int) -> Iterator[list[int]]:
+        """This rank's micro-batches (lists of sample indices) from global batch ``start`` of ``epoch``."""
+        order = self._order(epoch).tolist()
+        bs, lo = self.config.batch_size, self.dist.rank * self.per_rank
+        for b in range(start, self.steps_per_epoch):
+            mine = order[b * self.global_batch:(b + 1) * self.global_batch][lo:lo + self.per_rank]
+            for k in range(self.config.grad_accum):
+                yield mine[k * bs:(k + 1) * bs]
+
+    def _loader(self, epoch: int, start: int):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self.data, batch_sampler=list(self._micro_batches(epoch, start)),
+                          collate_fn=self.collate_fn, num_workers=self.config.num_workers,
+                          pin_memory=self.dist.device.type == "cuda")
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        c = self.config
+        self.dist = distributed.setup(c.device)
+        self._geometry()
+        self.model.to(self.dist.device)
+        self.params = trainable_parameters(self.model)
+        self.wrapped = distributed.wrap(self.model, self.dist, c.strategy)
+        decay = [p for n, p in self.params.items() if p.ndim >= 2 and not n.endswith("bias")]
+        no_decay = [p for n, p in self.params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
+        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr,
+                                           betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, cosine_with_warmup(self.warmup, self.horizon, c.min_lr_ratio))
+        self.autocast_dtype = self._autocast_dtype()
+        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
+                      "losses": [], "lrs": [], "evals": []}
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p, dev = self.config.precision, self.dist.device
+        if p == "fp32":
+            return None
+        on_gpu = dev.type == "cuda" and torch.cuda.is_bf16_supported()
+        if p == "bf16" and not on_gpu:
+            raise ConfigError(f"precision bf16 needs a GPU with bf16 support; this run is on {dev}. Use "
+                              f"--precision fp32 or auto")
+        return torch.bfloat16 if on_gpu else None
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path | None:
+        return self.output_dir / "checkpoints" if self.output_dir is not None else None
+
+    def _meta(self) -> dict[str, Any]:
+        return {**self.run_info, "step": self.state["step"], "epoch": self.state["epoch"],
+                "batch_in_epoch": self.state["batch_in_epoch"], "samples": self.state["samples"],
+                "train_seconds": self.state["train_seconds"], "losses": self.state["losses"],
+                "lrs": self.state["lrs"], "evals": self.state["evals"], "config": self.config.to_dict(),
+                "world_size": self.dist.world_size, "global_batch": self.global_batch,
+                "dataset_size": len(self.data), "parameters": {n: list(p.shape) for n, p in self.params.items()}}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0 writes; every rank takes part in gathering)."""
+        rngs = self.dist.gather_objects(ckpt.rng_state())
+        optim_state = self._optimizer_state()
+        path = None
+        if self.dist.is_main and self.checkpoint_root is not None:
+            with distributed.full_params(self.wrapped):
+                path = ckpt.write_checkpoint(
+                    self.checkpoint_root, self.state["step"], model=self.model, trainable=self.params,
+                    state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
+                    meta=self._meta(), keep=self.config.keep_checkpoints)
+        self.dist.barrier()
+        self._last_saved = self.state["step"]
+        return path
+
+    def _optimizer_state(self) -> dict:
+        if distributed.is_fsdp(self.wrapped):
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            return FSDP.optim_state_dict(self.wrapped, self.optimizer)
+        return self.optimizer.state_dict()
+
+    def load_checkpoint(self, path: str | Path) -> Path:
+        """Restore trainable tensors, optimizer, scheduler, RNG states and data position from a checkpoint."""
+        found = ckpt.find_checkpoint(path)
+        meta = ckpt.read_meta(found)
+        components = list(getattr(getattr(self.model, "backbone", None), "components", None) or []) or None
+        ckpt.check_same_run(meta, backbone=self.run_info.get("backbone"), recipe=self.run_info.get("recipe_json"),
+                            components=components)
+        tensors = ckpt.read_trainable(found)
+        missing, unexpected = sorted(set(self.params) - set(tensors)), sorted(set(tensors) - set(self.params))
+        if missing or unexpected:
+            raise ckpt.CheckpointError(
+                f"cannot resume from {str(found)!r}: its tensors do not match this model's trainable ones "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for name, p in self.params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise ckpt.CheckpointError(f"cannot resume: tensor {name!r} has shape {tuple(tensors[name].shape)} "
+                                           f"in the checkpoint but {tuple(p.shape)} here")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(tensors[name].to(p.device, p.dtype))
+        state = ckpt.read_state(found)
+        if distributed.is_fsdp(self.wrapped):
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            self.optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.wrapped, self.optimizer,
+                                                                         state["optimizer"]))
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            ckpt.set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("checkpoint was written by %d processes, this run has %d: RNG states reseeded, so "
+                        "dropout masks differ from an uninterrupted run", len(rngs), self.dist.world_size)
+            seed_everything(self.config.seed + 7919 * self.dist.rank + meta["step"])
+        for key in ("step", "epoch", "batch_in_epoch", "samples", "train_seconds", "losses", "lrs", "evals"):
+            self.state[key] = meta[key]
+        changed = [f"{k} {meta[k]} -> {v}" for k, v in (("global_batch", self.global_batch),
+                                                         ("dataset_size", len(self.data)))
+                   if meta.get(k) != v]
+        changed += [f"{k} {meta['config'].get(k)!r} -> {v!r}" for k, v in self.config.to_dict().items()
+                    if k in ("seed",) and meta["config"].get(k) != v]
+        if changed and self.dist.is_main:
+            log.warning("resuming with %s: the run continues but will not equal an uninterrupted one",
+                        ", ".join(changed))
+        self._last_saved = self.state["step"]
+        return found
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def _budget_reached(self) -> str | None:
+        c, s = self.config, self.state
+        if self.horizon is not None and s["step"] >= self.horizon:
+            return "steps" if c.steps is not None and s["step"] >= c.steps else "epochs"
+        if c.time_budget is not None and self.dist.any(s["train_seconds"] >= c.time_budget):
+            return "time"
+        return None
+
+    def _step(self, micro: list) -> tuple[float, float]:
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss (mean over ranks), lr)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.dist.device)
+        for i, batch in enumerate(micro):
+            batch = _move(batch, self.dist.device)
+            with distributed.no_sync(self.wrapped, skip=i < len(micro) - 1), \
+                    torch.autocast(self.dist.device.type, dtype=self.autocast_dtype or torch.float32,
+                                   enabled=self.autocast_dtype is not None):
+                loss = self.wrapped(batch)
+                if loss.dim() != 0:
+                    raise PeftmedError(f"compute_loss must return a scalar tensor, got shape {tuple(loss.shape)}")
+                loss = loss.float() / len(micro)
+            loss.backward()
+            total += loss.detach()
+        total = self.dist.mean(total)
+        value = float(total)
+        grad_norm = distributed.clip_grad_norm(self.wrapped, list(self.params.values()), c.max_grad_norm)
+        bad = None if math.isfinite(value) else f"loss is {value}"
+        if bad is None and not math.isfinite(float(grad_norm)):
+            bad = f"gradient norm is {float(grad_norm)}"
+        if bad is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            where = (f"the last good checkpoint is {ckpt.latest_checkpoint(self.checkpoint_root)}"
+                     if self.checkpoint_root is not None and ckpt.latest_checkpoint(self.checkpoint_root)
+                     else "no checkpoint was written yet")
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state['step'] + 1}: the {bad}; the update was not applied and "
+                f"{where}. Lower --lr, raise --warmup-steps or --max-grad-norm, or check the data")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return value, lr
+
+    def train(self, resume: bool | str | Path = False) -> TrainResult:
+        """Train until the budget (steps, epochs or seconds) is reached; checkpoint and evaluate on the way.
+
+        ``resume``: True continues the latest checkpoint under ``output_dir``; a path continues that
+        checkpoint (or the latest under that folder).
+        """
+        self._setup()
+        c, s, d = self.config, self.state, self.dist
+        try:
+            if resume:
+                if resume is True and self.output_dir is None:
+                    raise ConfigError("resume=True needs an output_dir to find the checkpoint in")
+                found = self.load_checkpoint(self.output_dir if resume is True else resume)
+                if d.is_main:
+                    log.info("resumed from %s at step %d", found, s["step"])
+            else:
+                seed_everything(c.seed + 7919 * d.rank)  # ranks draw different dropout masks
+                self._last_saved = -1
+            return self._loop()
+        finally:
+            d.close()
+
+    def _loop(self) -> TrainResult:
+        c, s, d = self.config, self.state, self.dist
+        self.wrapped.train()
+        bar = self._progress_bar()
+        stopped = self._budget_reached()
+        window_samples, window_start = 0, time.perf_counter()
+        try:
+            while stopped is None:
+                loader = iter(self._loader(s["epoch"], s["batch_in_epoch"]))
+                for _ in range(s["batch_in_epoch"], self.steps_per_epoch):
+                    t0 = time.perf_counter()
+                    micro = [next(loader) for _ in range(c.grad_accum)]
+                    loss, lr = self._step(micro)
+                    s["step"] += 1
+                    s["batch_in_epoch"] += 1
+                    s["samples"] += self.global_batch
+                    s["losses"].append(loss)
+                    s["lrs"].append(lr)
+                    s["train_seconds"] += time.perf_counter() - t0
+                    window_samples += self.global_batch
+                    rate = window_samples / max(1e-9, time.perf_counter() - window_start)
+                    if s["batch_in_epoch"] == self.steps_per_epoch:
+                        s["epoch"] += 1
+                        s["batch_in_epoch"] = 0
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
+                    if d.is_main and s["step"] % c.log_every == 0:
+                        log.info("step %d  loss %.4f  lr %.3e  %.1f samples/s", s["step"], loss, lr, rate)
+                    stopped = self._budget_reached()
+                    if c.eval_every and s["step"] % c.eval_every == 0 and stopped is None:
+                        self._evaluate(c.eval_samples)
+                    if c.save_every and s["step"] % c.save_every == 0 and stopped is None:
+                        self.save_checkpoint()
+                    if stopped is not None:
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        path = None
+        if self._last_saved != s["step"]:
+            path = self.save_checkpoint()
+        elif self.checkpoint_root is not None:
+            path = ckpt.latest_checkpoint(self.checkpoint_root)
+        if self.output_dir is not None and d.is_main and hasattr(self.model, "save_adapter"):
+            with distributed.full_params(self.wrapped):
+                self.model.save_adapter(self.output_dir / "adapter")
+        return TrainResult(
+            step=s["step"], epoch=s["epoch"] + s["batch_in_epoch"] / self.steps_per_epoch,
+            losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
+            checkpoint=path, samples_per_second=s["samples"] / max(1e-9, s["train_seconds"]),
+            train_seconds=s["train_seconds"])
+
+    def _evaluate(self, limit: int | None) -> dict | None:
+        if self.eval_fn is None:
+            return None
+        scores = None
+        with distributed.full_params(self.wrapped):
+            if self.dist.is_main:
+                was_training = self.model.training
+                self.model.eval()
+                try:
+                    scores = dict(self.eval_fn(self.model, limit))
+                finally:
+                    self.model.train(was_training)
+                self.state["evals"].append({"step": self.state["step"], **scores})
+                log.info("step %d  eval %s", self.state["step"],
+                         "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+        self.dist.barrier()
+        return scores
+
+    def _progress_bar(self):
+        if not (self.config.progress and self.dist.is_main):
+            return None
+        from tqdm.auto import tqdm
+
+        # the total gives tqdm's ETA; a time budget alone has no step total
+        return tqdm(total=self.horizon, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
