@@ -36,7 +36,10 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.methods.prompt",
     "peftmed.backbones.custom", "peftmed.backbones.miss.plugin",
     "peftmed.cli.core_commands",
+    "peftmed.kernels.plugin",
     "peftmed.data.plugin", "peftmed.metrics.plugin",
+    "peftmed.bench.cli",
+    "peftmed.backbones.hf.plugin",
 )
 
 # hook name -> registry kind

@@ -1,0 +1,153 @@
+"""Run a peftmed recipe through huggingface/peft on the same model, for the bench's baseline rows.
+
+The target modules come from the backbone's role map (``backbone.match(model, component, role)`` over
+the roles the peftmed method would use), so both libraries touch exactly the same modules. peft
+implements LoRA, IA3, LayerNorm-tuning (``LNTuningConfig``), Prefix-tuning and P-Tuning; a component
+trained fully (``T``) next to them becomes peft's ``modules_to_save``. Recipes with no peft
+equivalent (FFN-, Attention-tuning, BitFit alone) get no baseline row; where peft itself fails on the
+model (e.g. prompt learning on a model that is not a transformers LM), the error is peft's own and
+the bench records it in the row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..errors import PeftmedError
+from ..recipe import Recipe
+
+# peftmed method -> peft tuner. Prompt-family methods go through peft's get_peft_model, the others
+# through inject_adapter_in_model (which keeps our model class, so compute_loss/generate still work).
+PEFT_METHODS = {"lora": "LoraConfig", "ia3": "IA3Config", "layernorm": "LNTuningConfig",
+                "prefix": "PrefixTuningConfig", "ptuning-v2": "PromptEncoderConfig"}
+PROMPT_METHODS = ("prefix", "ptuning-v2")
+
+
+class PeftUnavailable(PeftmedError):
+    """peft is not installed, or has no equivalent of this recipe."""
+
+
+def peft_version() -> str | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    return peft.__version__
+
+
+def _canonical(registry, name: str) -> str:
+    return registry.method(name).name
+
+
+def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
+    """Why peft has no equivalent of ``recipe`` (None when it has one)."""
+    resolved = recipe.resolve(backbone.components)
+    if not resolved:
+        return "nothing is trained"
+    tuned = set()
+    for component, calls in resolved.items():
+        names = [_canonical(registry, c.name) for c in calls]
+        if names == ["full"]:
+            continue  # becomes modules_to_save
+        if len(names) > 1:
+            return f"peft cannot combine {'+'.join(names)} on one component"
+        if names[0] not in PEFT_METHODS:
+            return f"peft has no {names[0]!r} method"
+        tuned.add(names[0])
+    if not tuned:
+        return "peft has no full fine-tuning method (it is plain training)"
+    if len(tuned) > 1:
+        return f"peft applies one method per model; this recipe uses {sorted(tuned)}"
+    return None
+
+
+def _targets(model: nn.Module, backbone, registry, component: str, call) -> tuple[list[str], list[str]]:
+    """Module names the peftmed method would touch in ``component``, and the feed-forward subset (IA3)."""
+    method = registry.method(call.name)
+    config = method.make_config(call.options)
+    names: list[str] = []
+    feedforward: list[str] = []
+    ff_roles = set(getattr(config, "feedforward_roles", ()) or ())
+    for role in method.roles_for(config):
+        for name in backbone.match(model, component, role):
+            if name not in names:
+                names.append(name)
+                if role in ff_roles:
+                    feedforward.append(name)
+    return names, feedforward
+
+
+def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, registry) -> nn.Module:
+    """Apply ``recipe`` to ``model`` through peft; returns the model to train (ours, or peft's wrapper).
+
+    Only the adapter's parameters (and ``modules_to_save``) are left trainable. Raises
+    ``PeftUnavailable`` when peft is missing or has no equivalent; peft's own errors propagate.
+    """
+    if peft_version() is None:
+        raise PeftUnavailable("huggingface/peft is not installed (pip install peftmed[baseline])")
+    import peft
+
+    recipe = Recipe.parse(recipe, components=list(backbone.components))
+    reason = peft_equivalent(recipe, backbone, registry)
+    if reason:
+        raise PeftUnavailable(reason)
+    resolved = recipe.resolve(backbone.components)
+    full = [backbone.components[c] for c, calls in resolved.items() if _canonical(registry, calls[0].name) == "full"]
+    tuned = {c: calls[0] for c, calls in resolved.items() if _canonical(registry, calls[0].name) != "full"}
+    method = _canonical(registry, next(iter(tuned.values())).name)
+    options = [dict(c.options) for c in tuned.values()]
+    if any(o != options[0] for o in options):
+        raise PeftUnavailable(f"peft takes one {method} config per model; this recipe gives {options}")
+    opts = {k: v for k, v in options[0].items() if k not in ("roles", "kernel", "fused")}
+    if "" in full:  # the whole model is one component: nothing left for peft to do
+        raise PeftUnavailable("the fully trained component is the whole model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    if method in PROMPT_METHODS:
+        return _apply_prompt(peft, model, method, opts, full)
+    targets, feedforward = [], []
+    for component, call in tuned.items():
+        names, ff = _targets(model, backbone, registry, component, call)
+        targets += names
+        feedforward += ff
+    if not targets:
+        raise PeftUnavailable(f"the role map gives no {method} target modules in {sorted(tuned)}")
+    common = {"target_modules": targets, "modules_to_save": full or None}
+    if method == "lora":
+        config = peft.LoraConfig(r=int(opts.get("r", 8)), lora_alpha=float(opts.get("alpha", 8.0)),
+                                 lora_dropout=float(opts.get("dropout", 0.0)), bias=opts.get("bias", "none"),
+                                 use_rslora=bool(opts.get("rslora", False)), **common)
+    elif method == "ia3":
+        config = peft.IA3Config(feedforward_modules=feedforward, **common)
+    else:  # layernorm
+        config = peft.LNTuningConfig(**common)
+    model = peft.inject_adapter_in_model(config, model)
+    # inject_adapter_in_model leaves modules_to_save copies trainable; make sure nothing else is
+    for name, p in model.named_parameters():
+        p.requires_grad_(_is_peft_trainable(name, method))
+    return model
+
+
+def _is_peft_trainable(name: str, method: str) -> bool:
+    if "modules_to_save." in name:
+        return True
+    if "original_module." in name:
+        return False
+    markers = {"lora": ("lora_A.", "lora_B."), "ia3": ("ia3_l.",), "layernorm": ("ln_tuning_layers.",)}
+    return any(m in name for m in markers[method])
+
+
+def _apply_prompt(peft, model: nn.Module, method: str, opts: dict, full: list[str]) -> nn.Module:
+    """Prefix / P-Tuning through peft's PeftModel; peft requires a transformers-style LM for these."""
+    n = int(opts.get("n", opts.get("num_virtual_tokens", 10)))
+    if method == "prefix":
+        config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n)
+    else:
+        config = peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n)
+    wrapped = peft.get_peft_model(model, config)
+    if full:
+        raise PeftUnavailable("peft prompt learning with fully trained components is not supported here")
+    return wrapped

@@ -1,0 +1,146 @@
+"""``peftmed bench``: the command (registered through the ``register_commands`` hook)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+
+DESCRIPTION = """\
+Run every method of a suite side by side on a Med-VQA backbone: trainable parameters, peak memory,
+training throughput, time to the end of the same budget, and accuracy (ACC closed/open/overall),
+with the huggingface/peft baseline beside where peft has the method.
+
+With no arguments: the default suite on miss-tiny and the generated phantom dataset (nothing to
+download; a few minutes on a 2-core CPU). Results (results.json, results.csv, plots, report.md) go to
+--output (default bench-results/<timestamp>).
+
+examples:
+  peftmed bench
+  peftmed bench --suite mile --steps 100
+  peftmed bench --recipes '*=layernorm' 'F|LoRA|LoRA' --no-peft
+  peftmed bench --dataset vqa-rad --data-dir ../shared/data/vqa_rad --suite layernorm
+  peftmed bench --transfer domain=ct domain=mr
+  peftmed bench --output bench-results/a --resume
+  peftmed bench --compare bench-results/a bench-results/b
+"""
+
+
+def _value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(items, what: str) -> dict:
+    """``["k=v", "a=1,b=2"]`` -> ``{"k": "v", "a": 1, "b": 2}``."""
+    out = {}
+    for item in items or ():
+        for part in str(item).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise ConfigError(f"{what}: expected KEY=VALUE, got {part!r}")
+            key, value = part.split("=", 1)
+            out[key.strip()] = _value(value.strip())
+    return out
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    what = p.add_argument_group("what to run")
+    what.add_argument("--backbone", "-b", default="miss-tiny", help="registered backbone (default miss-tiny)")
+    what.add_argument("--dataset", "-d", default="phantom", help="registered dataset (default phantom)")
+    what.add_argument("--data-dir", help="dataset folder, for datasets read from files (e.g. vqa-rad)")
+    what.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    pick = what.add_mutually_exclusive_group()
+    pick.add_argument("--recipes", nargs="+", metavar="RECIPE",
+                      help="recipes to compare, e.g. '*=layernorm' 'F|LoRA|LoRA' 'fusion=lora(r=4)'")
+    pick.add_argument("--suite", help="built-in suite: default, mile, layernorm (see --list-suites)")
+    pick.add_argument("--suite-file", help="a suite in YAML, TOML or JSON: {recipes: [recipe | {recipe, label}]}")
+    what.add_argument("--list-suites", action="store_true", help="print the built-in suites and exit")
+    what.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                      help="import MODULE as a peftmed plugin (e.g. your own backbone); repeatable")
+    budget = p.add_argument_group("budget and training")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default 40)")
+    budget.add_argument("--time-budget", type=float, help="seconds of training per recipe (stops at steps or "
+                                                         "time, whichever comes first)")
+    budget.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
+    budget.add_argument("--lr", type=float, help="one learning rate for every method (default: a rate per method)")
+    budget.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
+    budget.add_argument("--eval-samples", type=int, help="score the first N test questions (default all)")
+    budget.add_argument("--num-beams", type=int, default=1, help="beams of answer generation (default 1: greedy)")
+    budget.add_argument("--backbone-option", action="append", metavar="K=V", help="builder option, repeatable")
+    budget.add_argument("--dataset-option", action="append", metavar="K=V",
+                        help="dataset option (both splits), e.g. n_images=100; repeatable")
+    budget.add_argument("--transfer", nargs=2, metavar=("SOURCE", "TARGET"),
+                        help="transfer protocol: train the backbone fully on SOURCE (dataset options, e.g. "
+                             "domain=ct), then compare the methods adapting it to TARGET (e.g. domain=mr)")
+    budget.add_argument("--source-steps", type=int, default=100, help="steps of source training (default 100)")
+    out = p.add_argument_group("output")
+    out.add_argument("--no-peft", action="store_true", help="skip the huggingface/peft baseline rows")
+    out.add_argument("--output", "-o", help="results folder (default bench-results/<timestamp>)")
+    out.add_argument("--resume", action="store_true", help="continue the suite in --output, skipping done recipes")
+    out.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results folders side by side")
+    out.add_argument("--no-isolate", action="store_true",
+                     help="run every recipe in this process (faster start; CPU memory figures then include "
+                          "earlier recipes' heap)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--json", action="store_true", help="print the results document as JSON at the end")
+
+
+def run(args) -> int:
+    from . import report
+    from .results import dumps, read_results
+    from .runner import BenchConfig, run_bench
+    from .suites import BUILTIN_SUITES, read_suite_file
+
+    if args.list_suites:
+        for name, entries in BUILTIN_SUITES.items():
+            print(f"{name}:")
+            for e in entries:
+                print(f"  {e.name:<22} {e.recipe}")
+        return 0
+    if args.compare:
+        a, b = (read_results(path) for path in args.compare)
+        print(report.compare_text(a, b, *args.compare))
+        return 0
+    if args.resume and not args.output:
+        raise ConfigError("--resume continues a results folder: name it with --output FOLDER")
+    recipes = list(args.recipes or [])
+    if args.suite_file:
+        recipes = list(read_suite_file(args.suite_file))
+    config = BenchConfig(
+        backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
+        suite=args.suite, recipes=recipes,
+        steps=args.steps if args.steps is not None else (None if args.time_budget else 40),
+        time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        eval_samples=args.eval_samples, num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
+        resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),
+        dataset_options=parse_options(args.dataset_option, "--dataset-option"),
+        transfer=tuple(parse_options([t], "--transfer") for t in args.transfer) if args.transfer else None,
+        source_steps=args.source_steps, isolate=not args.no_isolate, plugins=tuple(args.plugin),
+        progress=not args.no_progress,
+    )
+    data = run_bench(config)
+    if args.json:
+        print(dumps(data))
+    failed = [r for r in data["rows"] if r["provider"] == "peftmed" and r["status"] != "ok"]
+    return 1 if failed and len(failed) == len([r for r in data["rows"] if r["provider"] == "peftmed"]) else 0
+
+
+@hookimpl
+def register_commands(register):
+    from ..cli import Command
+
+    register(Command("bench", "compare fine-tuning methods on a Med-VQA backbone (params, memory, speed, "
+                              "accuracy; vs huggingface/peft)", configure, run, description=DESCRIPTION))

@@ -1,0 +1,283 @@
+"""Run a suite: check it, plan the jobs, run each in a fresh process, write results as they finish.
+
+    from peftmed.bench import BenchConfig, run_bench
+    results = run_bench(BenchConfig(recipes=["*=layernorm", "F|LoRA|LoRA"], steps=20))
+
+Every check that can fail on the user's input (unknown backbone, dataset, recipe, method or option;
+a results folder from another version or configuration) runs before anything is trained. Each
+(recipe, provider) job runs in a new worker process started from a fork server that has already
+imported torch and peftmed, so a job starts in well under a second and its peak memory is its own.
+Rows are written per job, atomically, so an interrupted suite resumes (``resume=True``) from the
+jobs already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import multiprocessing as mp
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from . import report, results, task
+from .suites import FROZEN, SuiteEntry, builtin_suite, check_suite
+from .worker import Job, run_job
+
+DEFAULT_BACKBONE = "miss-tiny"
+DEFAULT_DATASET = "phantom"
+
+
+@dataclass
+class BenchConfig:
+    """What to run. Defaults are the no-argument ``peftmed bench`` (sized for a 2-core CPU)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    dataset: str = DEFAULT_DATASET
+    data_dir: str | None = None
+    device: str = "auto"
+    suite: str | None = None  # a built-in suite name ("default" when no recipes are given)
+    recipes: list[SuiteEntry | str] = field(default_factory=list)  # explicit recipes (or from a suite file)
+    steps: int | None = 40  # optimizer steps per recipe (the budget; reproducible)
+    time_budget: float | None = None  # seconds per recipe instead of / as well as steps
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    eval_samples: int | None = None  # score the first N test questions (None: the whole test split)
+    num_beams: int = 1  # 1: greedy answers (the bench compares methods, not decoders)
+    max_new_tokens: int = 10
+    lr: float | None = None  # None: a rate per method (worker.DEFAULT_LR)
+    seed: int = 0
+    peft: bool = True  # also run the huggingface/peft baseline where it has the method
+    output: str | None = None  # results folder (default bench-results/<timestamp>)
+    resume: bool = False
+    backbone_options: dict = field(default_factory=dict)
+    dataset_options: dict = field(default_factory=dict)  # load_records options of both splits
+    transfer: tuple[dict, dict] | None = None  # (source options, target options) of the dataset
+    source_steps: int = 100  # steps of full training on the source domain (transfer protocol)
+    isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
+    plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.steps is None and self.time_budget is None:
+            raise ConfigError("give a budget: --steps N and/or --time-budget SECONDS")
+        for name in ("steps", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "eval_samples",
+                     "source_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"time_budget must be > 0 seconds, got {self.time_budget!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two runs comparable (resume refuses a folder whose settings differ)."""
+        keys = ("backbone", "dataset", "data_dir", "device", "steps", "time_budget", "batch_size", "eval_samples",
+                "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
+                "source_steps")
+        return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
+
+
+def default_output() -> str:
+    return str(Path("bench-results") / time.strftime("%Y%m%d-%H%M%S"))
+
+
+def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
+    """Check everything the user typed; raises before any training with what exists."""
+    config.validate()
+    backbone = registry.backbone(config.backbone)
+    registry.get("dataset", config.dataset)
+    entries = [e if isinstance(e, SuiteEntry) else SuiteEntry(e) for e in config.recipes]
+    builtin = not entries
+    if builtin:
+        entries = list(builtin_suite(config.suite or "default"))
+        # a built-in suite lists methods some installations lack (a plugin not installed): skip those rows
+        entries = [e for e in entries if not _missing_methods(e, backbone, registry)]
+    return check_suite(entries, backbone, registry)
+
+
+def _missing_methods(entry: SuiteEntry, backbone, registry) -> list[str]:
+    from ..recipe import Recipe
+
+    if entry.recipe == FROZEN:
+        return []
+    try:
+        recipe = Recipe.parse(entry.recipe, components=list(backbone.components))
+        calls = [c for cs in recipe.resolve(backbone.components).values() for c in cs]
+    except Exception:
+        return []  # check_suite reports it
+    return [c.name for c in calls if c.name.lower() not in {n.lower() for n in registry.names("method")}
+            and not any(c.name.lower() in {a.lower() for a in getattr(m, "aliases", ())}
+                        for m in registry.all("method").values())]
+
+
+def _peft_reason(entry: SuiteEntry, backbone, registry) -> str | None:
+    from ..baselines import peft_equivalent, peft_version
+    from ..recipe import Recipe
+
+    if entry.recipe == FROZEN:
+        return "nothing is trained"
+    if peft_version() is None:
+        return "huggingface/peft is not installed"
+    return peft_equivalent(Recipe.parse(entry.recipe, list(backbone.components)), backbone, registry)
+
+
+def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Path, source: str | None) -> Job:
+    train_opts, test_opts = dict(config.dataset_options), dict(config.dataset_options)
+    if config.transfer:
+        train_opts.update(config.transfer[1])
+        test_opts.update(config.transfer[1])
+    return Job(label=entry.name, recipe=entry.recipe, provider=provider, backbone=config.backbone,
+               dataset=config.dataset, data_dir=config.data_dir, backbone_options=dict(config.backbone_options),
+               train_options=train_opts, test_options=test_opts, steps=config.steps,
+               time_budget=config.time_budget, batch_size=config.batch_size,
+               eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
+               num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr, seed=config.seed,
+               device=config.device, source_checkpoint=source, cache_dir=str(folder / ".cache"),
+               plugins=tuple(config.plugins), progress=config.progress)
+
+
+def fingerprint(job: Job) -> dict[str, Any]:
+    data = job.to_dict()
+    for key in ("progress", "cache_dir", "source_checkpoint", "save_model", "plugins"):
+        data.pop(key)
+    data["transfer_source"] = bool(job.source_checkpoint)
+    return data
+
+
+class _Pool:
+    """Runs jobs one at a time, each in a fresh process forked from a preloaded fork server."""
+
+    def __init__(self, isolate: bool):
+        self.isolate = isolate
+        self.executor = None
+
+    def run(self, job: Job) -> dict[str, Any]:
+        if not self.isolate:
+            return run_job(job)
+        if self.executor is None:
+            method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+            ctx = mp.get_context(method)
+            if method == "forkserver":
+                ctx.set_forkserver_preload(["peftmed.bench.worker"])
+            self.executor = ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
+        try:
+            return self.executor.submit(run_job, job).result()
+        except BrokenProcessPool:
+            self.close()
+            return {"label": job.label, "recipe": job.recipe, "provider": job.provider, "status": "oom",
+                    "error": "the worker process died (killed by the system, most likely out of memory)"}
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+
+
+def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the suite; returns the results document (also written to ``config.output``)."""
+    registry = registry or task.registry_with(config.plugins)
+    echo = echo or report.echo
+    entries = plan(config, registry)
+    backbone = registry.backbone(config.backbone)
+    if config.device == "auto":
+        import torch
+
+        config.device = "cuda" if torch.cuda.is_available() else "cpu"
+    folder = Path(config.output or default_output())
+    _prepare_folder(folder, config)
+    meta = results.run_metadata(dataclasses.asdict(config) | {"settings": config.settings()}, registry)
+    meta["suite"] = config.suite or ("custom" if config.recipes else "default")
+    meta["recipes"] = [dataclasses.asdict(e) for e in entries]
+    meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
+
+    pool = _Pool(config.isolate)
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        source = _source_model(config, folder, pool, echo) if config.transfer else None
+        echo(f"peftmed bench: {len(entries)} recipes on {config.backbone} / {config.dataset}, device "
+             f"{config.device}, budget {report.budget_text(config)}, seed {config.seed}; results -> {folder}")
+        echo(report.table_header())
+        for entry in entries:
+            providers = ["peftmed"]
+            reason = _peft_reason(entry, backbone, registry) if config.peft else "disabled (--no-peft)"
+            if reason is None:
+                providers.append("peft")
+            done = []
+            for provider in providers:
+                job = _jobs_for(config, entry, provider, folder, source)
+                row = results.load_job(folder, job.label, provider, fingerprint(job)) if config.resume else None
+                if row is not None:
+                    row["resumed"] = True
+                else:
+                    row = pool.run(job)
+                    results.save_job(folder, row, fingerprint(job))
+                    row.pop("predictions", None)
+                done.append(row)
+            if len(done) == 1:
+                done[0]["peft_note"] = reason
+            rows.extend(done)
+            echo(report.table_line(done))
+            meta["elapsed_s"] = time.perf_counter() - start
+            results.write_results(folder, meta, rows)
+    finally:
+        pool.close()
+    meta["elapsed_s"] = time.perf_counter() - start
+    meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    results.write_results(folder, meta, rows)
+    data = results.read_results(folder)
+    report.write_report(folder, data)
+    echo(f"\n{report.winner_text(data['rows'])}")
+    echo(f"wrote {folder / 'results.json'}, results.csv, report.md and plots/ in {meta['elapsed_s']:.0f} s")
+    return data
+
+
+def _prepare_folder(folder: Path, config: BenchConfig) -> None:
+    existing = results.check_compatible(folder, must_exist=False)
+    if existing is not None:
+        if not config.resume:
+            raise ConfigError(f"results folder {str(folder)!r} already holds results; pass --resume to continue "
+                              f"it, or choose another --output")
+        before = existing.get("meta", {}).get("config", {}).get("settings", {})
+        now = config.settings()
+        diff = {k: (before.get(k), now[k]) for k in now if before.get(k) != now[k]}
+        if diff:
+            raise ConfigError(
+                f"cannot resume {str(folder)!r}: its settings differ: "
+                + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            )
+    elif folder.exists() and any(p for p in folder.iterdir() if p.name not in ("runs", "predictions", ".cache",
+                                                                               "source")):
+        raise ConfigError(f"output folder {str(folder)!r} exists and is not a bench results folder")
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo) -> str:
+    """Transfer protocol: train the backbone fully on the source domain once; every recipe starts there."""
+    path = folder / "source" / "model.safetensors"
+    job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None)
+    job.train_options = {**config.dataset_options, **config.transfer[0]}
+    job.test_options = {**config.dataset_options, **config.transfer[0]}
+    job.steps, job.time_budget = config.source_steps, None
+    job.save_model = str(path)
+    marker = path.with_suffix(".json")
+    if config.resume and path.is_file() and marker.is_file() and \
+            json.loads(marker.read_text()).get("fingerprint") == json.loads(results.dumps(fingerprint(job))):
+        echo(f"transfer: reusing the source model {path}")
+        return str(path)
+    echo(f"transfer: training {config.backbone} fully on {config.transfer[0]} for {config.source_steps} steps")
+    row = pool.run(job)
+    if row["status"] != "ok":
+        raise ConfigError(f"transfer: training the source model failed: {row['error']}")
+    acc = row.get("acc_overall", math.nan)
+    echo(f"transfer: source model ACC {acc:.3f} on the source domain; adapting to {config.transfer[1]}")
+    results.write_atomic(marker, results.dumps({"fingerprint": fingerprint(job), "acc_overall": acc}))
+    return str(path)

@@ -1,0 +1,174 @@
+"""Bench suites: named lists of recipes, built in or read from a YAML/TOML/JSON file.
+
+A suite entry is a recipe in any form peftmed reads (``*=layernorm``, ``F|LoRA|LoRA``,
+``fusion=lora(r=8) decoder=lora(r=8)``) with an optional short label for tables and plots. The papers'
+row form is resolved against the backbone's components when the suite is checked, so one suite runs
+on any backbone whose components it names.
+
+Suite file (YAML shown; TOML and JSON hold the same keys)::
+
+    name: my-suite
+    recipes:
+      - "*=layernorm"
+      - {label: lora-r4, recipe: "fusion=lora(r=4) decoder=lora(r=4)"}
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConfigError, RecipeError, UnknownNameError
+from ..recipe import Recipe
+
+FROZEN = "frozen"  # the recipe that trains nothing: evaluated as is (the papers' F|F|F)
+
+
+@dataclass(frozen=True)
+class SuiteEntry:
+    """One row of a suite: a recipe text and the label shown for it."""
+
+    recipe: str
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.recipe
+
+
+def _e(recipe: str, label: str = "") -> SuiteEntry:
+    return SuiteEntry(recipe, label)
+
+
+# Recipes are written so every component name they use exists on MISS/BLIP-style backbones
+# (vision | fusion | decoder); the row form adapts to the backbone's own component count.
+BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
+    # What `peftmed bench` runs with no arguments: one row per method family member, sized for a
+    # 2-core CPU (see docs/bench.md for the budget).
+    "default": (
+        _e("*=full", "full"),
+        _e("*=layernorm", "layernorm"),
+        _e("*=bitfit", "bitfit"),
+        _e("*=attention", "attention"),
+        _e("*=ffn", "ffn"),
+        _e("fusion=lora(r=8,alpha=16) decoder=lora(r=8,alpha=16)", "F|LoRA|LoRA r=8"),
+        _e("*=lora(r=4,alpha=8)", "LoRA r=4 all"),
+        _e("*=ia3", "IA3"),
+        _e("fusion=prefix decoder=prefix", "F|Prefix|Prefix"),
+    ),
+    # The MILE paper's table (MICCAI 2024): rows T|T|T ... on MISS's ViT | JTM | decoder.
+    "mile": (
+        _e("T|T|T", "T|T|T"),
+        _e("F|F|F", "F|F|F"),
+        _e("F|LoRA|LoRA", "F|LoRA|LoRA"),
+        _e("LoRA|LoRA|LoRA", "LoRA|LoRA|LoRA"),
+        _e("T|LoRA|LoRA", "T|LoRA|LoRA"),
+        _e("T|T|LoRA", "T|T|LoRA"),
+        _e("F|IA3|IA3", "F|IA3|IA3"),
+        _e("IA3|IA3|IA3", "IA3|IA3|IA3"),
+        _e("T|T|IA3", "T|T|IA3"),
+        _e("F|Prefix|Prefix", "F|Prefix|Prefix"),
+        _e("T|T|Prefix", "T|T|Prefix"),
+        _e("F|PTV2|PTV2", "F|PTV2|PTV2"),
+        _e("T|T|PTV2", "T|T|PTV2"),
+    ),
+    # The LayerNorm paper's comparison (ACM MM 2024).
+    "layernorm": (
+        _e(FROZEN, "frozen"),
+        _e("*=full", "full"),
+        _e("*=layernorm", "layernorm"),
+        _e("*=ffn", "ffn"),
+        _e("*=attention", "attention"),
+        _e("*=lora(r=8,alpha=16)", "lora"),
+        _e("*=prefix", "prefix"),
+    ),
+}
+
+
+def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:
+    if name not in BUILTIN_SUITES:
+        raise UnknownNameError("suite", name, BUILTIN_SUITES, hint="Or pass --suite-file FILE / --recipes.")
+    return BUILTIN_SUITES[name]
+
+
+def read_suite_file(path: str | Path) -> tuple[SuiteEntry, ...]:
+    """Read a suite from YAML (.yaml/.yml), TOML (.toml) or JSON (.json)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file {str(path)!r} does not exist")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"suite file {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
+    except ConfigError:
+        raise
+    except Exception as exc:  # the parsers raise their own error types
+        raise ConfigError(f"suite file {str(path)!r} does not parse: {exc}") from exc
+    if isinstance(data, dict):
+        data = data.get("recipes")
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"suite file {str(path)!r} must hold a non-empty list 'recipes'")
+    entries = []
+    for i, item in enumerate(data):
+        if isinstance(item, str):
+            entries.append(SuiteEntry(item))
+        elif isinstance(item, dict) and isinstance(item.get("recipe"), str):
+            extra = set(item) - {"recipe", "label"}
+            if extra:
+                raise ConfigError(f"suite file {str(path)!r}, recipe {i}: unknown keys {sorted(extra)}")
+            entries.append(SuiteEntry(item["recipe"], str(item.get("label") or "")))
+        else:
+            raise ConfigError(
+                f"suite file {str(path)!r}, recipe {i}: expected a recipe text or "
+                f"{{recipe: ..., label: ...}}, got {item!r}"
+            )
+    return tuple(entries)
+
+
+def check_suite(entries, backbone, registry) -> list[SuiteEntry]:
+    """Parse every recipe and check every method name before anything is trained.
+
+    Returns the entries with duplicate labels refused; raises with the offending recipe named.
+    Whether a component can take a method (roles present, attention that accepts prefixes) is only
+    known once a model exists; that is checked per row at run time and recorded as the row's failure.
+    """
+    seen: dict[str, str] = {}
+    out = []
+    for entry in entries:
+        if entry.name in seen:
+            raise ConfigError(f"two recipes in the suite share the label {entry.name!r}; give them distinct labels")
+        seen[entry.name] = entry.recipe
+        if entry.recipe.strip() == FROZEN:
+            out.append(entry)
+            continue
+        try:
+            recipe = Recipe.parse(entry.recipe, components=list(backbone.components))
+            for calls in recipe.resolve(backbone.components).values():
+                for call in calls:
+                    registry.method(call.name).make_config(call.options)
+        except (RecipeError, UnknownNameError, ConfigError) as exc:
+            raise RecipeError(f"suite recipe {entry.name!r}: {exc}") from exc
+        out.append(entry)
+    return out
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def slug(label: str) -> str:
+    """A file-name-safe form of a label (results are written per recipe under it)."""
+    text = _SAFE.sub("_", label.replace("*", "all").replace("|", "-")).strip("_")
+    return text[:80] or "recipe"
