@@ -1,0 +1,232 @@
+"""``hf-blip-vqa``: transformers' ``BlipForQuestionAnswering`` behind peftmed's VQA task protocol.
+
+Components: ``vision`` = the ViT (``vision_model``), ``fusion`` = the question encoder cross-attending
+to the image (``text_encoder``), ``decoder`` = the answer LM cross-attending to the question
+(``text_decoder``). The forward pass is assembled from these three parts (not the HF ``forward``) so
+that training and generation see the same masks and the same start token: the answer sequence is
+``[DEC] answer [SEP]`` with ``[DEC]`` = ``text_config.bos_token_id``, as generation starts from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ...errors import ConfigError, PeftmedError
+from ..base import Backbone
+from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, local_folder, read_image_stats
+from .tokenizer import check_vocab, wordpiece_tokenizer
+
+# Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "vision": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=64),
+        "vocab_size": 400,  # target size of the trained WordPiece vocabulary
+    },
+    "base": {
+        "vision": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       image_size=384, patch_size=16),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     max_position_embeddings=512, vocab_size=30524),
+        "vocab_size": 30000,
+    },
+}
+
+
+class HFBlipVQA(VQAModule):
+    """BlipForQuestionAnswering (at ``.model``) with a tokenizer, image statistics and the VQA protocol."""
+
+    processor_type = "BlipImageProcessor"
+
+    def __init__(self, model, tokenizer, *, image_size: int | None = None, image_mean=CLIP_MEAN,
+                 image_std=CLIP_STD, max_question_tokens: int = 35, max_answer_tokens: int = 10):
+        text = model.config.text_config
+        check_vocab(tokenizer, text.vocab_size, "hf-blip-vqa")
+        super().__init__(model, tokenizer, image_size or model.config.vision_config.image_size,
+                         image_mean, image_std, max_question_tokens)
+        self.max_answer_tokens = int(max_answer_tokens)
+        self.bos_id, self.sep_id, self.pad_id = text.bos_token_id, text.sep_token_id, text.pad_token_id
+        for label, tid in (("bos_token_id", self.bos_id), ("sep_token_id", self.sep_id), ("pad_token_id", self.pad_id)):
+            if tid is None or not 0 <= tid < text.vocab_size:
+                raise ConfigError(f"hf-blip-vqa: text_config.{label}={tid} is not a token id below "
+                                  f"vocab_size={text.vocab_size}")
+
+    # ---- encoding ---------------------------------------------------------------------------------
+    def _questions(self, questions: list[str]):
+        full = self.tokenizer(list(questions))["input_ids"]
+        self._count_truncated([len(ids) for ids in full], self.max_question_tokens)
+        enc = self.tokenizer(list(questions), padding=True, truncation=True, max_length=self.max_question_tokens,
+                             return_tensors="pt")
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """image -> ViT -> question encoder; returns the question states (B, T, D) and their mask."""
+        if len(batch["questions"]) != batch["images"].shape[0]:
+            raise ConfigError(f"batch has {batch['images'].shape[0]} images but {len(batch['questions'])} questions")
+        pixels = self.pixel_values(batch["images"])
+        image_embeds = self.model.vision_model(pixel_values=pixels)[0]  # (B, 1+N, Dv)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        ids, mask = self._questions(batch["questions"])
+        question = self.model.text_encoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=image_embeds,
+                                           encoder_attention_mask=image_mask)[0]  # (B, T, D)
+        return question, mask
+
+    def _answers(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pieces = self.tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        seqs = [[self.bos_id] + ids[: self.max_answer_tokens] + [self.sep_id] for ids in pieces]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = 1
+        labels = ids.masked_fill(mask == 0, -100)
+        return ids.to(self.device), mask.to(self.device), labels.to(self.device)
+
+    # ---- task protocol ------------------------------------------------------------------------------
+    def compute_loss(self, batch) -> torch.Tensor:
+        """Answer cross-entropy (the text config's label smoothing), teacher-forced after ``[DEC]``."""
+        if len(batch.get("answers") or ()) != len(batch["questions"]):
+            raise ConfigError("compute_loss needs one answer per question in batch['answers']")
+        question, q_mask = self.encode(batch)
+        ids, mask, labels = self._answers(batch["answers"])
+        out = self.model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=question,
+                                      encoder_attention_mask=q_mask, labels=labels, reduction="mean")
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:
+        """Answers by beam search (``num_beams=1``: greedy), stopping at ``[SEP]``."""
+        was_training = self.training
+        self.eval()
+        try:
+            question, q_mask = self.encode(batch)
+            start = torch.full((question.shape[0], 1), self.bos_id, dtype=torch.long, device=question.device)
+            out = self.model.text_decoder.generate(
+                input_ids=start, encoder_hidden_states=question, encoder_attention_mask=q_mask,
+                eos_token_id=self.sep_id, pad_token_id=self.pad_id, max_new_tokens=max_new_tokens,
+                num_beams=num_beams, do_sample=False,
+            )
+        finally:
+            self.train(was_training)
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.compute_loss(batch)
+
+
+def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None, **ids):
+    from transformers import BlipConfig
+
+    if preset not in PRESETS:
+        raise ConfigError(f"hf-blip-vqa: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    spec = copy.deepcopy(PRESETS[preset])
+    if image_size is not None:
+        spec["vision"]["image_size"] = int(image_size)
+    text = dict(spec["text"], **ids)
+    if vocab_size is not None:
+        text["vocab_size"] = vocab_size
+    return BlipConfig(vision_config=spec["vision"], text_config=text)
+
+
+def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_file: str | None = None,
+          image_size: int | None = None, max_question_tokens: int = 35, max_answer_tokens: int = 10,
+          seed: int | None = 0) -> HFBlipVQA:
+    """A fresh (randomly initialised) BLIP VQA model with a tokenizer; nothing is downloaded.
+
+    ``config``: a ``BlipConfig`` (overrides ``preset``); ``tokenizer``: any fast tokenizer whose size fits
+    the config; otherwise a WordPiece tokenizer is read from ``vocab_file`` or trained on the built-in
+    corpus plus ``texts`` and the tiny preset's vocabulary is sized to it exactly.
+    """
+    from transformers import BlipForQuestionAnswering
+
+    if tokenizer is None:
+        target = PRESETS.get(preset, PRESETS["tiny"])["vocab_size"]
+        tokenizer = wordpiece_tokenizer(texts, vocab_size=target, vocab_file=vocab_file)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if config is None:
+        fixed_vocab = "vocab_size" in PRESETS.get(preset, {}).get("text", {})
+        config = blip_config(preset, vocab_size=None if fixed_vocab else len(tokenizer), image_size=image_size, **ids)
+    elif image_size is not None and image_size != config.vision_config.image_size:
+        raise ConfigError(f"hf-blip-vqa: image_size={image_size} disagrees with the config's "
+                          f"vision_config.image_size={config.vision_config.image_size}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = BlipForQuestionAnswering(config)
+    return HFBlipVQA(model, tokenizer, max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
+
+
+def load(path: str | os.PathLike, max_question_tokens: int = 35, max_answer_tokens: int = 10,
+         strict: bool = True, **_builder_options) -> HFBlipVQA:
+    """Load a local folder (``save_pretrained`` output or a downloaded BLIP VQA checkpoint).
+
+    Missing or shape-mismatched weights are an error with ``strict`` (the default), never dropped silently.
+    """
+    from transformers import BlipForQuestionAnswering
+
+    folder = local_folder(path, "hf-blip-vqa")
+    tokenizer = load_tokenizer(folder, "hf-blip-vqa")
+    model, info = BlipForQuestionAnswering.from_pretrained(str(folder), local_files_only=True,
+                                                          output_loading_info=True)
+    report_loading(info, folder, "hf-blip-vqa", strict)
+    size, mean, std = read_image_stats(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+    return HFBlipVQA(model, tokenizer, image_size=size, image_mean=mean, image_std=std,
+                     max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
+
+
+def report_loading(info: dict, folder, what: str, strict: bool) -> None:
+    """Raise (strict) or log the weights a checkpoint lacked, had extra, or had in another shape."""
+    from .common import log
+
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    lines = [f"{label} ({len(keys)}): {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}"
+             for label, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unexpected", unexpected))
+             if keys]
+    if not lines:
+        return
+    message = f"{what}: checkpoint {str(folder)!r} does not fit the model: " + "; ".join(lines)
+    if strict and (missing or mismatched):
+        raise PeftmedError(message + ". Pass strict=False to load anyway (those weights stay randomly initialised)")
+    log.warning(message)
+
+
+def _text_roles(decoder: bool) -> dict:
+    roles = {
+        "attn.q": r"\.attention\.self\.query$", "attn.k": r"\.attention\.self\.key$",
+        "attn.v": r"\.attention\.self\.value$", "attn.o": r"\.attention\.output\.dense$",
+        "cross.q": r"crossattention\.self\.query$", "cross.k": r"crossattention\.self\.key$",
+        "cross.v": r"crossattention\.self\.value$", "cross.o": r"crossattention\.output\.dense$",
+        "mlp.up": r"\.intermediate\.dense$", "mlp.down": r"layer\.\d+\.output\.dense$",
+        "embed": r"embeddings\.(word|position)_embeddings$",
+        "self_attention": r"\.attention\.self$", "cross_attention": r"crossattention\.self$",
+    }
+    if decoder:
+        roles["head"] = r"cls\.predictions\.decoder$"
+    return roles
+
+
+VISION_ROLES = {
+    "attn.qkv": r"self_attn\.qkv$", "attn.o": r"self_attn\.projection$",
+    "mlp.up": r"mlp\.fc1$", "mlp.down": r"mlp\.fc2$",
+    "embed": r"^embeddings$",  # patch conv + class token + position table
+    "self_attention": r"self_attn$",
+}
+
+BACKBONE = Backbone(
+    name="hf-blip-vqa",
+    components={"vision": "model.vision_model", "fusion": "model.text_encoder", "decoder": "model.text_decoder"},
+    component_roles={"vision": VISION_ROLES, "fusion": _text_roles(False), "decoder": _text_roles(True)},
+    builder=build,
+    loader=load,
+    description="transformers BlipForQuestionAnswering (vision | question encoder | answer decoder)",
+    tasks=("vqa",),
+    defaults={"max_question_tokens": 35},
+)

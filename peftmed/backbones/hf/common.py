@@ -1,0 +1,148 @@
+"""What the HF VQA adapters share: image checks and normalisation, question truncation accounting,
+and saving/loading a local folder (model + tokenizer + image statistics) without the hub.
+
+A folder written by ``save_pretrained`` is a regular transformers folder (``config.json``, weights,
+tokenizer files) plus ``preprocessor_config.json`` with ``image_mean``, ``image_std`` and ``size``
+(the keys transformers' image processors use, so a folder of a real checkpoint reads the same way).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError, PeftmedError, ShapeError
+
+log = logging.getLogger("peftmed.backbones.hf")
+
+# CLIP's statistics, used by BLIP and LLaVA's CLIP vision tower.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def normalize_images(images: torch.Tensor, size: int, mean, std, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B, 3, size, size) in [0, 255] -> float (B, 3, size, size), scaled once and normalised.
+
+    Floats are refused rather than guessed at: a tensor already in [0, 1] divided by 255 again is
+    the double-scaling bug this check exists to prevent.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ShapeError(f"images must be a uint8 tensor (B, 3, {size}, {size}), got {type(images).__name__}")
+    if images.is_floating_point() or images.dtype == torch.bool:
+        raise ShapeError(
+            f"images must be uint8 pixel values in [0, 255] (B, 3, {size}, {size}), got dtype {images.dtype}; "
+            f"pass the raw pixels: the model scales by 1/255 and normalises once itself"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ShapeError(
+            f"images must be (B, 3, {size}, {size}) (RGB, channels first), got shape {tuple(images.shape)}; "
+            f"convert grey-scale images to RGB (repeat the channel) before batching"
+        )
+    if images.shape[-2:] != (size, size):
+        raise ShapeError(
+            f"images are {images.shape[-2]}x{images.shape[-1]} but this model takes {size}x{size}; "
+            f"resize them to model.image_size={size} first"
+        )
+    x = images.to(dtype) / 255.0
+    m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def local_folder(path: str | os.PathLike, what: str) -> Path:
+    """A local model folder holding ``config.json``; anything else is a clear error (never the hub)."""
+    folder = Path(path)
+    if not folder.exists():
+        raise PeftmedError(f"{what}: model folder {str(folder)!r} does not exist (models load from a local folder; "
+                           f"nothing is downloaded)")
+    if not folder.is_dir():
+        raise PeftmedError(f"{what}: {str(folder)!r} is a file; pass the folder that holds config.json")
+    if not any(folder.iterdir()):
+        raise PeftmedError(f"{what}: model folder {str(folder)!r} is empty; expected config.json, weights and "
+                           f"tokenizer files (as written by save_pretrained)")
+    if not (folder / "config.json").is_file():
+        raise PeftmedError(f"{what}: model folder {str(folder)!r} has no config.json "
+                           f"(found: {', '.join(sorted(p.name for p in folder.iterdir())[:8])})")
+    return folder
+
+
+def read_image_stats(folder: Path, default_size: int, default_mean, default_std) -> tuple[int, tuple, tuple]:
+    """image size, mean, std from the folder's preprocessor_config.json, else the defaults given."""
+    file = folder / PREPROCESSOR_FILE
+    if not file.is_file():
+        return default_size, tuple(default_mean), tuple(default_std)
+    data = json.loads(file.read_text())
+    size = data.get("crop_size") or data.get("size") or default_size
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or default_size
+    return int(size), tuple(data.get("image_mean", default_mean)), tuple(data.get("image_std", default_std))
+
+
+def write_image_stats(folder: Path, size: int, mean, std, processor_type: str) -> None:
+    data = {
+        "image_processor_type": processor_type, "do_resize": True, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+        "size": {"height": size, "width": size},
+    }
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(data, indent=2))
+
+
+def load_tokenizer(folder: Path, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises several types for a folder without tokenizer files
+        raise PeftmedError(f"{what}: cannot load the tokenizer of {str(folder)!r} ({type(exc).__name__}: {exc}); "
+                           f"the folder needs the tokenizer files written by tokenizer.save_pretrained") from exc
+
+
+class VQAModule(nn.Module):
+    """Base of the HF VQA wrappers: images, questions, truncation accounting, save_pretrained."""
+
+    processor_type = "BlipImageProcessor"
+
+    def __init__(self, model: nn.Module, tokenizer, image_size: int, image_mean, image_std,
+                 max_question_tokens: int):
+        super().__init__()
+        if max_question_tokens < 4:
+            raise ConfigError(f"max_question_tokens must be >= 4, got {max_question_tokens}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.image_size = int(image_size)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        self.max_question_tokens = int(max_question_tokens)
+        self.truncated_questions = 0  # questions cut to max_question_tokens so far (reported, not silent)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        return normalize_images(images.to(self.device), self.image_size, self.image_mean, self.image_std, self.dtype)
+
+    def _count_truncated(self, lengths: list[int], limit: int) -> None:
+        cut = sum(n > limit for n in lengths)
+        if cut:
+            self.truncated_questions += cut
+            log.warning("%d question(s) longer than %d tokens were truncated (%d so far)",
+                        cut, limit, self.truncated_questions)
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write a transformers folder (config, safetensors weights, tokenizer) + image statistics."""
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        write_image_stats(folder, self.image_size, self.image_mean, self.image_std, self.processor_type)
+        return folder

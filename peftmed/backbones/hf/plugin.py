@@ -1,0 +1,13 @@
+"""The built-in plugin registering the transformers-based backbones (``hf-*``)."""
+
+from __future__ import annotations
+
+from ...hookspecs import hookimpl
+
+
+@hookimpl
+def register_backbones(register):
+    # imported here so that loading the plugin list does not import transformers' model code
+    from . import blip
+
+    register(blip.BACKBONE)
