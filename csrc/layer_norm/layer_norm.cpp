@@ -1,0 +1,149 @@
+// layer_norm on CPU (last dimension, with weight and bias).
+//
+// forward: one row per iteration (a row of a transformer's activations fits in L1): two-pass mean
+// and variance in fp32, y written in the input dtype, mean and rstd saved in fp32.
+// backward: ONE pass over the rows gives dx and, per chunk of rows, fp32 partial sums of dgamma and
+// dbeta (stage 1); the chunk partials are then summed (stage 2). No (rows, N) temporary is made.
+//
+// Signatures match peftmed/kernels/layer_norm/reference.py.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <vector>
+
+namespace {
+
+template <typename T>
+void forward_rows(const T* x, const T* w, const T* b, T* y, float* mean, float* rstd, int64_t rows, int64_t n,
+                  float eps) {
+  std::vector<float> w32(w, w + n), b32(b, b + n);
+  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(n);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * n;
+      float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = static_cast<float>(xr[i]);
+        sum += row[i];
+      }
+      const float mu = sum / n;
+      float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t i = 0; i < n; ++i) sq += (row[i] - mu) * (row[i] - mu);
+      const float rs = 1.0f / std::sqrt(sq / n + eps);
+      T* yr = y + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>((row[i] - mu) * rs * w32[i] + b32[i]);
+      mean[r] = mu;
+      rstd[r] = rs;
+    }
+  });
+}
+
+template <typename T>
+void backward_rows(const T* dy, const T* x, const T* w, const float* mean, const float* rstd, T* dx, float* dw,
+                   float* db, int64_t rows, int64_t n) {
+  std::vector<float> w32(w, w + n);
+  const bool need_dx = dx != nullptr, need_dwb = dw != nullptr || db != nullptr;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<float> part_w(need_dwb ? chunks * n : 0, 0.f), part_b(need_dwb ? chunks * n : 0, 0.f);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> xhat(n), g(n);
+    for (int64_t c = cb; c < ce; ++c) {
+      float* pw = need_dwb ? part_w.data() + c * n : nullptr;
+      float* pb = need_dwb ? part_b.data() + c * n : nullptr;
+      for (int64_t r = c * rows / chunks; r < (c + 1) * rows / chunks; ++r) {
+        const T* xr = x + r * n;
+        const T* dyr = dy + r * n;
+        const float mu = mean[r], rs = rstd[r];
+        float s_gx = 0.f, s_g = 0.f;
+#pragma omp simd reduction(+ : s_gx, s_g)
+        for (int64_t i = 0; i < n; ++i) {
+          const float d = static_cast<float>(dyr[i]);
+          xhat[i] = (static_cast<float>(xr[i]) - mu) * rs;
+          g[i] = d * w32[i];
+          s_gx += g[i] * xhat[i];
+          s_g += g[i];
+        }
+        if (need_dx) {
+          const float c1 = s_gx / n, c2 = s_g / n;
+          T* dxr = dx + r * n;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(rs * (g[i] - c2 - xhat[i] * c1));
+        }
+        if (need_dwb) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const float d = static_cast<float>(dyr[i]);
+            pw[i] += d * xhat[i];
+            pb[i] += d;
+          }
+        }
+      }
+    }
+  });
+  if (need_dwb) {  // stage 2: sum the chunk partials
+    for (int64_t c = 1; c < chunks; ++c) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        part_w[i] += part_w[c * n + i];
+        part_b[i] += part_b[c * n + i];
+      }
+    }
+    if (dw) std::copy(part_w.begin(), part_w.begin() + n, dw);
+    if (db) std::copy(part_b.begin(), part_b.begin() + n, db);
+  }
+}
+
+void check(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu(), "peftmed layer_norm (cpp): expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "peftmed layer_norm (cpp): ", what, " must be 2-D contiguous");
+}
+
+}  // namespace
+
+std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps) {
+  check(x, "x");
+  const int64_t rows = x.size(0), n = x.size(1);
+  auto y = at::empty_like(x);
+  auto mean = at::empty({rows}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  auto wc = w.contiguous(), bc = b.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftmed_layer_norm_fwd", [&] {
+    forward_rows<scalar_t>(x.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                           y.data_ptr<scalar_t>(), mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n,
+                           static_cast<float>(eps));
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& w,
+                                 const at::Tensor& mean, const at::Tensor& rstd, std::vector<bool> needs) {
+  check(x, "x");
+  check(dy, "dy");
+  TORCH_CHECK(needs.size() == 3, "peftmed layer_norm (cpp): needs must have 3 entries");
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor dx = needs[0] ? at::empty_like(x) : at::Tensor();
+  at::Tensor dw32 = needs[1] ? at::empty({n}, x.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor db32 = needs[2] ? at::empty({n}, x.options().dtype(at::kFloat)) : at::Tensor();
+  auto wc = w.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftmed_layer_norm_bwd", [&] {
+    backward_rows<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(),
+                            mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                            needs[0] ? dx.data_ptr<scalar_t>() : nullptr,
+                            needs[1] ? dw32.data_ptr<float>() : nullptr,
+                            needs[2] ? db32.data_ptr<float>() : nullptr, rows, n);
+  });
+  at::Tensor dw = needs[1] ? dw32.to(w.scalar_type()) : at::Tensor();
+  at::Tensor db = needs[2] ? db32.to(w.scalar_type()) : at::Tensor();
+  return {dx, dw, db};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "peftmed layer_norm CPU kernels";
+  m.def("forward", &forward, "layer_norm forward -> (y, mean, rstd)");
+  m.def("backward", &backward, "layer_norm backward -> (dx, dw, db)");
+}

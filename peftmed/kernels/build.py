@@ -1,0 +1,163 @@
+"""Compiling the C++/CUDA kernels in ``csrc/``: on first use with ninja, or ahead of time in setup.py.
+
+JIT builds go to a cache folder per peftmed version, torch version, Python version, CUDA version
+and CPU (the C++ is compiled with ``-march=native``), so upgrading any of them rebuilds instead of
+loading a stale binary:
+
+    $PEFTMED_KERNEL_CACHE (default ~/.cache/peftmed/kernels)/peftmed0.1.0-torch2.13.0-py311-cpu-<cpu>/<name>/
+
+A failed build leaves the compiler output in ``build.log`` in that folder; :class:`BuildError` names
+the log and the compiler's first error line.
+
+setup.py loads this file by path (without importing peftmed) and calls :func:`setup_extensions`;
+this module therefore imports nothing from peftmed at top level.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("peftmed.kernels.build")
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"  # repository layout: <root>/peftmed/kernels/build.py
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+
+# what each extension is built from (relative to csrc/); the AOT build uses the same table
+EXTENSIONS: dict[str, dict] = {
+    "lora_linear_cpu": {"sources": ["lora_linear/lora_linear.cpp"], "cuda": False},
+    "layer_norm_cpu": {"sources": ["layer_norm/layer_norm.cpp"], "cuda": False},
+    "lora_linear_cuda": {"sources": ["lora_linear/lora_linear_cuda.cpp", "lora_linear/lora_linear.cu"], "cuda": True},
+    "layer_norm_cuda": {"sources": ["layer_norm/layer_norm_cuda.cpp", "layer_norm/layer_norm.cu"], "cuda": True},
+}
+AOT_PACKAGE = "peftmed.kernels._ext"  # setup.py builds peftmed/kernels/_ext/<name>.so
+
+
+class BuildError(RuntimeError):
+    """A C++/CUDA extension failed to compile; ``log_path`` has the whole compiler output."""
+
+    def __init__(self, name: str, log_path: Path, first_error: str):
+        self.name, self.log_path, self.first_error = name, log_path, first_error
+        super().__init__(f"building extension {name!r} failed: {first_error} (full log: {log_path})")
+
+
+def _cpu_tag() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        import platform
+
+        flags = platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+def cache_root() -> Path:
+    """The per-version folder the JIT builds go to."""
+    import torch
+
+    from .. import __version__
+
+    base = Path(os.environ.get("PEFTMED_KERNEL_CACHE") or Path.home() / ".cache" / "peftmed" / "kernels")
+    cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    tag = f"peftmed{__version__}-torch{torch.__version__.split('+')[0]}-py{sys.version_info[0]}{sys.version_info[1]}-{cuda}-{_cpu_tag()}"
+    return base / tag
+
+
+def first_error_line(output: str) -> str:
+    """The compiler's first error line (what a user needs to see), else the output's last line."""
+    lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
+    for ln in lines:
+        if "error" in ln.lower() and not ln.lower().startswith(("ninja: build stopped", "subprocess")):
+            return ln
+    return lines[-1] if lines else "(no compiler output)"
+
+
+def can_compile(cuda: bool = False) -> tuple[bool, str]:
+    """Whether this machine has what a JIT build needs (checked without compiling)."""
+    import shutil
+
+    import torch
+
+    if cuda:
+        if torch.version.cuda is None:
+            return False, f"this torch ({torch.__version__}) is a CPU build and cannot build CUDA extensions"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return False, "no C++ compiler on PATH (set CXX)"
+    try:
+        from torch.utils.cpp_extension import verify_ninja_availability
+
+        verify_ninja_availability()
+    except RuntimeError:
+        return False, "ninja is not installed (pip install ninja)"
+    return True, ""
+
+
+_modules: dict[str, object] = {}
+_lock = threading.Lock()
+
+
+def load_extension(name: str):
+    """Import the AOT-built extension ``name`` if setup.py built it, else JIT-build it (cached)."""
+    with _lock:
+        if name in _modules:
+            return _modules[name]
+        try:
+            module = importlib.import_module(f"{AOT_PACKAGE}.{name}")
+        except ImportError:
+            module = _jit_build(name)
+        _modules[name] = module
+        return module
+
+
+def _jit_build(name: str):
+    import torch.utils.cpp_extension as cpp_ext
+
+    spec = EXTENSIONS[name]
+    sources = [str(CSRC / s) for s in spec["sources"]]
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    log_path = build_dir / "build.log"
+    fresh = not any(build_dir.glob("*.so"))
+    if fresh:
+        log.info("compiling %s (first use; about 40 s; cached in %s)", name, build_dir)
+    try:
+        module = cpp_ext.load(
+            name=f"peftmed_{name}", sources=sources, build_directory=str(build_dir),
+            extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, verbose=False,
+        )
+    except Exception as exc:  # ninja/compiler failure: keep the whole output, surface the first error
+        output = str(exc)
+        ninja_log = build_dir / ".ninja_log"
+        log_path.write_text(output + (f"\n(ninja log: {ninja_log})" if ninja_log.exists() else ""))
+        raise BuildError(name, log_path, first_error_line(output)) from exc
+    return module
+
+
+def setup_extensions():
+    """setup.py's ahead-of-time build: (ext_modules, cmdclass) for the extensions this torch can build."""
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    root = Path("csrc")  # setup.py runs from the repository root; setuptools wants relative paths
+    ext_modules = []
+    for name, spec in EXTENSIONS.items():
+        sources = [str(root / s) for s in spec["sources"]]
+        if spec["cuda"]:
+            if torch.version.cuda is None:
+                continue  # a CPU torch cannot build CUDA extensions
+            ext_modules.append(CUDAExtension(f"{AOT_PACKAGE}.{name}", sources,
+                                             extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}))
+        else:
+            # no -march=native here: a wheel may run on another CPU
+            ext_modules.append(CppExtension(f"{AOT_PACKAGE}.{name}", sources,
+                                            extra_compile_args=["-O3", "-fopenmp-simd"]))
+    return ext_modules, {"build_ext": BuildExtension}

@@ -1,0 +1,1 @@
+"""layer_norm over the last dimension with a fused backward (see op.py)."""

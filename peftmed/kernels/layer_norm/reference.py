@@ -1,0 +1,47 @@
+"""layer_norm in plain PyTorch: the test oracle, and the ``torch`` implementation (the fallback).
+
+Every implementation provides (x, dy 2-D (rows, N) contiguous; mean and rstd fp32, shape (rows,)):
+
+    forward(x, w, b, eps) -> (y, mean, rstd)
+    backward(dy, x, w, mean, rstd, needs) -> (dx, dw, db)     needs: 3 bools; unneeded may be None
+
+Only mean and rstd are saved beyond the inputs. The backward is the textbook one:
+    xhat = (x - mean) * rstd,  g = dy * w
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat))     dw = sum_rows(dy * xhat)   db = sum_rows(dy)
+with the row sums of dw and db accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reference(x, w, b, eps=1e-5):
+    """torch's own layer_norm, differentiated by autograd: what the tests compare against."""
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def forward(x, w, b, eps):
+    x32 = x.float()
+    var, mean = torch.var_mean(x32, dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = torch.addcmul(b.float(), (x32 - mean[:, None]) * rstd[:, None], w.float())
+    return y.to(x.dtype), mean, rstd
+
+
+def backward(dy, x, w, mean, rstd, needs):
+    need_dx, need_dw, need_db = needs
+    dy32 = dy.float()
+    xhat = (x.float() - mean[:, None]) * rstd[:, None]
+    dx = dw = db = None
+    if need_dx:
+        g = dy32 * w.float()
+        c1 = (g * xhat).mean(1, keepdim=True)
+        c2 = g.mean(1, keepdim=True)
+        dx = ((g - c2 - xhat * c1) * rstd[:, None]).to(x.dtype)
+    if need_dw:
+        dw = (dy32 * xhat).sum(0).to(w.dtype)
+    if need_db:
+        db = dy32.sum(0).to(w.dtype)
+    return dx, dw, db

@@ -1,0 +1,60 @@
+"""lora_linear in plain PyTorch: the test oracle, and the ``torch`` implementation (the fallback).
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T      x: (T, in)  W: (out, in)  A: (r, in)  B: (out, r)
+
+Every implementation provides these two functions with these signatures (x, dy 2-D contiguous):
+
+    forward(x, w, bias, a, b, scaling, p, seed) -> (y, xa)
+        xa = dropout(x) A^T, shape (T, r), saved for backward (it is tiny)
+    backward(dy, x, w, a, b, xa, scaling, p, seed, needs) -> (dx, dw, dbias, da, db)
+        needs: 5 bools (the same order); an entry not needed may be returned as None
+
+p is the dropout probability in effect (0 when not training); the mask is keep_mask(seed, ...) from
+peftmed.kernels.dropout, regenerated in backward rather than stored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..dropout import keep_mask
+
+
+def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """dropout(x) with the shared seeded mask (scaled by 1 / (1 - p))."""
+    if p == 0.0:
+        return x
+    mask = keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
+    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+def reference(x, w, bias, a, b, scaling, p=0.0, seed=0):
+    """The formula as written, differentiated by autograd: what the tests compare against."""
+    return F.linear(x, w, bias) + scaling * F.linear(F.linear(dropped(x, p, seed), a), b)
+
+
+def forward(x, w, bias, a, b, scaling, p, seed):
+    h = dropped(x, p, seed)
+    xa = h @ a.t()  # (T, r)
+    y = torch.addmm(bias, x, w.t()) if bias is not None else x @ w.t()
+    y.addmm_(xa, b.t(), alpha=scaling)  # the LoRA term lands in y without a (T, out) temporary
+    return y, xa
+
+
+def backward(dy, x, w, a, b, xa, scaling, p, seed, needs):
+    need_dx, need_dw, need_dbias, need_da, need_db = needs
+    gs = (dy @ b).mul_(scaling) if (need_dx or need_da) else None  # s * dy B, (T, r)
+    dx = da = None
+    if need_dx:
+        dx = dy @ w
+        if p == 0.0:
+            dx.addmm_(gs, a)
+        else:
+            dx += dropped(gs @ a, p, seed)  # d dropout(x) / dx is the same mask and scale
+    if need_da:
+        da = gs.t() @ dropped(x, p, seed)  # (r, in)
+    db = torch.mm(dy.t(), xa).mul_(scaling) if need_db else None  # (out, r)
+    dw = dy.t() @ x if need_dw else None
+    dbias = dy.sum(0) if need_dbias else None
+    return dx, dw, dbias, da, db
