@@ -1,5 +1,5 @@
-"""What the HF VQA adapters share: image checks and normalisation, question truncation accounting,
-and saving/loading a local folder (model + tokenizer + image statistics) without the hub.
+"""What the HF VQA adapters share: image preparation (``peftmed.backbones.images``), question
+truncation accounting, and saving/loading a local folder (model + tokenizer + image statistics) without the hub.
 
 A folder written by ``save_pretrained`` is a regular transformers folder (``config.json``, weights,
 tokenizer files) plus ``preprocessor_config.json`` with ``image_mean``, ``image_std`` and ``size``
@@ -16,43 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...errors import ConfigError, PeftmedError, ShapeError
+from ...errors import ConfigError, PeftmedError
+from ..images import CLIP_MEAN, CLIP_STD, prepare_images  # noqa: F401  (re-exported for the adapters)
 
 log = logging.getLogger("peftmed.backbones.hf")
 
-# CLIP's statistics, used by BLIP and LLaVA's CLIP vision tower.
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_FILE = "preprocessor_config.json"
-
-
-def normalize_images(images: torch.Tensor, size: int, mean, std, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 (B, 3, size, size) in [0, 255] -> float (B, 3, size, size), scaled once and normalised.
-
-    Floats are refused rather than guessed at: a tensor already in [0, 1] divided by 255 again is
-    the double-scaling bug this check exists to prevent.
-    """
-    if not isinstance(images, torch.Tensor):
-        raise ShapeError(f"images must be a uint8 tensor (B, 3, {size}, {size}), got {type(images).__name__}")
-    if images.is_floating_point() or images.dtype == torch.bool:
-        raise ShapeError(
-            f"images must be uint8 pixel values in [0, 255] (B, 3, {size}, {size}), got dtype {images.dtype}; "
-            f"pass the raw pixels: the model scales by 1/255 and normalises once itself"
-        )
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ShapeError(
-            f"images must be (B, 3, {size}, {size}) (RGB, channels first), got shape {tuple(images.shape)}; "
-            f"convert grey-scale images to RGB (repeat the channel) before batching"
-        )
-    if images.shape[-2:] != (size, size):
-        raise ShapeError(
-            f"images are {images.shape[-2]}x{images.shape[-1]} but this model takes {size}x{size}; "
-            f"resize them to model.image_size={size} first"
-        )
-    x = images.to(dtype) / 255.0
-    m = torch.tensor(mean, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=dtype, device=x.device).view(1, 3, 1, 1)
-    return (x - m) / s
 
 
 def local_folder(path: str | os.PathLike, what: str) -> Path:
@@ -129,7 +98,8 @@ class VQAModule(nn.Module):
         return next(self.parameters()).dtype
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
-        return normalize_images(images.to(self.device), self.image_size, self.image_mean, self.image_std, self.dtype)
+        """uint8 (B, 3|1, S, S) -> normalised floats; wrong size, channels or dtype is a ShapeError."""
+        return prepare_images(images.to(self.device), self.image_size, self.image_mean, self.image_std, self.dtype)
 
     def _count_truncated(self, lengths: list[int], limit: int) -> None:
         cut = sum(n > limit for n in lengths)

@@ -8,6 +8,9 @@ from ...hookspecs import hookimpl
 @hookimpl
 def register_backbones(register):
     # imported here so that loading the plugin list does not import transformers' model code
-    from . import blip
+    from . import blip, encoder, llava
 
     register(blip.BACKBONE)
+    register(llava.BACKBONE)
+    for backbone in encoder.BACKBONES:
+        register(backbone)

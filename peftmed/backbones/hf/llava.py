@@ -1,0 +1,225 @@
+"""``hf-llava``: transformers' ``LlavaForConditionalGeneration`` (LLaVA-Med's architecture) behind
+peftmed's VQA task protocol.
+
+Components: ``vision`` = the CLIP vision tower, ``projector`` = the multi-modal projector, ``llm`` =
+the language model's decoder stack. The LM head (``model.lm_head``) sits beside the language model in
+transformers 5's layout, outside every component, so recipes leave it frozen (LLaVA-Med's LoRA and
+LayerNorm recipes do the same).
+
+A sample is ``<s> USER: <image x N>\\n{question} ASSISTANT: {answer}</s>`` (the template is an option):
+the image placeholder is expanded to one token per image feature, the loss covers the answer tokens
+only, and generation continues the prompt (left-padded) until ``</s>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ...errors import ConfigError
+from ..base import Backbone
+from .blip import report_loading
+from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, local_folder, read_image_stats
+from .tokenizer import bpe_tokenizer, check_vocab
+
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+IMAGE_PLACEHOLDER = "<image>"
+
+PRESETS: dict[str, dict] = {
+    "tiny": {
+        "vision": dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, image_size=32, patch_size=8, projection_dim=32),
+        "text": dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+        "vocab_size": 500,  # target size of the trained BPE vocabulary
+    },
+}
+
+
+class HFLlava(VQAModule):
+    """LlavaForConditionalGeneration (at ``.model``) with a tokenizer, a prompt template and the VQA protocol."""
+
+    processor_type = "CLIPImageProcessor"
+
+    def __init__(self, model, tokenizer, *, image_size: int | None = None, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                 template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64, max_answer_tokens: int = 16):
+        cfg = model.config
+        vocab = cfg.text_config.vocab_size
+        check_vocab(tokenizer, vocab, "hf-llava")
+        if not hasattr(model, "model") or not hasattr(model.model, "vision_tower"):
+            raise ConfigError("hf-llava needs transformers >= 5 (LlavaForConditionalGeneration.model.vision_tower)")
+        super().__init__(model, tokenizer, image_size or cfg.vision_config.image_size, image_mean, image_std,
+                         max_question_tokens)
+        if template.count(IMAGE_PLACEHOLDER) != 1 or "{question}" not in template:
+            raise ConfigError(f"hf-llava: the prompt template must contain {IMAGE_PLACEHOLDER!r} once and "
+                              f"'{{question}}', got {template!r}")
+        self.template, self.max_answer_tokens = template, int(max_answer_tokens)
+        self.image_token_id = getattr(cfg, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = cfg.image_token_index
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        for label, tid in (("image token", self.image_token_id), ("eos token", self.eos_id), ("pad token", self.pad_id)):
+            if tid is None or not 0 <= tid < vocab:
+                raise ConfigError(f"hf-llava: the {label} id {tid} is not a token id below vocab_size={vocab}")
+        patches = (self.image_size // cfg.vision_config.patch_size) ** 2
+        self.num_image_tokens = patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
+    # ---- prompts --------------------------------------------------------------------------------------
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _prompt(self, question: str) -> tuple[list[int], int]:
+        """Token ids of the prompt for one question, and the question's untruncated length."""
+        before, after = self.template.split(IMAGE_PLACEHOLDER)
+        head, tail = after.split("{question}", 1)
+        q = self._ids(question)
+        ids = [self.bos_id] if self.bos_id is not None else []
+        ids += self._ids(before) + [self.image_token_id] * self.num_image_tokens
+        ids += self._ids(head) + q[: self.max_question_tokens] + self._ids(tail)
+        return ids, len(q)
+
+    def _prompts(self, questions) -> list[list[int]]:
+        prompts = [self._prompt(q) for q in questions]
+        self._count_truncated([n for _, n in prompts], self.max_question_tokens)
+        return [p for p, _ in prompts]
+
+    def _check(self, batch) -> None:
+        if len(batch["questions"]) != batch["images"].shape[0]:
+            raise ConfigError(f"batch has {batch['images'].shape[0]} images but {len(batch['questions'])} questions")
+
+    def _pad(self, seqs: list[list[int]], left: bool, fill: int) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), fill, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if left:
+                out[i, width - len(s):] = torch.tensor(s)
+            else:
+                out[i, : len(s)] = torch.tensor(s)
+        return out.to(self.device)
+
+    # ---- task protocol ------------------------------------------------------------------------------
+    def compute_loss(self, batch) -> torch.Tensor:
+        """Cross-entropy of the answer tokens (and ``</s>``) given the image and the prompt."""
+        self._check(batch)
+        if len(batch.get("answers") or ()) != len(batch["questions"]):
+            raise ConfigError("compute_loss needs one answer per question in batch['answers']")
+        prompts = self._prompts(batch["questions"])
+        answers = [self._ids(" " + str(a).strip())[: self.max_answer_tokens] + [self.eos_id] for a in batch["answers"]]
+        seqs = [p + a for p, a in zip(prompts, answers)]
+        targets = [[-100] * len(p) + a for p, a in zip(prompts, answers)]
+        ids = self._pad(seqs, left=False, fill=self.pad_id)
+        labels = self._pad(targets, left=False, fill=-100)
+        mask = self._pad([[1] * len(s) for s in seqs], left=False, fill=0)
+        out = self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixel_values(batch["images"]),
+                         labels=labels)
+        return out.loss
+
+    @torch.no_grad()
+    def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:
+        """Answers continuing the prompt by beam search (``num_beams=1``: greedy) until ``</s>``."""
+        self._check(batch)
+        prompts = self._prompts(batch["questions"])
+        ids = self._pad(prompts, left=True, fill=self.pad_id)
+        mask = self._pad([[1] * len(p) for p in prompts], left=True, fill=0)
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, pixel_values=self.pixel_values(batch["images"]),
+                max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            )
+        finally:
+            self.train(was_training)
+        return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.compute_loss(batch)
+
+
+def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | None = None, *, image_token_id: int,
+                 pad_token_id: int, bos_token_id: int, eos_token_id: int):
+    from transformers import LlavaConfig
+
+    if preset not in PRESETS:
+        raise ConfigError(f"hf-llava: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+    spec = copy.deepcopy(PRESETS[preset])
+    if image_size is not None:
+        spec["vision"]["image_size"] = int(image_size)
+    text = dict(spec["text"], vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
+                eos_token_id=eos_token_id)
+    # vision_feature_layer=-2 and dropping the CLS feature are LLaVA(-Med)'s choices
+    return LlavaConfig(vision_config=spec["vision"], text_config=text, image_token_index=image_token_id,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_size: int | None = None,
+          template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64, max_answer_tokens: int = 16,
+          seed: int | None = 0) -> HFLlava:
+    """A fresh (randomly initialised) LLaVA with a tokenizer; nothing is downloaded.
+
+    ``config``: a ``LlavaConfig`` (overrides ``preset``); ``tokenizer``: any fast tokenizer that fits it;
+    otherwise a byte-level BPE tokenizer is trained on the built-in corpus plus ``texts`` and the
+    template, and the language model's vocabulary is sized to it exactly.
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    if tokenizer is None:
+        corpus = [template.replace(IMAGE_PLACEHOLDER, " ").replace("{question}", " ")] + list(texts or ())
+        tokenizer = bpe_tokenizer(corpus, vocab_size=PRESETS.get(preset, PRESETS["tiny"])["vocab_size"])
+    if config is None:
+        image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        if image_id is None or image_id == tokenizer.unk_token_id:
+            raise ConfigError(f"hf-llava: the tokenizer has no {IMAGE_PLACEHOLDER!r} token; add it as a special token")
+        config = llava_config(preset, len(tokenizer), image_size, image_token_id=image_id,
+                              pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    elif image_size is not None and image_size != config.vision_config.image_size:
+        raise ConfigError(f"hf-llava: image_size={image_size} disagrees with the config's "
+                          f"vision_config.image_size={config.vision_config.image_size}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    return HFLlava(model, tokenizer, template=template, max_question_tokens=max_question_tokens,
+                   max_answer_tokens=max_answer_tokens)
+
+
+def load(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64,
+         max_answer_tokens: int = 16, strict: bool = True, **_builder_options) -> HFLlava:
+    """Load a local LLaVA folder (``save_pretrained`` output or a downloaded llava-hf-format checkpoint)."""
+    from transformers import LlavaForConditionalGeneration
+
+    folder = local_folder(path, "hf-llava")
+    tokenizer = load_tokenizer(folder, "hf-llava")
+    model, info = LlavaForConditionalGeneration.from_pretrained(str(folder), local_files_only=True,
+                                                               output_loading_info=True)
+    report_loading(info, folder, "hf-llava", strict)
+    size, mean, std = read_image_stats(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
+    return HFLlava(model, tokenizer, image_size=size, image_mean=mean, image_std=std, template=template,
+                   max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
+
+
+# CLIP vision tower and Llama-style LM share the q/k/v_proj naming; out_proj vs o_proj, fc vs gated MLP.
+ROLES = {
+    "attn.q": r"self_attn\.q_proj$", "attn.k": r"self_attn\.k_proj$", "attn.v": r"self_attn\.v_proj$",
+    "attn.o": r"self_attn\.(o_proj|out_proj)$",
+    "mlp.up": r"mlp\.(fc1|gate_proj|up_proj)$", "mlp.down": r"mlp\.(fc2|down_proj)$",
+    "embed": r"(^|\.)(embeddings|embed_tokens)$",
+    "self_attention": r"self_attn$",
+}
+
+BACKBONE = Backbone(
+    name="hf-llava",
+    components={"vision": "model.model.vision_tower", "projector": "model.model.multi_modal_projector",
+                "llm": "model.model.language_model"},
+    roles=ROLES,
+    component_roles={"projector": {"mlp.up": r"linear_1$", "mlp.down": r"linear_2$"}},
+    builder=build,
+    loader=load,
+    description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
+    tasks=("vqa",),
+)
