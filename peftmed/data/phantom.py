@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
 
 from ..errors import ConfigError
 from .records import DatasetSpec, VQARecord
@@ -72,6 +72,8 @@ _HOSTS = {
                 "right kidney": ("kidney", "right", -0.36, 0.42, 0.20, 0.26),
                 "left kidney": ("kidney", "left", 0.36, 0.42, 0.20, 0.26)},
 }
+_HOST_TISSUE = {"right hemisphere": "brain", "left hemisphere": "brain", "right lung": "lung", "left lung": "lung",
+                "liver": "liver", "spleen": "spleen", "right kidney": "kidney", "left kidney": "kidney"}
 # Lesion radius ranges (fraction of half the image width) and the field of view that turns them into cm.
 _SIZES = {"small": (0.060, 0.080), "medium": (0.100, 0.125), "large": (0.150, 0.180)}
 _FOV_CM = 40.0
@@ -131,13 +133,16 @@ def sample_scene(rng: np.random.Generator, domain: str) -> Scene:
     for _ in range(rng.choice(_LESION_COUNTS, p=_LESION_COUNT_P)):
         host, hx, hy, hax, hay = hosts[rng.integers(len(hosts))]
         organ, side = _HOSTS[region][host][:2]
-        fitting = [s for s, (lo, _) in _SIZES.items() if lo <= 0.95 * min(hax, hay)] or ["small"]
+        fitting = [s for s, (lo, _) in _SIZES.items() if lo <= 0.6 * min(hax, hay)] or ["small"]
         size_class = fitting[rng.integers(len(fitting))]
         radius = rng.uniform(*_SIZES[size_class])
         # centre inside the host, far enough from its edge that most of the lesion lies within it
         theta, rho = rng.uniform(0, 2 * math.pi), math.sqrt(rng.uniform(0, 1))
         sx, sy = max(hax - radius, 0.25 * hax), max(hay - radius, 0.25 * hay)
         contrast = rng.choice((-1.0, 1.0)) * rng.uniform(0.22, 0.40)
+        host_level = _TISSUE[modality][_TISSUES.index(_HOST_TISSUE[host])]
+        if not 0.05 <= host_level + contrast <= 0.95:
+            contrast = -contrast  # a dark lesion in an air-filled lung would be invisible: make it dense
         lesions.append(Lesion(host, organ, side, hx + rho * sx * math.cos(theta), hy + rho * sy * math.sin(theta),
                               radius, rng.uniform(0.8, 1.25), size_class, float(contrast)))
     return Scene(region, modality, domain, body, tuple(structures), hosts, tuple(lesions),
@@ -150,7 +155,23 @@ def _ellipse(u, v, cx, cy, ax, ay, angle, px):
     du, dv = u - cx, v - cy
     ru, rv = (c * du + s * dv) / ax, (-s * du + c * dv) / ay
     dist = np.sqrt(ru * ru + rv * rv)
-    return np.clip((1.0 - dist) * min(ax, ay) / px + 0.5, 0.0, 1.0)  # ~signed distance in pixels
+    # first-order signed distance to the outline, (1 - d) / |grad d|, so thin ellipses stay thin
+    grad = np.sqrt((ru / ax) ** 2 + (rv / ay) ** 2) / np.maximum(dist, 1e-6)
+    return np.clip((1.0 - dist) / (np.maximum(grad, 1e-6) * px) + 0.5, 0.0, 1.0)
+
+
+def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur (edge-padded), small enough not to need scipy."""
+    r = max(1, math.ceil(2 * sigma))
+    w = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w = (w / w.sum()).astype(np.float32)
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (r, r)
+        padded = np.pad(img, pad, mode="edge")
+        n = img.shape[axis]
+        img = sum(wk * np.take(padded, np.arange(k, k + n), axis=axis) for k, wk in enumerate(w))
+    return img
 
 
 def render(scene: Scene, size: int, noise_seed: tuple[int, ...]) -> np.ndarray:
@@ -187,8 +208,7 @@ def render(scene: Scene, size: int, noise_seed: tuple[int, ...]) -> np.ndarray:
     if scene.domain == "mr":
         a, b, c = rng.uniform(-0.25, 0.25, 3)
         img = img * (1.0 + a * u + b * v + c * u * v)  # receive-coil bias field
-        blurred = Image.fromarray(np.clip(img, 0, 1).astype(np.float32), mode="F")
-        img = np.asarray(blurred.filter(ImageFilter.GaussianBlur(radius=0.6 * size / 64)), np.float32)
+        img = _blur(img, sigma=0.7 * size / 64)  # MR's lower in-plane resolution
         sigma = 0.035
         img = np.sqrt((img + rng.normal(0, sigma, img.shape)) ** 2 + rng.normal(0, sigma, img.shape) ** 2)
     else:
