@@ -43,6 +43,8 @@ class MissForVQA(nn.Module):
         self.truncated_questions = 0  # questions cut to config.max_question_tokens so far
         self.truncated_answers = 0  # training answers cut to config.max_answer_tokens so far
         self._warned: set[str] = set()
+        if self.device.type == "meta":
+            return  # shapes only (parameter counts): nothing to initialise
         self.apply(_init_weights)
         for p in (self.visual_encoder.pos_embed, self.visual_encoder.cls_token):
             nn.init.trunc_normal_(p, std=0.02)
@@ -73,9 +75,9 @@ class MissForVQA(nn.Module):
     def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """JTM states (B, T, C) and mask (B, T) of ``[ENC] question [SEP]`` attending to the image."""
         questions = _texts(batch, "questions")
-        if len(questions) != batch["images"].shape[0]:
-            raise PeftmedError(f"batch has {batch['images'].shape[0]} images but {len(questions)} questions")
-        image = self.encode_images(batch["images"])
+        image = self.encode_images(batch["images"])  # checks the image shape first
+        if len(questions) != image.shape[0]:
+            raise PeftmedError(f"batch has {image.shape[0]} images but {len(questions)} questions")
         ids, mask, cut = self.tokenizer.encode(questions, self.config.max_question_tokens, first=self.tokenizer.enc_id)
         if cut:
             self.truncated_questions += cut
