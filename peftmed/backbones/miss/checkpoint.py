@@ -137,11 +137,12 @@ def to_blip_state_dict(model: MissForVQA) -> dict[str, torch.Tensor]:
 
 
 def _detect(keys: list[str]) -> str:
-    if any(k.startswith(PREFIXES) for k in keys):
-        return "BLIP/MISS"
+    # tell-tales of other formats first: transformers' BLIP also has text_encoder.* keys
     for prefix, what in _OTHER_FORMATS.items():
         if any(k.startswith(prefix) for k in keys):
             return what
+    if any(k.startswith(PREFIXES) for k in keys):
+        return "BLIP/MISS"
     heads = sorted({k.split(".")[0] for k in keys})
     return f"an unknown architecture (top-level keys: {', '.join(heads[:8]) or 'none'})"
 
