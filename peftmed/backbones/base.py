@@ -98,6 +98,7 @@ class Backbone:
     tasks: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    tiny: bool = False  # its default build is small enough for CPU tests (the conformance kit runs on it)
 
     def __post_init__(self):
         for comp in self.component_roles:

@@ -119,6 +119,7 @@ TOY_BACKBONE = Backbone(
     roles=TOY_ROLES,
     builder=ToyVLM,
     description="tiny generic 3-component torch model (tests, examples of a custom role map)",
+    tiny=True,
 )
 
 

@@ -18,10 +18,10 @@ from .conformance import (
     backbone_conformance_tests,
     conformance_tests,
 )
-from .helpers import TINY_MAX_PARAMS, TOLERANCES, NotApplicable, fresh_registry, is_tiny, tiny_backbones
+from .helpers import TOLERANCES, NotApplicable, fresh_registry, is_tiny, tiny_backbones
 
 __all__ = [
-    "BackboneConformance", "MethodConformance", "NotApplicable", "RegistrationConformance", "TINY_MAX_PARAMS",
+    "BackboneConformance", "MethodConformance", "NotApplicable", "RegistrationConformance",
     "TOLERANCES", "backbone_conformance_tests", "conformance_tests", "fresh_registry", "is_tiny",
     "tiny_backbones",
 ]
