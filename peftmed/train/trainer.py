@@ -197,9 +197,12 @@ class Trainer:
     def _loader(self, epoch: int, start: int):
         from torch.utils.data import DataLoader
 
+        # its own generator: a DataLoader iterator otherwise draws its worker seed from the global RNG,
+        # and a resumed run creates one more iterator than an uninterrupted one (exactness)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return DataLoader(self.data, batch_sampler=list(self._micro_batches(epoch, start)),
                           collate_fn=self.collate_fn, num_workers=self.config.num_workers,
-                          pin_memory=self.dist.device.type == "cuda")
+                          pin_memory=self.dist.device.type == "cuda", generator=g)
 
     # ---- setup -------------------------------------------------------------------------------------
     def _setup(self) -> None:

@@ -114,9 +114,15 @@ def records():
     return make_records()
 
 
-def build_fake(recipe="vision=lora(r=4,dropout=0.1)+layernorm decoder=ffn", seed=0, backbone="fake-vqa",
+def build_fake(recipe="vision=lora(r=4,dropout=0.1,kernel=torch)+layernorm decoder=ffn", seed=0, backbone="fake-vqa",
                registry=None, **options):
     """A seeded FakeVQA with ``recipe`` applied (same seed -> same base weights)."""
     torch.manual_seed(seed)
     bb = (registry or peftmed.default_registry()).backbone(backbone)
     return peftmed.apply(bb.build(**options), recipe, backbone=bb, registry=registry, keep_base=False)
+
+
+def bare_fake(seed=0, registry=None):
+    """The same seeded FakeVQA without an adapter (to load a saved one onto)."""
+    torch.manual_seed(seed)
+    return (registry or peftmed.default_registry()).backbone("fake-vqa").build()
