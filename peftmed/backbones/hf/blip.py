@@ -14,9 +14,9 @@ import os
 
 import torch
 
-from ...errors import ConfigError, PeftmedError
+from ...errors import ConfigError
 from ..base import Backbone
-from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, local_folder, read_image_stats
+from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 # Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).
@@ -172,30 +172,10 @@ def load(path: str | os.PathLike, max_question_tokens: int = 35, max_answer_toke
 
     folder = local_folder(path, "hf-blip-vqa")
     tokenizer = load_tokenizer(folder, "hf-blip-vqa")
-    model, info = BlipForQuestionAnswering.from_pretrained(str(folder), local_files_only=True,
-                                                          output_loading_info=True)
-    report_loading(info, folder, "hf-blip-vqa", strict)
+    model = load_weights(BlipForQuestionAnswering, folder, "hf-blip-vqa", strict)
     size, mean, std = read_image_stats(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     return HFBlipVQA(model, tokenizer, image_size=size, image_mean=mean, image_std=std,
                      max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
-
-
-def report_loading(info: dict, folder, what: str, strict: bool) -> None:
-    """Raise (strict) or log the weights a checkpoint lacked, had extra, or had in another shape."""
-    from .common import log
-
-    missing = sorted(info.get("missing_keys") or ())
-    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
-    unexpected = sorted(info.get("unexpected_keys") or ())
-    lines = [f"{label} ({len(keys)}): {', '.join(map(str, keys[:10]))}{' ...' if len(keys) > 10 else ''}"
-             for label, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unexpected", unexpected))
-             if keys]
-    if not lines:
-        return
-    message = f"{what}: checkpoint {str(folder)!r} does not fit the model: " + "; ".join(lines)
-    if strict and (missing or mismatched):
-        raise PeftmedError(message + ". Pass strict=False to load anyway (those weights stay randomly initialised)")
-    log.warning(message)
 
 
 def _text_roles(decoder: bool) -> dict:

@@ -72,6 +72,26 @@ def load_tokenizer(folder: Path, what: str):
                            f"the folder needs the tokenizer files written by tokenizer.save_pretrained") from exc
 
 
+def load_weights(model_class, folder: Path, what: str, strict: bool = True):
+    """``model_class.from_pretrained(folder)`` with a report of missing, shape-mismatched and unexpected
+    weights: an error with ``strict`` (the default) for the first two, never a silent re-initialisation."""
+    model, info = model_class.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
+                                              ignore_mismatched_sizes=True)  # we report them ourselves
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    lines = [f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+             for label, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unexpected", unexpected))
+             if keys]
+    if lines:
+        message = f"{what}: checkpoint {str(folder)!r} does not fit the model: " + "; ".join(lines)
+        if strict and (missing or mismatched):
+            raise PeftmedError(message + ". Pass strict=False to load anyway (those weights stay randomly "
+                                         "initialised)")
+        log.warning(message)
+    return model
+
+
 class VQAModule(nn.Module):
     """Base of the HF VQA wrappers: images, questions, truncation accounting, save_pretrained."""
 
@@ -100,6 +120,18 @@ class VQAModule(nn.Module):
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3|1, S, S) -> normalised floats; wrong size, channels or dtype is a ShapeError."""
         return prepare_images(images.to(self.device), self.image_size, self.image_mean, self.image_std, self.dtype)
+
+    def example_inputs(self, batch: int = 2, seq: int | None = None, generator: torch.Generator | None = None):
+        """(batch,) of random images and questions/answers from the built-in corpus (for the test kit)."""
+        from .tokenizer import CORPUS
+
+        g = generator or torch.Generator().manual_seed(0)
+        size = self.image_size
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+        picks = torch.randint(0, len(CORPUS), (batch,), generator=g).tolist()
+        pairs = [CORPUS[i].split("? ") for i in picks]
+        return ({"images": images, "questions": [q + "?" for q, _ in pairs], "answers": [a for _, a in pairs],
+                 "qids": picks},)
 
     def _count_truncated(self, lengths: list[int], limit: int) -> None:
         cut = sum(n > limit for n in lengths)

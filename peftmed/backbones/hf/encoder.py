@@ -20,8 +20,9 @@ from torch import nn
 from ...errors import ConfigError, PeftmedError
 from ..base import Backbone
 from ..images import IMAGENET_MEAN, IMAGENET_STD, prepare_images
-from .blip import report_loading
-from .common import CLIP_MEAN, CLIP_STD, load_tokenizer, local_folder, read_image_stats, write_image_stats
+from .common import (
+    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, write_image_stats,
+)
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -158,8 +159,7 @@ def _loader(name: str):
             fits = [n for n, fam in FAMILIES.items() if config.model_type in fam]
             raise PeftmedError(f"{name}: {str(folder)!r} holds a {config.model_type!r} model, expected one of "
                                f"{FAMILIES[name]}" + (f"; load it with backbone {fits[0]!r}" if fits else ""))
-        model, info = AutoModel.from_pretrained(str(folder), local_files_only=True, output_loading_info=True)
-        report_loading(info, folder, name, strict)
+        model = load_weights(AutoModel, folder, name, strict)
         tokenizer = load_tokenizer(folder, name) if kind != "vit" else None
         default_mean = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         vision_cfg = getattr(model.config, "vision_config", model.config)

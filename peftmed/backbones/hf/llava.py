@@ -20,8 +20,7 @@ import torch
 
 from ...errors import ConfigError
 from ..base import Backbone
-from .blip import report_loading
-from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, local_folder, read_image_stats
+from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats
 from .tokenizer import bpe_tokenizer, check_vocab
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -195,9 +194,7 @@ def load(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, max_question
 
     folder = local_folder(path, "hf-llava")
     tokenizer = load_tokenizer(folder, "hf-llava")
-    model, info = LlavaForConditionalGeneration.from_pretrained(str(folder), local_files_only=True,
-                                                               output_loading_info=True)
-    report_loading(info, folder, "hf-llava", strict)
+    model = load_weights(LlavaForConditionalGeneration, folder, "hf-llava", strict)
     size, mean, std = read_image_stats(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     return HFLlava(model, tokenizer, image_size=size, image_mean=mean, image_std=std, template=template,
                    max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
