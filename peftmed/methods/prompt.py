@@ -289,8 +289,17 @@ class _PromptMethod(Method):
         return super().make_config(options, lenient=lenient)
 
     def attach(self, ctx: ApplyContext) -> PromptModule:
-        cfg: PromptConfig = ctx.config
         targets = find_attention(ctx)
+        try:
+            return self._attach(ctx, targets)
+        except Exception:  # leave the model as it was: put back the wrappers no adapter uses
+            for name, module in targets:
+                if isinstance(module, prompt_hf.PrefixAttention) and not module.prefix_users:
+                    ctx.model.set_submodule(name, module.restore())
+            raise
+
+    def _attach(self, ctx: ApplyContext, targets: list[tuple[str, nn.Module]]) -> PromptModule:
+        cfg: PromptConfig = ctx.config
         shapes = {(m.num_heads, m.head_dim) for _, m in targets}
         if len(shapes) > 1:
             detail = ", ".join(f"{n} ({m.num_heads}x{m.head_dim})" for n, m in targets)

@@ -65,12 +65,10 @@ class PrefixAttention(nn.Module):
     def __init__(self, original: nn.Module, num_heads: int, head_dim: int, max_positions: int | None):
         nn.Module.__init__(self)  # not the original class's __init__: nothing is built anew
         object.__setattr__(self, "original", original)  # not a submodule: its parameters are ours already
-        for name, child in original.named_children():
-            self.add_module(name, child)
-        for name, p in original.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        for name, b in original.named_buffers(recurse=False):
-            self.register_buffer(name, b)
+        # straight into the registries: add_module's hasattr check would see the original's attributes
+        self._modules.update(original._modules)
+        self._parameters.update(original._parameters)
+        self._buffers.update(original._buffers)
         self.train(original.training)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.max_positions = max_positions
