@@ -26,6 +26,7 @@ from pathlib import Path
 log = logging.getLogger("peftmed.kernels.build")
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"  # repository layout: <root>/peftmed/kernels/build.py
+INCLUDE = Path(__file__).resolve().parent / "include"  # headers shared by the ops' sources
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
@@ -132,7 +133,7 @@ def _jit_build(name: str):
     try:
         module = cpp_ext.load(
             name=f"peftmed_{name}", sources=sources, build_directory=str(build_dir),
-            extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, verbose=False,
+            extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
         )
     except Exception as exc:  # ninja/compiler failure: keep the whole output, surface the first error
         output = str(exc)
@@ -148,16 +149,17 @@ def setup_extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     root = Path("csrc")  # setup.py runs from the repository root; setuptools wants relative paths
+    include = [str(Path("peftmed") / "kernels" / "include")]
     ext_modules = []
     for name, spec in EXTENSIONS.items():
         sources = [str(root / s) for s in spec["sources"]]
         if spec["cuda"]:
             if torch.version.cuda is None:
                 continue  # a CPU torch cannot build CUDA extensions
-            ext_modules.append(CUDAExtension(f"{AOT_PACKAGE}.{name}", sources,
+            ext_modules.append(CUDAExtension(f"{AOT_PACKAGE}.{name}", sources, include_dirs=include,
                                              extra_compile_args={"cxx": ["-O3"], "nvcc": NVCC_FLAGS}))
         else:
             # no -march=native here: a wheel may run on another CPU
-            ext_modules.append(CppExtension(f"{AOT_PACKAGE}.{name}", sources,
+            ext_modules.append(CppExtension(f"{AOT_PACKAGE}.{name}", sources, include_dirs=include,
                                             extra_compile_args=["-O3", "-fopenmp-simd"]))
     return ext_modules, {"build_ext": BuildExtension}
