@@ -185,7 +185,8 @@ class BackboneConformance:
     """Checks for one backbone plugin; subclass and set ``backbone_name``."""
 
     backbone_name: ClassVar[str] = ""
-    probe_recipes: ClassVar[tuple[str, ...]] = ("*=layernorm", "*=lora(r=2)")  # must apply and run
+    # methods that must apply to at least one component, and run, on every backbone
+    probe_methods: ClassVar[tuple[str, ...]] = ("layernorm", "lora(r=2)")
     extra_plugins: ClassVar[tuple[object, ...]] = ()
     seed: ClassVar[int] = 0
 
@@ -194,8 +195,8 @@ class BackboneConformance:
         return reg, reg.backbone(self.backbone_name)
 
     def pytest_generate_tests(self, metafunc):
-        if "probe_recipe" in metafunc.fixturenames:
-            metafunc.parametrize("probe_recipe", list(self.probe_recipes), ids=list(self.probe_recipes))
+        if "probe_method" in metafunc.fixturenames:
+            metafunc.parametrize("probe_method", list(self.probe_methods), ids=list(self.probe_methods))
 
     def test_components_resolve(self):
         _, backbone = self._backbone()
@@ -219,12 +220,22 @@ class BackboneConformance:
         out = h.run(model, h.example_inputs(model, backbone, dtype=torch.float32, device="cpu"))
         assert torch.isfinite(out).all()
 
-    def test_probe_recipes_apply(self, probe_recipe):
+    def test_probe_methods_apply_and_train(self, probe_method):
         from ..model import apply
+        from ..recipe import Recipe
 
         reg, backbone = self._backbone()
+        call = Recipe.parse(f"*={probe_method}").entries["*"][0]
+        comps = []
+        for comp in backbone.components:
+            try:
+                h.find_target(reg, backbone.name, call.name, call.options, comp)
+                comps.append(comp)
+            except h.NotApplicable:
+                continue
+        assert comps, f"{probe_method} applies to no component of {backbone.name!r}: check its role map"
         model = h.build_model(backbone, seed=self.seed)
-        pm = apply(model, probe_recipe, backbone=backbone, registry=reg)
+        pm = apply(model, " ".join(f"{c}={probe_method}" for c in comps), backbone=backbone, registry=reg)
         assert pm.num_trainable() > 0
         out = h.run(pm, h.example_inputs(model, backbone, dtype=torch.float32, device="cpu"))
         out.float().pow(2).mean().backward()
