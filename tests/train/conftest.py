@@ -6,6 +6,7 @@ It has dropout, so exact resume needs the RNG states restored.
 """
 
 import os
+import zlib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,17 +38,19 @@ class FakeVQA(nn.Module):
         self.fail_at_call: int | None = None  # compute_loss call that raises KeyboardInterrupt (a "kill")
         self.nan_at_call: int | None = None  # compute_loss call that returns NaN
         self.calls = 0
+        self.seen: list[str] = []  # qids trained on, in order (checks data sharding)
 
     def logits(self, batch):
         x = batch["images"].float().flatten(1) / 255.0  # (B, 3*S*S)
         h = self.vision["norm"](self.vision["v"](F.gelu(self.vision["q"](x))))
-        ids = [torch.tensor([hash(w) % self.vocab for w in q.lower().split()] or [0]) for q in batch["questions"]]
+        ids = [torch.tensor([zlib.crc32(w.encode()) % self.vocab for w in q.lower().split()] or [0]) for q in batch["questions"]]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
         h = h + self.words(torch.cat(ids), offsets)
         return self.head["fc2"](self.drop(F.gelu(self.head["fc1"](h))))
 
     def compute_loss(self, batch):
         self.calls += 1
+        self.seen.extend(batch["qids"])
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")
         target = torch.tensor([ANSWERS.index(a) for a in batch["answers"]])
