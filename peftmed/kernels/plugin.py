@@ -65,7 +65,7 @@ def builtin_impls() -> list[KernelImpl]:
     impls = []
     for op in OPS:
         impls += [
-            KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS,
+            KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS + (torch.float64,),
                        loader=lambda op=op: _module_fns(f"peftmed.kernels.{op}.reference"),
                        description="PyTorch reference (fallback and test oracle)"),
             KernelImpl(op, "cpp", PRIORITY["cpp"], ("cpu",), FLOATS,

@@ -77,8 +77,8 @@ def layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor,
                    impl: str) -> list[Tensor]:
     _, fns = resolve(OP, impl, x.device, x.dtype, x.shape[-1])
     grads = fns["backward"](dy.contiguous(), x, w, mean, rstd, tuple(needs))
-    empty = x.new_empty(0)  # custom ops cannot return None: an empty tensor means "not needed"
-    return [g if g is not None else empty for g in grads]
+    # custom ops cannot return None (an empty tensor means "not needed") nor one tensor twice
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @layer_norm_bwd.register_fake

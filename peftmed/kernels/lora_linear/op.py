@@ -96,8 +96,8 @@ def lora_linear_bwd(dy: Tensor, x: Tensor, w: Tensor, a: Tensor, b: Tensor, xa: 
                     p: float, seed: Tensor, needs: list[bool], impl: str) -> list[Tensor]:
     _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
     grads = fns["backward"](dy.contiguous(), x, w, a, b, xa, scaling, p, int(seed), tuple(needs))
-    empty = x.new_empty(0)  # custom ops cannot return None: an empty tensor means "not needed"
-    return [g if g is not None else empty for g in grads]
+    # custom ops cannot return None (an empty tensor means "not needed") nor one tensor twice
+    return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake

@@ -1,0 +1,173 @@
+"""Dispatch: auto picks and falls back, explicit names work or raise saying why, environment
+overrides, plugins add implementations, build failures, `peftmed kernels`, torch.compile."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+import peftmed.plugins as plugins
+from peftmed import kernels
+from peftmed.errors import UnknownNameError
+from peftmed.hookspecs import hookimpl
+from peftmed.kernels import build
+from peftmed.kernels.lora_linear import reference as lora_ref
+from peftmed.kernels.registry import KernelImpl, KernelUnavailableError
+
+
+def _lora_args(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(5, 16, generator=g).to(dtype), torch.randn(8, 16, generator=g).to(dtype), None,
+            torch.randn(2, 16, generator=g).to(dtype), torch.randn(8, 2, generator=g).to(dtype), 0.5)
+
+
+def test_auto_picks_cpp_on_cpu_when_it_builds(cpp_built, fresh_dispatch):
+    assert kernels.resolve("lora_linear", "auto", "cpu", torch.float32, 8)[0].name == "cpp"
+    assert kernels.resolve("layer_norm", None, "cpu", torch.bfloat16, 768)[0].name == "cpp"
+
+
+def test_unsupported_dtype_auto_falls_back_explicit_raises(cpp_built, fresh_dispatch):
+    assert kernels.resolve("layer_norm", "auto", "cpu", torch.float64, 8)[0].name == "torch"
+    with pytest.raises(KernelUnavailableError, match="does not support dtype float64"):
+        kernels.resolve("layer_norm", "cpp", "cpu", torch.float64, 8)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(kernels.layer_norm(x, torch.ones(8, dtype=torch.float64),
+                                                  torch.zeros(8, dtype=torch.float64)),
+                               torch.nn.functional.layer_norm(x, (8,)))
+
+
+def test_explicit_wrong_device_and_unknown_name(fresh_dispatch, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(KernelUnavailableError, match=r"lora_linear:cuda .*runs on cuda, not cpu"):
+        kernels.resolve("lora_linear", "cuda", "cpu", torch.float32, 8)
+    with pytest.raises(KernelUnavailableError, match="triton.*not cpu.*auto"):
+        kernels.resolve("layer_norm", "triton", "cpu", torch.float32, 8)
+    with pytest.raises(UnknownNameError, match="'tritn'.*did you mean 'triton'"):
+        kernels.resolve("layer_norm", "tritn", "cpu", torch.float32, 8)
+
+
+def test_environment_overrides_auto_not_explicit(fresh_dispatch, monkeypatch):
+    monkeypatch.setenv("PEFTMED_KERNEL_IMPL", "torch")
+    assert kernels.resolve("lora_linear", None, "cpu", torch.float32, 8)[0].name == "torch"
+    kernels.clear_cache()
+    monkeypatch.setenv("PEFTMED_KERNEL_IMPL_LORA_LINEAR", "nope")
+    with pytest.raises(UnknownNameError, match="nope"):
+        kernels.resolve("lora_linear", "auto", "cpu", torch.float32, 8)
+    assert kernels.resolve("layer_norm", "auto", "cpu", torch.float32, 8)[0].name == "torch"
+    assert kernels.resolve("lora_linear", "torch", "cpu", torch.float32, 8)[0].name == "torch"
+
+
+def test_decisions_are_cached(fresh_dispatch):
+    first = kernels.resolve("layer_norm", "torch", "cpu", torch.float32, 8)
+    assert kernels.resolve("layer_norm", "torch", "cpu", torch.float32, 8) is first
+
+
+def _plugin_with(*impls):
+    @hookimpl
+    def register_kernels(register):
+        for impl in impls:
+            register(impl)
+
+    return types.SimpleNamespace(__name__="test_kernel_plugin", register_kernels=register_kernels)
+
+
+@pytest.fixture
+def registry_with(fresh_dispatch):
+    """Make the default registry = built-ins + the given plugin objects, for one test."""
+    old = plugins._default
+
+    def make(*extra):
+        reg = plugins.build_registry(load_entrypoints=False, extra_plugins=extra)
+        plugins.set_default_registry(reg)
+        return reg
+
+    yield make
+    plugins.set_default_registry(old)
+
+
+def test_a_plugin_adds_an_implementation_auto_prefers_by_priority(registry_with):
+    calls = []
+
+    def forward(*args):
+        calls.append("fwd")
+        return lora_ref.forward(*args)
+
+    mine = KernelImpl("lora_linear", "mine", 100, ("cpu",), (torch.float32,),
+                      loader=lambda: {"forward": forward, "backward": lora_ref.backward})
+    reg = registry_with(_plugin_with(mine))
+    assert "lora_linear:mine" in reg.names("kernel")
+    y = kernels.lora_linear(*_lora_args())
+    assert calls == ["fwd"]
+    torch.testing.assert_close(y, lora_ref.reference(*_lora_args()))
+
+
+def test_build_failure_auto_falls_back_with_first_error_explicit_names_log(registry_with, tmp_path, caplog):
+    log_path = tmp_path / "build.log"
+
+    def broken():
+        raise build.BuildError("lora_linear_cpu", log_path, "lora_linear.cpp:3:1: error: expected ';'")
+
+    bad = KernelImpl("lora_linear", "broken", 100, ("cpu",), (torch.float32,), loader=broken)
+    registry_with(_plugin_with(bad))
+    with caplog.at_level(logging.WARNING, logger="peftmed.kernels"):
+        y = kernels.lora_linear(*_lora_args())
+    torch.testing.assert_close(y, lora_ref.reference(*_lora_args()))
+    assert "error: expected ';'" in caplog.text
+    assert kernels.resolve("lora_linear", "auto", "cpu", torch.float32, 2)[0].name != "broken"
+    with pytest.raises(KernelUnavailableError, match=f"full log: {log_path}"):
+        kernels.resolve("lora_linear", "broken", "cpu", torch.float32, 2)
+
+
+def test_a_real_compiler_error_becomes_a_build_error(monkeypatch, tmp_path):
+    ok, why = build.can_compile()
+    if not ok:
+        pytest.skip(why)
+    src = tmp_path / "broken.cpp"
+    src.write_text("int broken( {\n")  # fails at once, without parsing torch's headers
+    monkeypatch.setitem(build.EXTENSIONS, "broken_test", {"sources": [str(src)], "cuda": False})
+    monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(build.BuildError) as info:
+        build.load_extension("broken_test")
+    assert "error" in info.value.first_error and "broken.cpp" in info.value.first_error
+    assert info.value.log_path.is_file() and "broken.cpp" in info.value.log_path.read_text()
+
+
+def test_cache_folder_is_per_version(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path))
+    root = build.cache_root()
+    assert root.parent == tmp_path
+    assert torch.__version__.split("+")[0] in root.name and "peftmed" in root.name
+
+
+def test_cli_lists_every_op_and_implementation(capsys):
+    from peftmed.cli import main
+
+    assert main(["kernels"]) == 0
+    out = capsys.readouterr().out
+    for op in ("lora_linear", "layer_norm"):
+        for impl in ("torch", "cpp", "cuda", "triton"):
+            assert any(line.split()[:2] == [op, impl] for line in out.splitlines()), (op, impl, out)
+    assert "no CUDA device" in out or "CPU build" in out or torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("impl", ["torch", "cpp"])
+def test_torch_compile_traces_both_ops_without_graph_breaks(impl, request):
+    if impl == "cpp":
+        request.getfixturevalue("cpp_built")
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w, a = torch.randn(16, 16), torch.randn(4, 16, requires_grad=True)
+    b, g = torch.randn(16, 4, requires_grad=True), torch.ones(16, requires_grad=True)
+
+    def f(x):
+        h = kernels.lora_linear(x, w, None, a, b, 0.5, impl=impl)
+        return kernels.layer_norm(h, g, torch.zeros(16), impl=impl).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = torch.autograd.grad(compiled(x), [x, a, b, g])
+    want = torch.autograd.grad(f(x), [x, a, b, g])
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v)
