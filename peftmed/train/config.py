@@ -165,11 +165,12 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     return value
 
 
-def read_config_file(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
+def read_config_file(path: str | Path, known: Iterable[str], mappings: Iterable[str] = ()) -> dict[str, Any]:
     """Read an experiment file (.yaml/.yml, .toml or .json) into a flat dict of known keys.
 
     Keys may be written with dashes or underscores (``batch-size`` or ``batch_size``); a nested
-    table/mapping is flattened (``train: {lr: 1e-4}`` -> ``lr``) so files can group options.
+    table/mapping is flattened (``train: {lr: 1e-4}`` -> ``lr``) so files can group options, except
+    the keys in ``mappings``, whose values are mappings themselves (e.g. ``data_options``).
     """
     path = Path(path)
     if not path.is_file():
@@ -197,7 +198,7 @@ def read_config_file(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
     known = set(known)
     flat: dict[str, Any] = {}
-    for key, value in _flatten(data):
+    for key, value in _flatten(data, {m.replace("-", "_") for m in mappings}):
         name = key.replace("-", "_")
         if name not in known:
             from ..errors import UnknownNameError
@@ -207,9 +208,9 @@ def read_config_file(path: str | Path, known: Iterable[str]) -> dict[str, Any]:
     return flat
 
 
-def _flatten(data: Mapping):
+def _flatten(data: Mapping, keep: set[str]):
     for key, value in data.items():
-        if isinstance(value, Mapping):
-            yield from _flatten(value)
+        if isinstance(value, Mapping) and str(key).replace("-", "_") not in keep:
+            yield from _flatten(value, keep)
         else:
             yield str(key), value

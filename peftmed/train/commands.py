@@ -1,0 +1,380 @@
+"""``peftmed train`` and ``peftmed eval``: the trainer and evaluation from the command line.
+
+    peftmed train --backbone miss-tiny --recipe '*=lora(r=8,alpha=16)' --dataset phantom --steps 300
+    peftmed train --config experiments/lora.yaml --lr 5e-4          # flags override the file
+    peftmed train --output runs/lora --resume                       # continue the latest checkpoint
+    torchrun --nproc-per-node 2 -m peftmed train --config ...       # DDP (gloo on CPU, nccl on GPU)
+    peftmed eval --adapter runs/lora/adapter --dataset phantom --split test
+
+Every option is a key of the experiment file (YAML, TOML or JSON; dashes or underscores) and a flag.
+The output folder holds ``adapter/`` (the trained adapter), ``checkpoints/``, ``train_config.json``
+(every resolved option: reusable as ``--config``), ``metrics.json``, ``predictions.json`` and the
+model's tokenizer when it has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..cli import Command, str2bool
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+from .config import TrainConfig, coerce, field_names, field_type, read_config_file
+
+log = logging.getLogger("peftmed.train")
+
+RUN_CONFIG = "train_config.json"
+TOKENIZER_DIR = "tokenizer"
+
+# Options of a run beyond TrainConfig: (flag type, default, help). Dict-valued ones take KEY=VALUE.
+RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "backbone": (str, None, "a registered backbone (see 'peftmed backbones'), e.g. miss-tiny"),
+    "recipe": (str, None, "which method each component gets, e.g. '*=lora(r=8)' or 'T|LoRA|LoRA'"),
+    "dataset": (str, None, "a registered dataset, e.g. phantom, vqa-rad, slake"),
+    "data_dir": (str, None, "the dataset's folder (vqa-rad, slake)"),
+    "data_options": (dict, {}, "a dataset option KEY=VALUE (repeatable), e.g. --data-options domain=mr"),
+    "backbone_options": (dict, {}, "a backbone build option KEY=VALUE (repeatable), e.g. size=tiny"),
+    "pretrained": (str, None, "load the backbone from this checkpoint folder instead of a random init"),
+    "train_split": (str, "train", "split to train on"),
+    "eval_split": (str, "test", "split to evaluate on (during and after training)"),
+    "output": (str, None, "output folder (default runs/<backbone>-<dataset>)"),
+    "resume": (bool, False, "continue from the latest checkpoint in --output"),
+    "evaluate": (bool, True, "evaluate on --eval-split after training"),
+}
+DICT_OPTIONS = tuple(k for k, (t, _, _) in RUN_OPTIONS.items() if t is dict)
+
+
+def _registry():
+    from ..plugins import default_registry
+
+    return default_registry()
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip().replace("-", "_"), _scalar(value.strip())
+
+
+def _scalar(text: str) -> Any:
+    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None; anything else stays text."""
+    low = text.lower()
+    if low in {"true", "false"}:
+        return low == "true"
+    if low in {"none", "null"}:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _add_option(group, name: str, kind, help: str, choices=None) -> None:
+    # default SUPPRESS: only flags actually given reach the namespace, so they override the file
+    kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help}
+    if kind is bool:
+        kw.update(nargs="?", const=True, type=str2bool, metavar="BOOL")
+        kw["help"] += " (--%s alone means true; --%s false)" % (name.replace("_", "-"), name.replace("_", "-"))
+    elif kind is dict:
+        kw.update(action="append", type=_key_value, metavar="KEY=VALUE")
+    else:
+        kw.update(type=kind, metavar=name.upper())
+        if choices:
+            kw["choices"] = choices
+    group.add_argument(_flag(name), **kw)
+
+
+# ---- peftmed train -----------------------------------------------------------------------------------
+def configure_train(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Fine-tune a backbone with a recipe on a dataset, evaluate, and write the adapter, checkpoints,\n"
+        "metrics and predictions to --output. Every option is also a key of a --config file (YAML, TOML\n"
+        "or JSON); flags override the file.\n\n"
+        "example:\n"
+        "  peftmed train --backbone miss-tiny --recipe '*=lora(r=8,alpha=16)' --dataset phantom \\\n"
+        "      --steps 300 --batch-size 16 --lr 1e-3 --output runs/phantom-lora")
+    p.add_argument("--config", help="experiment file (.yaml, .toml, .json) whose keys are these options")
+    run = p.add_argument_group("run")
+    for name, (kind, default, help) in RUN_OPTIONS.items():
+        _add_option(run, name, kind, help + (f" [default: {default}]" if default not in (None, {}) else ""))
+    train = p.add_argument_group("training (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        help = f.metadata.get("help", "")
+        if f.default is not None:
+            help += f" [default: {f.default}]"
+        _add_option(train, f.name, field_type(TrainConfig, f.name), help, f.metadata.get("choices"))
+
+
+def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Defaults <- the --config file <- flags given; dict options merge key by key."""
+    known = list(RUN_OPTIONS) + field_names(TrainConfig)
+    opts: dict[str, Any] = {k: (dict(d) if isinstance(d, dict) else d) for k, (_, d, _) in RUN_OPTIONS.items()}
+    opts.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    if getattr(args, "config", None):
+        from_file = read_config_file(args.config, known, mappings=DICT_OPTIONS)
+        for key, value in from_file.items():
+            if key in DICT_OPTIONS:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key} in {args.config} must be a mapping of option: value, got {value!r}")
+                opts[key].update({k.replace("-", "_"): v for k, v in value.items()})
+            elif key in RUN_OPTIONS:
+                opts[key] = str2bool(value) if RUN_OPTIONS[key][0] is bool and not isinstance(value, bool) else value
+            else:
+                opts[key] = coerce(TrainConfig, key, value)
+    for key in known:
+        if hasattr(args, key):
+            value = getattr(args, key)
+            if key in DICT_OPTIONS:
+                opts[key].update(dict(value))
+            else:
+                opts[key] = value
+    return opts
+
+
+def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, Any, TrainConfig]:
+    """Every name and option is checked here, before data is read or a model is built."""
+    from ..recipe import Recipe
+
+    missing = [k for k in ("backbone", "recipe", "dataset") if not opts.get(k)]
+    if missing:
+        raise ConfigError(f"missing {', '.join(_flag(k) for k in missing)} (a flag or a key of --config)")
+    backbone = registry.backbone(opts["backbone"])
+    spec = registry.get("dataset", opts["dataset"])
+    for split in (opts["train_split"], opts["eval_split"]):
+        spec.check_split(split)
+    unknown = sorted(set(opts["data_options"]) - set(getattr(spec, "options", {}) or {}))
+    if unknown and getattr(spec, "options", None):
+        from ..errors import UnknownNameError
+
+        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], spec.options)
+    if getattr(spec, "needs_data_dir", False) and not opts.get("data_dir"):
+        raise ConfigError(f"dataset {spec.name!r} reads files: pass --data-dir pointing at its folder")
+    recipe = Recipe.parse(opts["recipe"], components=list(backbone.components))
+    for component, calls in recipe.resolve(backbone.components).items():
+        for call in calls:
+            registry.method(call.name).make_config(call.options)
+    if not recipe.resolve(backbone.components):
+        raise ConfigError(f"recipe {opts['recipe']!r} trains nothing (every component is frozen)")
+    config = TrainConfig.from_dict({k: opts[k] for k in field_names(TrainConfig)})
+    return backbone, spec, recipe, config
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def build_model(backbone, opts: dict[str, Any], *, texts: list[str] | None = None, tokenizer_dir: Path | None = None):
+    """The base model of a run, built the same way by ``train`` and ``eval``.
+
+    The random init is seeded with the run's seed, so the frozen weights of an adapter's base model
+    can be rebuilt exactly; a tokenizer saved by the run is reused (else one is trained on ``texts``).
+    """
+    from .trainer import seed_everything
+
+    options = dict(opts.get("backbone_options") or {})
+    builder = backbone.loader if opts.get("pretrained") else backbone.builder
+    if tokenizer_dir is not None and (tokenizer_dir / "class.txt").is_file():
+        module, _, qualname = (tokenizer_dir / "class.txt").read_text().strip().partition(":")
+        cls = getattr(importlib.import_module(module), qualname)
+        options.setdefault("tokenizer", cls.load(tokenizer_dir))
+    elif texts is not None and builder is not None and _accepts(builder, "texts"):
+        options.setdefault("texts", texts)
+    seed_everything(int(opts.get("seed", 0)))
+    if opts.get("pretrained"):
+        return backbone.from_pretrained(opts["pretrained"], **options)
+    return backbone.build(**options)
+
+
+def save_tokenizer(model, folder: Path) -> None:
+    """Keep the model's tokenizer (e.g. a WordPiece vocabulary trained on the data) beside the adapter."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None or not hasattr(tok, "save") or not hasattr(type(tok), "load"):
+        return
+    tok.save(folder)
+    (folder / "class.txt").write_text(f"{type(tok).__module__}:{type(tok).__qualname__}\n")
+
+
+def _load(spec_name: str, split: str, opts: dict[str, Any], registry):
+    from ..data import load_records
+
+    return load_records(spec_name, split, data_dir=opts.get("data_dir"), registry=registry,
+                        **(opts.get("data_options") or {}))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ..data import VQADataset
+    from ..model import apply
+    from . import distributed
+    from .checkpoint import latest_checkpoint, write_json_atomic
+    from .evaluate import baseline_scores, evaluate
+    from .trainer import Trainer
+
+    registry = _registry()
+    opts = resolve_options(args)
+    backbone, spec, recipe, config = _check_before_training(opts, registry)
+    out = Path(opts["output"] or f"runs/{backbone.name}-{spec.name}")
+    opts["output"] = str(out)
+    if not opts["resume"] and latest_checkpoint(out / "checkpoints") is not None:
+        raise ConfigError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it or choose "
+                          f"another --output")
+    main = int(os.environ.get("RANK", "0")) == 0
+
+    train = _load(spec.name, opts["train_split"], opts, registry)
+    test = _load(spec.name, opts["eval_split"], opts, registry)
+    texts = [r.question for r in train] + [r.answer for r in train]
+    tokenizer_dir = out / TOKENIZER_DIR
+    model = build_model(backbone, opts, texts=texts,
+                        tokenizer_dir=tokenizer_dir if opts["resume"] and tokenizer_dir.is_dir() else None)
+    pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / RUN_CONFIG, opts)
+        if not tokenizer_dir.is_dir():
+            save_tokenizer(model, tokenizer_dir)
+        print(pm.trainable_report(), file=sys.stderr)
+        print(f"train: {len(train)} questions ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
+              file=sys.stderr)
+
+    image_size = int(getattr(model, "image_size"))
+    test_set = VQADataset(test, image_size)
+    eval_batch = config.eval_batch_size or config.batch_size
+
+    def eval_fn(m, limit):
+        return evaluate(m, test, batch_size=eval_batch, num_beams=config.num_beams,
+                        max_new_tokens=config.max_new_tokens, limit=limit, dataset=test_set).scores
+
+    trainer = Trainer(pm, VQADataset(train, image_size), config, output_dir=out, eval_fn=eval_fn,
+                      run_info={"backbone": backbone.name, "recipe_json": recipe.to_dict(), "dataset": spec.name,
+                                "data_options": opts["data_options"]})
+    result = trainer.train(resume=opts["resume"])
+    if not main or distributed.is_fsdp(trainer.wrapped):
+        return 0
+    summary: dict[str, Any] = {"backbone": backbone.name, "recipe": recipe.to_text(), "dataset": spec.name,
+                               "eval_split": opts["eval_split"], "train": result.to_dict(),
+                               "trainable": pm.trainable_report().to_dict()}
+    if opts["evaluate"]:
+        final = evaluate(pm, test, batch_size=eval_batch, num_beams=config.num_beams,
+                         max_new_tokens=config.max_new_tokens, progress=config.progress, dataset=test_set)
+        baseline = baseline_scores(train, test)
+        summary.update(scores=final.scores, majority_baseline=baseline)
+        final.write(out)
+        write_json_atomic(out / "metrics.json", summary)
+        print(f"{spec.name}/{opts['eval_split']} after {result.step} steps: {final.summary()}")
+        print(f"majority-answer baseline:  {_summary(baseline)}")
+    else:
+        write_json_atomic(out / "metrics.json", summary)
+    print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
+    return 0
+
+
+def _summary(scores: dict) -> str:
+    from .evaluate import EvalResult
+
+    return EvalResult({}, scores, []).summary()
+
+
+# ---- peftmed eval ------------------------------------------------------------------------------------
+def configure_eval(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Evaluate a trained adapter: rebuild its base model (as the training run did: same backbone,\n"
+        "options, seed and tokenizer, read from the run's train_config.json), load the adapter, answer\n"
+        "every question of --split and print ACC closed/open/overall beside the majority baseline.")
+    p.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/ or a checkpoint's adapter/)")
+    p.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
+    p.add_argument("--split", default="test", help="split to evaluate [default: test]")
+    p.add_argument("--data-dir", help="the dataset's folder (default: the run's)")
+    p.add_argument("--data-options", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="a dataset option (repeatable); default: the run's")
+    p.add_argument("--batch-size", type=int, default=16, help="questions per batch [default: 16]")
+    p.add_argument("--num-beams", type=int, default=3, help="beams of answer generation [default: 3]")
+    p.add_argument("--max-new-tokens", type=int, default=10, help="longest answer in tokens [default: 10]")
+    p.add_argument("--output", help="folder for predictions.json and metrics.json (default: print only)")
+    p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
+    p.add_argument("--progress", nargs="?", const=True, type=str2bool, default=True, metavar="BOOL",
+                   help="show a progress bar [default: true]")
+
+
+def find_run(adapter: Path) -> Path | None:
+    """The training output folder an adapter belongs to (the nearest parent with train_config.json)."""
+    for folder in [adapter, *adapter.resolve().parents][:5]:
+        if (folder / RUN_CONFIG).is_file():
+            return folder
+    return None
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..model import load_adapter, read_manifest
+    from .checkpoint import write_json_atomic
+    from .distributed import resolve_device
+    from .evaluate import baseline_scores, evaluate
+
+    registry = _registry()
+    adapter = Path(args.adapter)
+    manifest = read_manifest(adapter)
+    run_dir = find_run(adapter)
+    opts: dict[str, Any] = json.loads((run_dir / RUN_CONFIG).read_text()) if run_dir else {}
+    if run_dir is None:
+        log.warning("no %s above %s: the base model is rebuilt with default options and seed 0, so frozen "
+                    "weights differ from training unless the recipe trains every tensor", RUN_CONFIG, adapter)
+    backbone = registry.backbone(manifest["backbone"])
+    dataset = args.dataset or opts.get("dataset")
+    if not dataset:
+        raise ConfigError("pass --dataset (this adapter has no training run folder to take it from)")
+    same_data = dataset == opts.get("dataset")
+    opts["data_dir"] = args.data_dir or (opts.get("data_dir") if same_data else None)
+    data_options = dict(opts.get("data_options") or {}) if same_data else {}
+    data_options.update(dict(args.data_options or []))
+    opts["data_options"] = data_options
+    spec = registry.get("dataset", dataset)
+    spec.check_split(args.split)
+    test = _load(spec.name, args.split, opts, registry)
+    train_split = opts.get("train_split") or spec.splits[0]
+    # the majority baseline needs the training answers: only known when evaluating on the run's dataset
+    train = _load(spec.name, train_split, opts, registry) if same_data else None
+    tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
+    texts = [r.question for r in train] + [r.answer for r in train] if train is not None else None
+    model = build_model(backbone, opts, texts=texts, tokenizer_dir=tokenizer_dir)
+    pm = load_adapter(model, adapter, backbone=backbone, registry=registry)
+    pm.to(resolve_device(args.device))
+    result = evaluate(pm, test, batch_size=args.batch_size, num_beams=args.num_beams,
+                      max_new_tokens=args.max_new_tokens, progress=args.progress)
+    print(f"{spec.name}/{args.split} with {manifest['recipe']}: {result.summary()}")
+    summary: dict[str, Any] = {"adapter": str(adapter), "dataset": spec.name, "split": args.split,
+                               "recipe": manifest["recipe"], "scores": result.scores}
+    if train is not None:
+        summary["majority_baseline"] = baseline_scores(train, test)
+        print(f"majority-answer baseline:  {_summary(summary['majority_baseline'])}")
+    if args.output:
+        out = Path(args.output)
+        result.write(out)
+        write_json_atomic(out / "metrics.json", summary)
+        print(f"predictions: {out / 'predictions.json'}   metrics: {out / 'metrics.json'}")
+    return 0
+
+
+@hookimpl
+def register_commands(register):
+    register(Command("train", "fine-tune a backbone with a recipe on a dataset (resumable; DDP under torchrun)",
+                     configure_train, run_train))
+    register(Command("eval", "evaluate a trained adapter on a dataset (ACC closed/open/overall)",
+                     configure_eval, run_eval))
