@@ -19,7 +19,7 @@ IMPLS = {"torch": (lambda: (True, ""), 25), "cpp": (cpp_runs_here, 25), "triton"
 
 
 def check_against_oracle(impl, rows, n, dtype, seed, need_x=True):
-    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    device = "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, n, generator=g) * 2 + 0.5).to(dtype)
     w = (1 + 0.1 * torch.randn(n, generator=g)).to(dtype)
