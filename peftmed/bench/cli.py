@@ -67,6 +67,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                       help="recipes to compare, e.g. '*=layernorm' 'F|LoRA|LoRA' 'fusion=lora(r=4)'")
     pick.add_argument("--suite", help="built-in suite: default, mile, layernorm (see --list-suites)")
     pick.add_argument("--suite-file", help="a suite in YAML, TOML or JSON: {recipes: [recipe | {recipe, label}]}")
+    what.add_argument("--threads", type=int, help="torch CPU threads per recipe (default: torch's choice)")
     what.add_argument("--list-suites", action="store_true", help="print the built-in suites and exit")
     what.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                       help="import MODULE as a peftmed plugin (e.g. your own backbone); repeatable")
@@ -121,6 +122,7 @@ def run(args) -> int:
         recipes = list(read_suite_file(args.suite_file))
     config = BenchConfig(
         backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
+        threads=args.threads,
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else 40),
         time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -60,6 +60,7 @@ class BenchConfig:
     dataset_options: dict = field(default_factory=dict)  # load_records options of both splits
     transfer: tuple[dict, dict] | None = None  # (source options, target options) of the dataset
     source_steps: int = 100  # steps of full training on the source domain (transfer protocol)
+    threads: int | None = None  # torch CPU threads per job (None: torch's default)
     isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
     plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
     progress: bool = True
@@ -67,7 +68,7 @@ class BenchConfig:
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
             raise ConfigError("give a budget: --steps N and/or --time-budget SECONDS")
-        for name in ("steps", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "eval_samples",
+        for name in ("steps", "threads", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "eval_samples",
                      "source_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -79,7 +80,7 @@ class BenchConfig:
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
-        keys = ("backbone", "dataset", "data_dir", "device", "steps", "time_budget", "batch_size", "eval_samples",
+        keys = ("backbone", "dataset", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
                 "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
                 "source_steps")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
@@ -140,7 +141,7 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
                time_budget=config.time_budget, batch_size=config.batch_size,
                eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
                num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr, seed=config.seed,
-               device=config.device, source_checkpoint=source, cache_dir=str(folder / ".cache"),
+               device=config.device, threads=config.threads, source_checkpoint=source, cache_dir=str(folder / ".cache"),
                plugins=tuple(config.plugins), progress=config.progress)
 
 

@@ -117,28 +117,16 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
 def evaluate(model, records, job, device) -> dict[str, Any]:
-    """Generate an answer per test question; score by qid with ``peftmed.metrics.vqa_scores``."""
-    from torch.utils.data import DataLoader
+    """Generate an answer per test question (``peftmed.train.evaluate``); scores matched by qid."""
+    from ..train.evaluate import evaluate as run_eval
 
-    from ..data import collate
-    from ..metrics import vqa_scores
-
-    model.eval()
-    loader = DataLoader(_dataset(records, model, job), batch_size=job.eval_batch_size, collate_fn=collate)
-    predictions: dict[str, str] = {}
-    bar = progress(total=len(loader), desc=f"{job.label} [{job.provider}] eval", enabled=job.progress)
-    for batch in loader:
-        answers = model.generate(to_device(batch, device), max_new_tokens=job.max_new_tokens,
-                                 num_beams=job.num_beams)
-        predictions.update(zip(batch["qids"], answers))
-        bar.update(1)
-    bar.close()
-    scores = vqa_scores(predictions, records)
+    result = run_eval(model, records, batch_size=job.eval_batch_size, num_beams=job.num_beams,
+                      max_new_tokens=job.max_new_tokens, progress=job.progress, dataset=_dataset(records, model, job))
+    scores = result.scores
     out = {k: (float("nan") if scores.get(k) is None else float(scores[k]))
            for k in ("acc_closed", "acc_open", "acc_overall", "closed_f1", "open_token_f1")}
-    out["predictions"] = predictions
+    out["predictions"] = dict(result.predictions)
     return out
 
 

@@ -57,6 +57,7 @@ class Job:
     warmup_steps: int = 2  # steps excluded from the throughput median (allocator, caches)
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None  # torch CPU threads (None: torch's default)
     source_checkpoint: str | None = None  # transfer protocol: a fully trained model to start from
     save_model: str | None = None  # transfer protocol: save the trained model here (safetensors)
     cache_dir: str | None = None  # shared decoded-image cache
@@ -100,6 +101,8 @@ def run_job(job: Job) -> dict[str, Any]:
 
 def _run(job: Job, registry) -> dict[str, Any]:
     device = resolve_device(job.device)
+    if job.threads:
+        torch.set_num_threads(job.threads)
     backbone = registry.backbone(job.backbone)
     train_records, test_records = task.load_data(job, registry)
     if job.eval_samples:
