@@ -79,7 +79,7 @@ class VQADataset(Dataset):
             return cached
         tensor = self._from_disk(rec.image_id)
         if tensor is None:
-            tensor = image_to_tensor(rec.load_image(), self.image_size)
+            tensor = image_to_tensor(rec.load_image(min_size=self.image_size), self.image_size)
             self._to_disk(rec.image_id, tensor)
         if self.cache:
             self._images[rec.image_id] = tensor

@@ -74,8 +74,12 @@ class VQARecord:
                 f"question {self.qid!r} has answer_type {self.answer_type!r}; expected one of {ANSWER_TYPES}"
             )
 
-    def load_image(self) -> Image.Image:
-        """The image as an RGB PIL image (decoded now; ``VQADataset`` caches the resized result)."""
+    def load_image(self, min_size: int | None = None) -> Image.Image:
+        """The image as an RGB PIL image (decoded now; ``VQADataset`` caches the resized result).
+
+        With ``min_size``, a JPEG may be decoded at a reduced scale (1/2, 1/4, 1/8) that still keeps
+        both sides >= ``min_size``: several times faster for a 2,000-pixel scan resized to 64-480 px.
+        """
         if callable(self.image):
             img = self.image()
         else:
@@ -83,6 +87,8 @@ class VQARecord:
             if not path.is_file():
                 raise MissingDataError(f"image of question {self.qid!r} not found: {path}")
             img = Image.open(path)
+            if min_size is not None:
+                img.draft("RGB", (min_size, min_size))  # no-op for formats other than JPEG
         return img.convert("RGB")
 
 
