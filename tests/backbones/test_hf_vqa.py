@@ -239,3 +239,12 @@ def test_long_questions_are_truncated_counted_and_reported(name, caplog):
     assert torch.isfinite(loss)
     assert model.truncated_questions == 1
     assert "1 question(s) longer than 6 tokens were truncated" in caplog.text
+
+
+@pytest.mark.parametrize("name", VQA_BACKBONES)
+def test_fresh_builds_are_identical(name):
+    """An adapter trained on one fresh build loads onto another: same vocabulary, same weights."""
+    a, b = build(name), build(name)
+    assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
+    for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), key

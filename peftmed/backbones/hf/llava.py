@@ -103,6 +103,10 @@ class HFLlava(VQAModule):
     # ---- task protocol ------------------------------------------------------------------------------
     def compute_loss(self, batch) -> torch.Tensor:
         """Cross-entropy of the answer tokens (and ``</s>``) given the image and the prompt."""
+        return self(batch)["loss"]
+
+    def forward(self, batch) -> dict[str, torch.Tensor]:
+        """``{"loss": scalar, "logits": (B, T, vocab)}`` over prompt + answer (loss on the answer only)."""
         self._check(batch)
         if len(batch.get("answers") or ()) != len(batch["questions"]):
             raise ConfigError("compute_loss needs one answer per question in batch['answers']")
@@ -115,7 +119,7 @@ class HFLlava(VQAModule):
         mask = self._pad([[1] * len(s) for s in seqs], left=False, fill=0)
         out = self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixel_values(batch["images"]),
                          labels=labels)
-        return out.loss
+        return {"loss": out.loss, "logits": out.logits}
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:
@@ -135,9 +139,6 @@ class HFLlava(VQAModule):
         finally:
             self.train(was_training)
         return [t.strip() for t in self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)]
-
-    def forward(self, batch) -> torch.Tensor:
-        return self.compute_loss(batch)
 
 
 def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | None = None, *, image_token_id: int,
@@ -219,4 +220,5 @@ BACKBONE = Backbone(
     loader=load,
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa",),
+    tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )

@@ -5,13 +5,15 @@ train one with the ``tokenizers`` library on a small built-in medical-VQA corpus
 caller passes (e.g. the dataset's questions and answers), and wrap it in a transformers fast tokenizer
 so it saves and loads with ``save_pretrained`` / ``from_pretrained`` like any other.
 
-- ``wordpiece_tokenizer``: BERT-style (lower-cased WordPiece, ``[CLS] text [SEP]``), for BLIP.
+- ``wordpiece_tokenizer``: BERT-style (lower-cased WordPiece, ``[CLS] text [SEP]``), for BLIP; its
+  vocabulary (characters + frequent whole words) is built deterministically.
   ``[DEC]`` is the answer decoder's start token and ``[ENC]`` the encoder's, as in BLIP.
 - ``bpe_tokenizer``: byte-level BPE (lossless decode), for LLaVA's language model, with ``<image>``.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -77,27 +79,23 @@ def _texts(texts: Iterable[str] | None) -> list[str]:
 
 def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000,
                         vocab_file: str | None = None) -> PreTrainedTokenizerFast:
-    """A BERT WordPiece tokenizer: from ``vocab_file`` when given, else trained on the corpus + ``texts``.
+    """A BERT WordPiece tokenizer: from ``vocab_file`` when given, else built from the corpus + ``texts``.
 
-    Ids 0..6 are ``[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] [ENC]`` for a trained vocabulary.
+    Ids 0..6 are ``[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] [ENC]`` in a built vocabulary.
     """
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     if vocab_file is not None:
-        model = models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]")
-        tok = Tokenizer(model)
+        tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
         missing = [s for s in BERT_SPECIALS[:5] if tok.token_to_id(s) is None]
         if missing:
             raise ConfigError(f"vocabulary file {vocab_file} lacks the special tokens {missing}")
         tok.add_special_tokens([s for s in BERT_SPECIALS if tok.token_to_id(s) is None])
     else:
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    if vocab_file is None:
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=list(BERT_SPECIALS), show_progress=False
-        )
-        tok.train_from_iterator(_texts(texts), trainer=trainer)
+        words = Counter(w for text in _texts(texts)
+                        for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+        tok = Tokenizer(models.WordPiece(vocab=_wordpiece_vocab(words, vocab_size), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
@@ -106,6 +104,22 @@ def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 10
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token="[DEC]", additional_special_tokens=["[ENC]"],
     )
+
+
+def _wordpiece_vocab(words: Counter, vocab_size: int) -> dict[str, int]:
+    """Specials, every character (word-initial and ``##`` continuation), then whole words by frequency.
+
+    Built here rather than with ``tokenizers``' WordPieceTrainer because that trainer's vocabulary
+    changes from run to run (hash-map order), and a fresh model must get the same ids every time.
+    """
+    chars = sorted({c for w in words for c in w})
+    base = list(BERT_SPECIALS) + chars + [f"##{c}" for c in chars]
+    if vocab_size < len(base):
+        raise ConfigError(f"vocab_size={vocab_size} is below the {len(base)} special and character tokens the "
+                          f"texts need")
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    tokens = base + ranked[: vocab_size - len(base)]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
