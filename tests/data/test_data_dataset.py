@@ -123,3 +123,9 @@ def test_majority_baseline_per_answer_type():
     assert majority_baseline(train, test) == {"t1": "yes", "t2": "liver"}
     # a type absent from training falls back to the overall most frequent answer
     assert majority_baseline(train[:3], test) == {"t1": "yes", "t2": "yes"}
+
+
+from peftmed.testing import dataset_conformance_tests  # noqa: E402
+
+# the shared conformance kit every third-party dataset plugin runs, on the generated built-in
+TestPhantomConformance = dataset_conformance_tests("phantom", options={"n_images": 5})
