@@ -46,7 +46,9 @@ class VQADataset(Dataset):
 
     Each item is ``{"image": uint8 (3, S, S), "question", "answer", "qid", "answer_type",
     "question_type", "organ"}`` with S = ``image_size``. ``cache=True`` keeps resized images in memory
-    (per process); ``cache_dir`` also stores them on disk, keyed by image_id and size.
+    (per process: with DataLoader workers, pass ``persistent_workers=True`` so each worker keeps its
+    cache across epochs, or use ``cache_dir``); ``cache_dir`` also stores them on disk, keyed by
+    image_id and size. Records (phantom images included) pickle, so workers can be spawned.
     """
 
     def __init__(self, records: Sequence[VQARecord], image_size: int, cache: bool = True,
