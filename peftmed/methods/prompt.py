@@ -64,12 +64,12 @@ class PromptConfig(MethodConfig):
 @dataclass
 class PrefixConfig(PromptConfig):
     init_std: float = 1.0  # std of the normal init of the MLP's input embeddings (as nn.Embedding)
-    mlp_hidden: int = 512  # hidden width of the reparameterisation MLP
+    mlp_hidden: int | None = None  # hidden width of the reparameterisation MLP; None: the attention width
     folded: bool = False  # set by fold(): the MLP was replaced by the prefixes it produced
 
     def validate(self) -> None:
         super().validate()
-        if self.mlp_hidden <= 0:
+        if self.mlp_hidden is not None and self.mlp_hidden <= 0:
             raise ConfigError(f"mlp_hidden must be a positive integer, got mlp_hidden={self.mlp_hidden}")
 
 
@@ -157,10 +157,11 @@ class DeepPrompts(PromptModule):
         self.embedding: nn.Parameter | None = None
         self.mlp: nn.Sequential | None = None
         if reparameterise and not getattr(config, "folded", False):
+            width = config.mlp_hidden or self.hidden
             self.embedding = nn.Parameter(torch.empty(self.n, self.hidden, **factory))
             self.mlp = nn.Sequential(
-                nn.Linear(self.hidden, config.mlp_hidden, **factory), nn.Tanh(),
-                nn.Linear(config.mlp_hidden, self.layers * 2 * self.hidden, **factory),
+                nn.Linear(self.hidden, width, **factory), nn.Tanh(),
+                nn.Linear(width, self.layers * 2 * self.hidden, **factory),
             )
         else:
             self.prompts = nn.Parameter(torch.empty(self.layers, 2, self.n, self.hidden, **factory))
@@ -262,7 +263,7 @@ class DeepPrompts(PromptModule):
             self.config.folded = True  # the saved manifest then rebuilds the folded form on load
 
     def extra_repr(self) -> str:
-        form = "prompts" if self.prompts is not None else f"mlp_hidden={self.config.mlp_hidden}"
+        form = "prompts" if self.prompts is not None else f"mlp_hidden={self.mlp[0].out_features}"
         return (f"n={self.n}, layers={len(self._targets)}{' (shared)' if self.config.shared else ''}, "
                 f"heads={self.heads}, head_dim={self.head_dim}, {form}")
 
