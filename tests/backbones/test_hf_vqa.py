@@ -130,17 +130,17 @@ def test_inject_methods_leave_outputs_unchanged_at_init():
         torch.testing.assert_close(pm.compute_loss(batch), base)
 
 
-def _layers(model, name):
-    if name == "hf-blip-vqa":
-        return model.model.config.text_config.num_hidden_layers, model.model.config.text_config.hidden_size
-    return model.model.config.text_config.num_hidden_layers, model.model.config.text_config.hidden_size
+def _layers(model):
+    """(layers, width) of the text side: BLIP's question encoder / answer decoder, LLaVA's LM."""
+    text = model.model.config.text_config
+    return text.num_hidden_layers, text.hidden_size
 
 
 def test_recipe_check_prints_the_papers_row_and_counts(capsys):
     from peftmed.cli import main
 
     model = build("hf-blip-vqa")
-    layers, width = _layers(model, "hf-blip-vqa")
+    layers, width = _layers(model)
     assert main(["recipe", "check", "F|LoRA|LoRA", "--backbone", "hf-blip-vqa"]) == 0
     out = capsys.readouterr().out
     assert "(F|LoRA|LoRA)" in out
@@ -157,12 +157,13 @@ def test_recipe_check_on_llava_row_form(capsys):
     from peftmed.cli import main
 
     model = build("hf-llava")
-    layers, width = _layers(model, "hf-llava")
+    layers, width = _layers(model)
     assert main(["recipe", "check", "F|T|LoRA", "-b", "hf-llava"]) == 0
     out = capsys.readouterr().out
     assert "(F|T|LoRA)" in out
     projector = sum(p.numel() for p in model.model.model.multi_modal_projector.parameters())
-    kv_width = model.model.config.text_config.num_key_value_heads * (width // model.model.config.text_config.num_attention_heads)
+    text = model.model.config.text_config
+    kv_width = text.num_key_value_heads * (width // text.num_attention_heads)
     lora = layers * 8 * ((width + width) + (width + kv_width))  # q: d -> d, v: d -> kv heads
     assert f"{projector:,}" in out and f"{lora:,}" in out
 
@@ -248,3 +249,15 @@ def test_fresh_builds_are_identical(name):
     assert a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
     for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), key
+
+
+def test_blip_reads_a_bert_vocabulary_file(tmp_path):
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "is", "there", "a", "mass", "?", "yes", "no", "##es"]
+    (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
+    model = build("hf-blip-vqa", vocab_file=str(tmp_path / "vocab.txt"))
+    ids = model.tokenizer("Is there a mass?")["input_ids"]
+    assert model.tokenizer.convert_ids_to_tokens(ids) == ["[CLS]", "is", "there", "a", "mass", "?", "[SEP]"]
+    assert ids == [2, 5, 6, 7, 8, 9, 3]  # the file's line numbers
+    # [DEC] / [ENC] are appended, and the model's vocabulary is sized to the tokenizer
+    assert model.model.config.text_config.vocab_size == len(model.tokenizer) == len(words) + 2
+    assert torch.isfinite(model.compute_loss(make_batch(model)))

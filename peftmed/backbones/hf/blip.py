@@ -167,7 +167,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_f
 
 
 def load(path: str | os.PathLike, max_question_tokens: int = 35, max_answer_tokens: int = 10,
-         strict: bool = True, **_builder_options) -> HFBlipVQA:
+         strict: bool = True) -> HFBlipVQA:
     """Load a local folder (``save_pretrained`` output or a downloaded BLIP VQA checkpoint).
 
     Missing or shape-mismatched weights are an error with ``strict`` (the default), never dropped silently.

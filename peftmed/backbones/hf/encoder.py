@@ -89,6 +89,20 @@ class HFEncoder(nn.Module):
         mask = enc["attention_mask"].to(device)
         return self._tower("text")(input_ids=enc["input_ids"].to(device), attention_mask=mask)[0], mask
 
+    def example_inputs(self, batch: int = 2, seq: int | None = None, generator: torch.Generator | None = None):
+        """Keyword inputs for one forward pass: random uint8 images and corpus questions (for the test kit)."""
+        from .tokenizer import CORPUS
+
+        g = generator or torch.Generator().manual_seed(0)
+        out = {}
+        if self.reads_images:
+            s = self.image_size
+            out["images"] = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, generator=g)
+        if self.reads_text:
+            picks = torch.randint(0, len(CORPUS), (batch,), generator=g).tolist()
+            out["texts"] = [CORPUS[i].split("?")[0] + "?" for i in picks]
+        return out
+
     def forward(self, images: torch.Tensor | None = None, texts: list[str] | None = None) -> dict[str, torch.Tensor]:
         out = {}
         if images is not None:
@@ -149,7 +163,7 @@ def _builder(name: str):
 def _loader(name: str):
     kind = KIND_OF[name]
 
-    def load(path: str | os.PathLike, strict: bool = True, **_builder_options) -> HFEncoder:
+    def load(path: str | os.PathLike, strict: bool = True) -> HFEncoder:
         """Load a local folder with ``AutoModel``; a folder of another family is refused, naming the right backbone."""
         from transformers import AutoConfig, AutoModel
 
@@ -196,6 +210,6 @@ DESCRIPTIONS = {
 
 BACKBONES = tuple(
     Backbone(name=name, components=COMPONENTS[name], roles=ROLES, builder=_builder(name), loader=_loader(name),
-             description=DESCRIPTIONS[name])
+             description=DESCRIPTIONS[name], tiny=name == "hf-encoder")  # the kit runs on the dual encoder
     for name in KIND_OF
 )

@@ -189,7 +189,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
 
 
 def load(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64,
-         max_answer_tokens: int = 16, strict: bool = True, **_builder_options) -> HFLlava:
+         max_answer_tokens: int = 16, strict: bool = True) -> HFLlava:
     """Load a local LLaVA folder (``save_pretrained`` output or a downloaded llava-hf-format checkpoint)."""
     from transformers import LlavaForConditionalGeneration
 
