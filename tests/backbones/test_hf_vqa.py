@@ -261,3 +261,26 @@ def test_blip_reads_a_bert_vocabulary_file(tmp_path):
     # [DEC] / [ENC] are appended, and the model's vocabulary is sized to the tokenizer
     assert model.model.config.text_config.vocab_size == len(model.tokenizer) == len(words) + 2
     assert torch.isfinite(model.compute_loss(make_batch(model)))
+
+
+@pytest.mark.parametrize("name", VQA_BACKBONES)
+def test_runs_on_real_vqa_rad_batches_with_a_tokenizer_from_its_text(name, vqa_rad_dir):
+    from peftmed.data.dataset import VQADataset, collate
+    from peftmed.data.records import load_records
+
+    records = load_records("vqa-rad", "train", data_dir=vqa_rad_dir)
+    texts = [t for r in records for t in (r.question, r.answer)]
+    model = build(name, texts=texts)
+    # a frequent dataset word absent from the built-in corpus takes fewer pieces once the dataset's text is used
+    from collections import Counter
+
+    from peftmed.backbones.hf.tokenizer import CORPUS
+
+    known = " ".join(CORPUS)
+    counts = Counter(w for t in texts for w in t.lower().replace("?", " ").split() if len(w) > 5 and w not in known)
+    word = counts.most_common(1)[0][0]
+    default = build(name).tokenizer
+    assert len(model.tokenizer.tokenize(" " + word)) < len(default.tokenize(" " + word)), word
+    batch = collate([VQADataset(records[:3], model.image_size)[i] for i in range(3)])
+    assert torch.isfinite(model.compute_loss(batch))
+    assert len(model.generate(batch, max_new_tokens=3, num_beams=2)) == 3
