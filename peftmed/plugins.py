@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.data.plugin", "peftmed.metrics.plugin",
     "peftmed.bench.cli",
     "peftmed.backbones.hf.plugin",
+    "peftmed.scaffold.commands",
     "peftmed.train.commands",
 )
 

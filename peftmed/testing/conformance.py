@@ -264,6 +264,70 @@ class RegistrationConformance:
                 assert getattr(obj, "op", None), f"kernel {name!r} has no op"
 
 
+class DatasetConformance:
+    """Checks for a dataset plugin; subclass and set ``dataset_name`` (and ``data_dir`` if it reads files)."""
+
+    dataset_name: ClassVar[str] = ""
+    data_dir: ClassVar[str | None] = None
+    options: ClassVar[Mapping[str, Any]] = {}
+    extra_plugins: ClassVar[tuple[object, ...]] = ()
+
+    def test_first_split_loads_valid_records(self):
+        reg = _registry_for(type(self))
+        spec = reg.get("dataset", self.dataset_name)
+        assert spec.splits, f"dataset {self.dataset_name!r} declares no splits"
+        if spec.needs_data_dir and self.data_dir is None:
+            pytest.skip(f"dataset {self.dataset_name!r} reads files; set data_dir on the test class")
+        records = spec.load(spec.splits[0], data_dir=self.data_dir, **self.options)
+        assert records, f"split {spec.splits[0]!r} of {self.dataset_name!r} is empty"
+        qids = [r.qid for r in records]
+        assert len(set(qids)) == len(qids), "question ids must be unique (answers are matched by qid)"
+        for r in records:
+            assert r.answer_type in ("CLOSED", "OPEN"), f"record {r.qid}: answer_type {r.answer_type!r}"
+            assert r.question.strip() and str(r.answer).strip(), f"record {r.qid} has an empty question or answer"
+
+
+class KernelConformance:
+    """Checks for a kernel implementation; subclass and set ``op`` and ``impl``. For ``layer_norm``
+    the implementation's forward and backward are compared with the PyTorch reference."""
+
+    op: ClassVar[str] = ""
+    impl: ClassVar[str] = ""
+    extra_plugins: ClassVar[tuple[object, ...]] = ()
+
+    def _impl(self):
+        return _registry_for(type(self)).get("kernel", f"{self.op}:{self.impl}")
+
+    def test_describes_itself(self):
+        impl = self._impl()
+        ok, why = impl.available()
+        assert isinstance(ok, bool) and isinstance(why, str)
+        assert ok or why, "an unavailable implementation must say why"
+        assert impl.devices and impl.dtypes
+
+    def test_layer_norm_matches_reference(self):
+        import importlib
+
+        if self.op != "layer_norm":
+            pytest.skip(f"no numeric check for op {self.op!r} in the kit")
+        impl = self._impl()
+        ok, why = impl.available()
+        if not ok:
+            pytest.skip(f"{self.op}:{self.impl} is not available here: {why}")
+        ref = importlib.import_module("peftmed.kernels.layer_norm.reference")
+        fns = impl.load()
+        g = torch.Generator().manual_seed(0)
+        x, dy = torch.randn(6, 24, generator=g), torch.randn(6, 24, generator=g)
+        w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
+        y, mean, rstd = fns["forward"](x, w, b, 1e-5)
+        y_ref, mean_ref, rstd_ref = ref.forward(x, w, b, 1e-5)
+        h.assert_close(y, y_ref, "layer_norm forward")
+        grads = fns["backward"](dy, x, w, mean, rstd, (True, True, True))
+        for got, want, what in zip(grads, ref.backward(dy, x, w, mean_ref, rstd_ref, (True, True, True)),
+                                   ("dx", "dw", "db")):
+            h.assert_close(got, want, f"layer_norm backward {what}")
+
+
 def conformance_tests(method_name: str, options: Mapping[str, Any] | None = None, **attributes) -> type:
     """A :class:`MethodConformance` subclass for ``method_name``; bind it to a ``Test*`` name."""
     attrs = {"method_name": method_name, "options": dict(options or {}), **attributes}
@@ -274,3 +338,16 @@ def backbone_conformance_tests(backbone_name: str, **attributes) -> type:
     """A :class:`BackboneConformance` subclass for ``backbone_name``; bind it to a ``Test*`` name."""
     attrs = {"backbone_name": backbone_name, **attributes}
     return type(f"Test{backbone_name.title().replace('-', '')}Conformance", (BackboneConformance,), attrs)
+
+
+def dataset_conformance_tests(dataset_name: str, **attributes) -> type:
+    """A :class:`DatasetConformance` subclass for ``dataset_name``; bind it to a ``Test*`` name."""
+    attrs = {"dataset_name": dataset_name, **attributes}
+    return type(f"Test{dataset_name.title().replace('-', '')}Conformance", (DatasetConformance,), attrs)
+
+
+def kernel_conformance_tests(op: str, impl: str, **attributes) -> type:
+    """A :class:`KernelConformance` subclass for implementation ``impl`` of ``op``."""
+    attrs = {"op": op, "impl": impl, **attributes}
+    return type(f"Test{op.title().replace('_', '')}{impl.title().replace('-', '')}Conformance",
+                (KernelConformance,), attrs)

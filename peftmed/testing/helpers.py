@@ -66,8 +66,14 @@ def is_tiny(backbone) -> tuple[bool, str]:
 
 
 def tiny_backbones(registry: Registry) -> list[str]:
-    """Names of the registered backbones that are tiny, sorted."""
-    return [name for name in registry.names("backbone") if is_tiny(registry.backbone(name))[0]]
+    """Names of the registered backbones that are tiny, sorted; ``PEFTMED_TEST_BACKBONES=a,b`` keeps
+    only those (a plugin author's quick run)."""
+    names = [name for name in registry.names("backbone") if is_tiny(registry.backbone(name))[0]]
+    wanted = os.environ.get("PEFTMED_TEST_BACKBONES")
+    if wanted:
+        keep = {w.strip() for w in wanted.split(",") if w.strip()}
+        names = [n for n in names if n in keep]
+    return names
 
 
 def build_model(backbone, *, seed: int = 0, dtype: torch.dtype = torch.float32,
