@@ -284,3 +284,15 @@ def test_runs_on_real_vqa_rad_batches_with_a_tokenizer_from_its_text(name, vqa_r
     batch = collate([VQADataset(records[:3], model.image_size)[i] for i in range(3)])
     assert torch.isfinite(model.compute_loss(batch))
     assert len(model.generate(batch, max_new_tokens=3, num_beams=2)) == 3
+
+
+def test_blip_base_at_480px_has_the_miss_base_parameter_count_and_ln_share():
+    """MISS is BLIP's VQA graph: transformers' BLIP at MISS's 480 px has its 361,478,972 parameters
+    (the MILE tables' denominator), and LayerNorm-tuning trains about 0.04% of them."""
+    with torch.device("meta"):
+        model = peftmed.build_backbone("hf-blip-vqa", preset="base", image_size=480)
+    assert model.image_size == 480
+    assert sum(p.numel() for p in model.parameters()) == 361_478_972
+    report = peftmed.apply(model, "*=layernorm", keep_base=False).trainable_report()
+    share = sum(r.trainable for r in report.rows) / report.total_base
+    assert 0.0003 < share < 0.0005
