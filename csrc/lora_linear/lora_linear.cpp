@@ -29,14 +29,20 @@ struct Dropout {
   uint32_t key;
   uint32_t threshold;  // drop when (hash >> 8) < threshold
   float scale;         // 1 / (1 - p)
+  bool active;         // p > 0; otherwise every scale is 1 and nothing is hashed
 
   Dropout(double p, int64_t seed)
       : key(mix32(static_cast<uint32_t>(seed) ^ 0x9E3779B9U)),
         threshold(static_cast<uint32_t>(std::min<double>(std::nearbyint(p * 16777216.0), 16777216.0))),
-        scale(static_cast<float>(1.0 / (1.0 - p))) {}
+        scale(static_cast<float>(1.0 / (1.0 - p))),
+        active(p > 0.0) {}
 
   // m[i] = scale if element (row, i) is kept else 0
   void row_scales(int64_t row, int64_t n, float* m) const {
+    if (!active) {
+      std::fill(m, m + n, 1.0f);
+      return;
+    }
     const uint32_t rk = mix32(static_cast<uint32_t>(row) ^ key);
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) {
@@ -157,10 +163,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   at::Tensor gs;
   if (need_dx || need_da) gs = at::mm(dy, b).mul_(scaling);  // (T, r)
   if (need_dx) dx = at::mm(dy, w);
-  if (p == 0.0) {
-    if (need_dx) dx.addmm_(gs, a);
-    if (need_da) da = at::mm(gs.t(), x);
-  } else if (need_dx || need_da) {
+  if (need_dx || need_da) {
+    // one pass over x and dx for both (with or without dropout) instead of two GEMMs reading x, dx
     const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
     auto gs32 = gs.to(at::kFloat).contiguous();
     auto da32 = need_da ? at::empty({r, in}, x.options().dtype(at::kFloat)) : at::Tensor();

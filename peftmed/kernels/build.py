@@ -102,8 +102,37 @@ def can_compile(cuda: bool = False) -> tuple[bool, str]:
     return True, ""
 
 
+def last_failure(name: str) -> str | None:
+    """The first error of this extension's last failed JIT build (any process), if it has not built since."""
+    try:
+        log_file = cache_root() / name / "build.log"
+        if not log_file.is_file():
+            return None
+        sources = [CSRC / src for src in EXTENSIONS[name]["sources"]]
+        if any(src.stat().st_mtime > log_file.stat().st_mtime for src in sources):
+            return None  # the sources changed since: worth another try
+        return (f"last build failed: {first_error_line(log_file.read_text())} (full log: {log_file}; "
+                f"`peftmed kernels --build` retries)")
+    except OSError:  # an unreadable cache is the same as no record
+        return None
+
+
+def extension_status(name: str) -> tuple[bool, str]:
+    """Can extension ``name`` run here (cheap: no compiling)? For KernelImpl.check and `peftmed kernels`."""
+    ok, why = can_compile(cuda=EXTENSIONS[name]["cuda"])
+    if not ok:
+        return ok, why
+    failure = last_failure(name)
+    return (False, failure) if failure else (True, "")
+
+
 _modules: dict[str, object] = {}
 _lock = threading.Lock()
+
+
+def forget_failure(name: str) -> None:
+    """Drop the record of a failed build so that the next use compiles again."""
+    (cache_root() / name / "build.log").unlink(missing_ok=True)
 
 
 def load_extension(name: str):
@@ -140,6 +169,7 @@ def _jit_build(name: str):
         ninja_log = build_dir / ".ninja_log"
         log_path.write_text(output + (f"\n(ninja log: {ninja_log})" if ninja_log.exists() else ""))
         raise BuildError(name, log_path, first_error_line(output)) from exc
+    log_path.unlink(missing_ok=True)  # a success clears the record of an earlier failure
     return module
 
 

@@ -70,11 +70,11 @@ def builtin_impls() -> list[KernelImpl]:
                        description="PyTorch reference (fallback and test oracle)"),
             KernelImpl(op, "cpp", PRIORITY["cpp"], ("cpu",), FLOATS,
                        loader=lambda op=op: _extension_fns(f"{op}_cpu", cuda=False),
-                       check=lambda: build.can_compile(cuda=False),
+                       check=lambda op=op: build.extension_status(f"{op}_cpu"),
                        description=f"C++ (csrc/{op}/{op}.cpp), compiled on first use"),
             KernelImpl(op, "cuda", PRIORITY["cuda"], ("cuda",), FLOATS,
                        loader=lambda op=op: _extension_fns(f"{op}_cuda", cuda=True),
-                       check=lambda: build.can_compile(cuda=True),
+                       check=lambda op=op: build.extension_status(f"{op}_cuda"),
                        description=f"CUDA (csrc/{op}/{op}.cu), compiled on first use"),
             KernelImpl(op, "triton", PRIORITY["triton"], ("cuda",), FLOATS,
                        loader=lambda op=op: _module_fns(f"peftmed.kernels.{op}.triton_impl"),
@@ -110,7 +110,8 @@ def _run(args) -> int:
     if args.build:
         for op in OPS:
             for impl in implementations(op):
-                if impl.name in ("cpp", "cuda") and impl.available()[0]:
+                if impl.name in ("cpp", "cuda") and build.can_compile(cuda=impl.name == "cuda")[0]:
+                    build.forget_failure(f"{op}_{'cpu' if impl.name == 'cpp' else 'cuda'}")
                     try:
                         impl.load()
                         print(f"built {op}:{impl.name}")

@@ -171,3 +171,18 @@ def test_torch_compile_traces_both_ops_without_graph_breaks(impl, request):
     want = torch.autograd.grad(f(x), [x, a, b, g])
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v)
+
+
+def test_a_failed_build_is_remembered_across_processes_until_retried(monkeypatch, tmp_path, fresh_dispatch):
+    monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path))
+    if not build.can_compile()[0]:
+        pytest.skip("no compiler here")
+    log = build.cache_root() / "layer_norm_cpu" / "build.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("x.cpp:1:1: error: 'foo' was not declared\nninja: build stopped: subcommand failed.\n")
+    ok, why = build.extension_status("layer_norm_cpu")
+    assert not ok and "error: 'foo' was not declared" in why and str(log) in why
+    cpp = next(k for k in kernels.implementations("layer_norm") if k.name == "cpp")
+    assert cpp.available() == (False, why)  # what `peftmed kernels` shows, without compiling
+    build.forget_failure("layer_norm_cpu")
+    assert build.extension_status("layer_norm_cpu") == (True, "")
