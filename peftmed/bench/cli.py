@@ -78,7 +78,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--batch-size", type=int, default=8, help="training batch size (default 8)")
     budget.add_argument("--lr", type=float, help="one learning rate for every method (default: a rate per method)")
     budget.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
-    budget.add_argument("--eval-samples", type=int, help="score the first N test questions (default all)")
+    budget.add_argument("--eval-samples", type=int, help="score the first N test questions (default 200)")
     budget.add_argument("--num-beams", type=int, default=1, help="beams of answer generation (default 1: greedy)")
     budget.add_argument("--backbone-option", action="append", metavar="K=V", help="builder option, repeatable")
     budget.add_argument("--dataset-option", action="append", metavar="K=V",
@@ -126,7 +126,7 @@ def run(args) -> int:
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else 40),
         time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        eval_samples=args.eval_samples, num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
+        eval_samples=args.eval_samples if args.eval_samples is not None else 200, num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
         resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),
         dataset_options=parse_options(args.dataset_option, "--dataset-option"),
         transfer=tuple(parse_options([t], "--transfer") for t in args.transfer) if args.transfer else None,

@@ -48,7 +48,7 @@ class BenchConfig:
     time_budget: float | None = None  # seconds per recipe instead of / as well as steps
     batch_size: int = 8
     eval_batch_size: int = 32
-    eval_samples: int | None = None  # score the first N test questions (None: the whole test split)
+    eval_samples: int | None = 200  # score the first N test questions (None: the whole test split)
     num_beams: int = 1  # 1: greedy answers (the bench compares methods, not decoders)
     max_new_tokens: int = 10
     lr: float | None = None  # None: a rate per method (worker.DEFAULT_LR)
@@ -130,7 +130,8 @@ def _peft_reason(entry: SuiteEntry, backbone, registry) -> str | None:
     return peft_equivalent(Recipe.parse(entry.recipe, list(backbone.components)), backbone, registry)
 
 
-def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Path, source: str | None) -> Job:
+def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Path, source: str | None,
+             shared: dict | None = None) -> Job:
     train_opts, test_opts = dict(config.dataset_options), dict(config.dataset_options)
     if config.transfer:
         train_opts.update(config.transfer[1])
@@ -142,12 +143,12 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
                eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
                num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr, seed=config.seed,
                device=config.device, threads=config.threads, source_checkpoint=source, cache_dir=str(folder / ".cache"),
-               plugins=tuple(config.plugins), progress=config.progress)
+               plugins=tuple(config.plugins), progress=config.progress, shared_options=dict(shared or {}))
 
 
 def fingerprint(job: Job) -> dict[str, Any]:
     data = job.to_dict()
-    for key in ("progress", "cache_dir", "source_checkpoint", "save_model", "plugins"):
+    for key in ("shared_options", "progress", "cache_dir", "source_checkpoint", "save_model", "plugins"):
         data.pop(key)
     data["transfer_source"] = bool(job.source_checkpoint)
     return data
@@ -203,7 +204,8 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     rows: list[dict[str, Any]] = []
     start = time.perf_counter()
     try:
-        source = _source_model(config, folder, pool, echo) if config.transfer else None
+        shared = _shared_options(config, backbone, registry)
+        source = _source_model(config, folder, pool, echo, shared) if config.transfer else None
         echo(f"peftmed bench: {len(entries)} recipes on {config.backbone} / {config.dataset}, device "
              f"{config.device}, budget {report.budget_text(config)}, seed {config.seed}; results -> {folder}")
         echo(report.table_header())
@@ -214,7 +216,7 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
                 providers.append("peft")
             done = []
             for provider in providers:
-                job = _jobs_for(config, entry, provider, folder, source)
+                job = _jobs_for(config, entry, provider, folder, source, shared)
                 row = results.load_job(folder, job.label, provider, fingerprint(job)) if config.resume else None
                 if row is not None:
                     row["resumed"] = True
@@ -261,10 +263,20 @@ def _prepare_folder(folder: Path, config: BenchConfig) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo) -> str:
+def _shared_options(config: BenchConfig, backbone, registry) -> dict:
+    """Builder options shared by every job of the suite (see task.shared_build_options)."""
+    from ..data import load_records
+
+    train_split, _ = task.dataset_splits(registry, config.dataset)
+    options = {**config.dataset_options, **(config.transfer[0] if config.transfer else {})}
+    records = load_records(config.dataset, train_split, data_dir=config.data_dir, registry=registry, **options)
+    return task.shared_build_options(backbone, dict(config.backbone_options), records)
+
+
+def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: dict) -> str:
     """Transfer protocol: train the backbone fully on the source domain once; every recipe starts there."""
     path = folder / "source" / "model.safetensors"
-    job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None)
+    job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None, shared)
     job.train_options = {**config.dataset_options, **config.transfer[0]}
     job.test_options = {**config.dataset_options, **config.transfer[0]}
     job.steps, job.time_budget = config.source_steps, None

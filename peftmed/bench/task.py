@@ -51,17 +51,38 @@ def load_data(job, registry):
     return train, test
 
 
+def _builder_params(backbone) -> set[str]:
+    try:
+        return set(inspect.signature(backbone.builder).parameters) if backbone.builder else set()
+    except (TypeError, ValueError):
+        return set()
+
+
+def _texts(records) -> list[str]:
+    return [t for r in records for t in (r.question, r.answer)]
+
+
+def shared_build_options(backbone, options: dict, train_records) -> dict:
+    """Builder options computed once per suite and given to every job.
+
+    A backbone that trains its tokenizer on the dataset text (``texts=``) gets one tokenizer, trained
+    here once: every recipe then sees the same token ids, which keeps results comparable (and
+    reproducible even where the tokenizer trainer breaks ties differently from run to run).
+    """
+    params = _builder_params(backbone)
+    if not {"texts", "tokenizer"} <= params or {"tokenizer", "vocab_file"} & set(options):
+        return {}
+    meta = {"device": "meta"} if "device" in params else {}  # only the tokenizer is wanted
+    model = backbone.build(**{**options, **meta, "texts": _texts(train_records)})
+    tokenizer = getattr(model, "tokenizer", None)
+    return {"tokenizer": tokenizer} if tokenizer is not None else {}
+
+
 def build_model(job, backbone, train_records) -> torch.nn.Module:
     """A fresh model; a backbone whose builder takes ``texts`` gets the training text (tokenizer)."""
-    options = dict(job.backbone_options)
-    builder = backbone.builder
-    if builder is not None and "texts" not in options:
-        try:
-            accepts_texts = "texts" in inspect.signature(builder).parameters
-        except (TypeError, ValueError):
-            accepts_texts = False
-        if accepts_texts:
-            options["texts"] = [t for r in train_records for t in (r.question, r.answer)]
+    options = {**job.backbone_options, **job.shared_options}
+    if "texts" in _builder_params(backbone) and "texts" not in options and "tokenizer" not in options:
+        options["texts"] = _texts(train_records)
     return backbone.build(**options)
 
 

@@ -44,6 +44,7 @@ class Job:
     dataset: str
     data_dir: str | None = None
     backbone_options: dict = field(default_factory=dict)
+    shared_options: dict = field(default_factory=dict)  # built once per suite (a tokenizer); not in results
     train_options: dict = field(default_factory=dict)  # load_records options of the training split
     test_options: dict = field(default_factory=dict)  # ... and of the test split
     steps: int | None = 40

@@ -1,0 +1,104 @@
+"""Resume skips the recipes already done; settings and versions are checked; --compare prints both."""
+
+import json
+
+import pytest
+
+import peftmed.bench.runner as runner
+from peftmed.bench import run_bench
+from peftmed.cli import main
+from peftmed.errors import ConfigError
+from peftmed.bench.results import ResultsError
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory, mini):
+    out = tmp_path_factory.mktemp("resume") / "run"
+    run_bench(mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"]), echo=lambda _: None)
+    return out
+
+
+def _count_jobs(monkeypatch):
+    calls = []
+    real = runner.run_job
+
+    def counting(job):
+        calls.append(job.label)
+        return real(job)
+
+    monkeypatch.setattr(runner, "run_job", counting)
+    return calls
+
+
+def test_resume_runs_only_new_recipes(done, mini, monkeypatch):
+    calls = _count_jobs(monkeypatch)
+    before = json.loads((done / "results.json").read_text())["rows"]
+    data = run_bench(mini(done, peft=False, resume=True, recipes=["*=layernorm", "*=bitfit", "*=ffn"]),
+                     echo=lambda _: None)
+    assert calls == ["*=ffn"]  # the two finished recipes were read back, not rerun
+    rows = {r["label"]: r for r in data["rows"]}
+    assert rows["*=layernorm"].get("resumed") and rows["*=bitfit"].get("resumed")
+    old = {r["label"]: r for r in before}
+    assert rows["*=layernorm"]["acc_overall"] == old["*=layernorm"]["acc_overall"]
+    assert rows["*=ffn"]["status"] == "ok"
+
+
+def test_interrupted_job_is_rerun(tmp_path, mini, monkeypatch):
+    out = tmp_path / "run"
+    calls = _count_jobs(monkeypatch)
+    real = runner.run_job
+
+    def interrupted(job):  # the second recipe is "killed" midway: no result file is written for it
+        if job.label == "*=bitfit":
+            raise KeyboardInterrupt
+        return real(job)
+
+    monkeypatch.setattr(runner, "run_job", interrupted)
+    config = mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"])
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config, echo=lambda _: None)
+    assert (out / "runs" / "all=layernorm.peftmed.json").is_file()
+    assert not (out / "runs" / "all=bitfit.peftmed.json").exists()
+    calls = _count_jobs(monkeypatch)
+    run_bench(mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"], resume=True), echo=lambda _: None)
+    assert calls == ["*=bitfit"]
+
+
+def test_existing_folder_needs_resume(done, mini):
+    with pytest.raises(ConfigError, match="--resume"):
+        run_bench(mini(done, peft=False), echo=lambda _: None)
+
+
+def test_resume_with_other_settings_refused(done, mini):
+    with pytest.raises(ConfigError, match="steps was 2, now 3"):
+        run_bench(mini(done, peft=False, resume=True, steps=3), echo=lambda _: None)
+
+
+def test_incompatible_version_refused(done, tmp_path, mini, capsys):
+    doc = json.loads((done / "results.json").read_text())
+    doc["format_version"] = 99
+    doc["meta"]["peftmed"] = "9.0.0"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps(doc))
+    with pytest.raises(ResultsError, match="peftmed 9.0.0 in bench format version 99"):
+        run_bench(mini(old, peft=False, resume=True), echo=lambda _: None)
+    assert main(["bench", "--compare", str(done), str(old)]) == 2
+    assert "format version 99" in capsys.readouterr().err
+
+
+def test_compare_prints_both_folders(done, tmp_path, capsys):
+    other = tmp_path / "other"
+    doc = json.loads((done / "results.json").read_text())
+    for row in doc["rows"]:
+        if row["label"] == "*=bitfit":
+            row["throughput"] = 2 * row["throughput"]
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps(doc))
+    assert main(["bench", "--compare", str(done), str(other)]) == 0
+    text = capsys.readouterr().out
+    assert str(done) in text and str(other) in text
+    line = next(l for l in text.splitlines() if l.startswith("*=bitfit"))
+    assert "2.00" in line.split()  # B/A of the doubled throughput
+    line = next(l for l in text.splitlines() if l.startswith("*=layernorm"))
+    assert line.split().count("1.00") >= 3  # identical figures: ratio 1
