@@ -41,6 +41,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.bench.cli",
     "peftmed.backbones.hf.plugin",
     "peftmed.scaffold.commands",
+    "peftmed.interop.commands",
     "peftmed.train.commands",
 )
 

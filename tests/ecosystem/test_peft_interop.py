@@ -1,0 +1,91 @@
+"""Adapters exported for huggingface/peft load with the real peft library and compute what peftmed
+computes on the same transformers model (and peft adapters import back)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peftmed  # noqa: E402
+from peftmed.errors import AdapterError  # noqa: E402
+from peftmed.interop import export_to_peft, import_from_peft  # noqa: E402
+from peftmed.testing import helpers as h  # noqa: E402
+
+peft = pytest.importorskip("peft")
+BACKBONE = "hf-blip-vqa"
+
+CASES = {
+    "lora": "vision=lora(r=4,alpha=8) fusion=lora(r=2,alpha=4)",
+    "ia3": "fusion=ia3",
+    "layernorm": "vision=layernorm decoder=layernorm",
+}
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = peftmed.build_registry()
+    if BACKBONE not in reg.names("backbone"):
+        pytest.skip(f"backbone {BACKBONE} is not registered")
+    return reg
+
+
+def _model(reg):
+    return h.build_model(reg.backbone(BACKBONE), seed=0)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_exported_adapter_loads_in_peft_with_same_output(method, registry, tmp_path):
+    pm = peftmed.apply(_model(registry), CASES[method], registry=registry)
+    h.perturb_(pm.adapter_tensors(), seed=1)
+    inputs = h.example_inputs(pm.base_model, registry.backbone(BACKBONE), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        ours = h.run(pm, inputs)
+        base = h.run(_model(registry), inputs)
+    pm.save_adapter(tmp_path / "mine")
+    export_to_peft(tmp_path / "mine", tmp_path / "peft", registry=registry)
+
+    wrapper = _model(registry)
+    peft.PeftModel.from_pretrained(wrapper.model, str(tmp_path / "peft"))  # injects into wrapper.model
+    wrapper.eval()
+    with torch.no_grad():
+        theirs = h.run(wrapper, inputs)
+    assert not torch.allclose(ours, base)  # the comparison is not between two base models
+    h.assert_close(theirs, ours, f"peft vs peftmed output ({method})")
+
+    # and back: peft's folder imports as a peftmed adapter with the same tensors and output
+    import_from_peft(tmp_path / "peft", tmp_path / "back", backbone=BACKBONE, registry=registry)
+    back = peftmed.load_adapter(_model(registry), tmp_path / "back", registry=registry)
+    with torch.no_grad():
+        h.assert_close(h.run(back, inputs), ours, f"round trip through peft ({method})")
+
+
+def test_adapter_trained_in_peft_imports(registry, tmp_path):
+    wrapper = _model(registry)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["self_attn.qkv"], init_lora_weights=False)
+    pmodel = peft.get_peft_model(wrapper.model, config)
+    inputs = h.example_inputs(wrapper, registry.backbone(BACKBONE), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        theirs = h.run(wrapper, inputs)
+    pmodel.save_pretrained(str(tmp_path / "peft"))
+    import_from_peft(tmp_path / "peft", tmp_path / "mine", backbone=BACKBONE, registry=registry)
+    ours = peftmed.load_adapter(_model(registry), tmp_path / "mine", registry=registry)
+    with torch.no_grad():
+        h.assert_close(h.run(ours, inputs), theirs, "peftmed vs peft output")
+
+
+@pytest.mark.parametrize("recipe,reason", [("vision=bitfit", "bitfit"), ("vision=full", "full")])
+def test_methods_peft_cannot_represent_are_refused(recipe, reason, registry, tmp_path):
+    peftmed.apply(_model(registry), recipe, registry=registry).save_adapter(tmp_path / "a")
+    with pytest.raises(AdapterError, match=f"peft cannot represent method.*{reason}"):
+        export_to_peft(tmp_path / "a", tmp_path / "out", registry=registry)
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_peft_does_not_know_is_refused(tmp_path):
+    reg = peftmed.build_registry()
+    peftmed.apply(peftmed.build_backbone("toy-vlm"), "fusion=lora(r=2)", registry=reg).save_adapter(tmp_path / "a")
+    with pytest.raises(AdapterError, match="toy-vlm.*not a transformers model"):
+        export_to_peft(tmp_path / "a", tmp_path / "out", registry=reg)
+    assert not (tmp_path / "out").exists()
