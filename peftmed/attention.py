@@ -10,16 +10,23 @@ it; the backbone's role map names them with the roles ``self_attention`` / ``cro
         when set, returns (prefix_k, prefix_v), each (H, P, D) shared by the whole batch (or
         (B, H, P, D)); the module passes them to ``attend(..., prefix=...)``.
 
-``attend`` dispatches to the ``prefix_attention`` kernel op where one is registered and falls back
-to the explicit reference below (which is also the test oracle).
+``attend`` sends a shared (H, P, D) prefix to the ``prefix_attention`` kernel op (attend to the
+prefix and to the sequence separately, merge by log-sum-exp: the prefix is never concatenated nor
+repeated per sample); a per-sample (B, H, P, D) prefix, ``impl="reference"``, or no implementation
+able to run the call use the explicit reference below (which is also the test oracle).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 
 from .errors import ShapeError
+
+log = logging.getLogger("peftmed.attention")
+REFERENCE = "reference"  # attend(impl=...) name of the explicit concatenation path
 
 
 def check_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
@@ -75,9 +82,31 @@ def attend(q, k, v, *, prefix=None, attn_mask=None, causal=False, dropout_p=0.0,
 
     ``attn_mask``: True/1 = attend; (B, Tk) padding or broadcastable to (B, H, Tq, Tk).
     ``causal`` applies to the sequence keys only.
+    ``impl``: the prefix_attention implementation (None/"auto", "triton", "cuda", "torch", ...), or
+    "reference" for the explicit concatenation.
     """
     if prefix is None or prefix[0].shape[-2] == 0:
         mask = bool_mask(attn_mask, q.shape[-2], k.shape[-2], causal, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    return attend_reference(q, k, v, prefix=prefix, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
-                            scale=scale)
+    pk, pv = prefix
+    check_prefix(q, pk, pv)
+    if pk.dim() == 4 or impl == REFERENCE:
+        return attend_reference(q, k, v, prefix=prefix, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
+                                scale=scale)
+    from .kernels.prefix_attention.op import prefix_attention
+    from .kernels.registry import KernelUnavailableError
+
+    try:
+        return prefix_attention(q, k, v, pk.to(q.dtype), pv.to(q.dtype), attn_mask, causal=causal, scale=scale,
+                                dropout_p=dropout_p, impl=impl)
+    except KernelUnavailableError as exc:
+        if impl not in (None, "auto"):
+            raise
+        if not _warned:
+            _warned.append(True)
+            log.warning("prefix_attention: %s; using the concatenation reference", exc)
+        return attend_reference(q, k, v, prefix=prefix, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
+                                scale=scale)
+
+
+_warned: list[bool] = []

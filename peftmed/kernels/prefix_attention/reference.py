@@ -1,0 +1,177 @@
+"""prefix_attention in plain PyTorch: the test oracle, and the ``torch`` implementation (the fallback).
+
+Softmax attention of q over [prefix; sequence], the prefix shared by the whole batch and always
+visible. Every implementation provides (shapes: q (B, H, Tq, D); k, v (B, H, Tk, D); pk, pv
+(H, P, D), P >= 1, one copy for the whole batch; mask None or bool (B|1, H|1, Tq|1, Tk), True =
+attend; causal: sequence key j is visible to query i iff j <= i + Tk - Tq, as a KV cache needs;
+lse fp32 (B, H, Tq), the log-sum-exp of the scaled scores over [prefix; sequence]):
+
+    forward(q, k, v, pk, pv, mask, causal, scale, p, seed) -> (out, lse)
+    backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse) -> (dq, dk, dv, dpk, dpv)
+
+The prefix and the sequence are attended separately and merged by log-sum-exp:
+    out = exp(lse_p - lse) * out_p + exp(lse_s - lse) * out_s,    lse = logaddexp(lse_p, lse_s)
+and the backward runs each branch with the *merged* out and lse (so each branch's probabilities are
+those of the full softmax) and adds the two query gradients; dpk/dpv sum over the batch.
+Dropout (p > 0) drops probabilities with the shared hash of peftmed.kernels.dropout: row
+(b * H + h) * Tq + i, column j over [prefix; sequence] (prefix first), regenerated in backward.
+
+This file's ``forward``/``backward``: on CPU without dropout, torch's flash-attention CPU kernels
+(which return the log-sum-exp) once per branch, the prefix broadcast with stride 0; otherwise the
+same formulas with explicit matmuls, recomputing the probabilities in backward (only out and lse
+are saved, never the (Tq, P + Tk) probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..dropout import keep_mask
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+FLASH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def reference(q, k, v, pk, pv, mask=None, causal=False, scale=None, p=0.0, seed=0):
+    """The concatenation [prefix; sequence] made explicit (prefix repeated per sample), softmax in
+    fp32, differentiated by autograd: what the tests compare against."""
+    b, h, tq, d = q.shape
+    tk, n = k.shape[2], pk.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    keys = torch.cat([pk.float().expand(b, -1, -1, -1), k.float()], dim=2)
+    values = torch.cat([pv.float().expand(b, -1, -1, -1), v.float()], dim=2)
+    visible = sequence_mask(mask, causal, tq, tk, q.device)
+    scores = q.float() @ keys.transpose(-1, -2) * scale  # (B, H, Tq, P + Tk)
+    if visible is not None:
+        scores[..., n:] = scores[..., n:].masked_fill(~visible, float("-inf"))
+    probs = scores.softmax(-1)
+    if p > 0:
+        keep = keep_mask(seed, b * h * tq, n + tk, p, q.device).view(b, h, tq, n + tk)
+        probs = probs * keep / (1 - p)
+    return (probs @ values).to(q.dtype)
+
+
+def sequence_mask(mask, causal, tq, tk, device):
+    """The bool visibility of the sequence keys, broadcastable to (B, H, Tq, Tk), or None (all)."""
+    if causal:
+        tri = torch.ones(tq, tk, dtype=torch.bool, device=device).tril(tk - tq)
+        return tri if mask is None else mask & tri
+    return mask
+
+
+def _additive(visible, dtype):
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, float("-inf"))
+
+
+def _flash_args(mask, causal, tq, tk, dtype):
+    """(is_causal, additive mask) for the CPU flash kernel: its own causal path when it agrees
+    with ours (Tq == Tk, top-left = bottom-right), else the visibility as an additive mask."""
+    if causal and mask is None and tq == tk:
+        return True, None
+    visible = sequence_mask(mask, causal, tq, tk, None if mask is None else mask.device)
+    return False, None if visible is None else _additive(visible, dtype)
+
+
+def _no_visible_key(mask, causal, tq, tk, device):
+    """(B|1, H|1, Tq) True where a query sees no sequence key (its branch has no softmax), or None."""
+    if mask is None and not (causal and tq > tk):
+        return None
+    visible = sequence_mask(mask, causal, tq, tk, device)
+    return ~visible.any(-1)
+
+
+def _merge(out_p, lse_p, out_s, lse_s, dtype):
+    lse = torch.logaddexp(lse_p, lse_s)
+    out = out_p.float() * (lse_p - lse).exp()[..., None] + out_s.float() * (lse_s - lse).exp()[..., None]
+    return out.to(dtype), lse
+
+
+def _use_flash(q, p):
+    return q.device.type == "cpu" and p == 0 and q.dtype in FLASH_DTYPES
+
+
+def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
+    if not _use_flash(q, p):
+        return _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed)
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)  # stride 0: no copy per sample
+    out_p, lse_p = _flash_fwd(q, bpk, bpv, 0.0, False, scale=scale)
+    is_causal, add = _flash_args(mask, causal, tq, tk, q.dtype)
+    out_s, lse_s = _flash_fwd(q, k, v, 0.0, is_causal, attn_mask=add, scale=scale)
+    blind = _no_visible_key(mask, causal, tq, tk, q.device)
+    if blind is not None:  # the flash kernel reports lse 0 there; the branch must weigh nothing
+        lse_s = lse_s.masked_fill(blind, float("-inf"))
+    return _merge(out_p, lse_p, out_s, lse_s, q.dtype)
+
+
+def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
+    if not _use_flash(q, p):
+        return _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse)
+    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
+    bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
+    dq_p, dpk, dpv = _flash_bwd(dout, q, bpk, bpv, out, lse, 0.0, False, scale=scale)
+    is_causal, add = _flash_args(mask, causal, tq, tk, q.dtype)
+    dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=add, scale=scale)
+    return dq + dq_p, dk, dv, dpk.sum(0, dtype=torch.float32).to(pk.dtype), dpv.sum(0, dtype=torch.float32).to(pv.dtype)
+
+
+# ---- explicit matmuls: any device, fp64, dropout ------------------------------------------------
+def _scores(q, k, pk, mask, causal, scale):
+    """fp32 scores of the prefix (B, H, Tq, P) and of the sequence (B, H, Tq, Tk), masked."""
+    qf = q.float() * (1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    s_p = torch.einsum("bhqd,hpd->bhqp", qf, pk.float())  # einsum folds B into Tq: pk is not repeated
+    s_s = qf @ k.float().transpose(-1, -2)
+    visible = sequence_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    if visible is not None:
+        s_s = s_s.masked_fill(~visible, float("-inf"))
+    return s_p, s_s
+
+
+def _keeps(q, n, tk, p, seed):
+    b, h, tq, _ = q.shape
+    keep = keep_mask(seed, b * h * tq, n + tk, p, q.device).view(b, h, tq, n + tk)
+    return keep[..., :n], keep[..., n:]
+
+
+def _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
+    s_p, s_s = _scores(q, k, pk, mask, causal, scale)
+    lse = torch.logaddexp(s_p.logsumexp(-1), s_s.logsumexp(-1))  # (B, H, Tq)
+    a_p, a_s = (s_p - lse[..., None]).exp(), (s_s - lse[..., None]).exp()
+    if p > 0:
+        keep_p, keep_s = _keeps(q, pk.shape[1], k.shape[2], p, seed)
+        a_p, a_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)
+    out = torch.einsum("bhqp,hpd->bhqd", a_p, pv.float()) + a_s @ v.float()
+    return out.to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s_p, s_s = _scores(q, k, pk, mask, causal, scale)
+    a_p, a_s = (s_p - lse[..., None]).exp(), (s_s - lse[..., None]).exp()
+    do, qf = dout.float(), q.float()
+    delta = (do * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O): the softmax Jacobian term
+    dp_p = torch.einsum("bhqd,hpd->bhqp", do, pv.float())
+    dp_s = do @ v.float().transpose(-1, -2)
+    if p > 0:
+        keep_p, keep_s = _keeps(q, pk.shape[1], k.shape[2], p, seed)
+        dp_p, dp_s = dp_p * keep_p / (1 - p), dp_s * keep_s / (1 - p)
+        d_p, d_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)  # the dropped probabilities
+    else:
+        d_p, d_s = a_p, a_s
+    ds_p, ds_s = a_p * (dp_p - delta), a_s * (dp_s - delta)
+    dq = (torch.einsum("bhqp,hpd->bhqd", ds_p, pk.float()) + ds_s @ k.float()) * scale
+    dk = ds_s.transpose(-1, -2) @ qf * scale
+    dv = d_s.transpose(-1, -2) @ do
+    dpk = torch.einsum("bhqp,bhqd->hpd", ds_p, qf) * scale  # summed over the batch
+    dpv = torch.einsum("bhqp,bhqd->hpd", d_p, do)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(pk.dtype), dpv.to(pv.dtype)
+
+
+def plain_attention(q, k, v, mask, causal, scale, p):
+    """No prefix: torch's SDPA (what an empty prefix falls through to)."""
+    visible = sequence_mask(mask, causal, q.shape[2], k.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p, scale=scale)
