@@ -166,3 +166,10 @@ def test_questions_and_images_must_agree():
     batch["questions"] = batch["questions"][:1]
     with pytest.raises(peftmed.PeftmedError, match="2 images but 1 questions"):
         model.compute_loss(batch)
+
+
+def test_builder_respects_an_ambient_meta_device():
+    """`peftmed recipe check` builds inside `with torch.device("meta")`: nothing may be allocated."""
+    with torch.device("meta"):
+        model = peftmed.build_backbone("miss-base")
+    assert all(p.is_meta for p in model.parameters())

@@ -38,8 +38,11 @@ def build_miss(size: str = "base", *, tokenizer: MissTokenizer | None = None, vo
     if "vocab_size" in fields and fields["vocab_size"] is None:
         fields["vocab_size"] = len(tokenizer)
     config = MissConfig.from_dict(fields)
-    with torch.device(device or "cpu"):
+    if device is None:  # build where the caller's context says (e.g. `with torch.device("meta")`)
         model = MissForVQA(config, tokenizer)
+    else:
+        with torch.device(device):
+            model = MissForVQA(config, tokenizer)
     return model.to(dtype) if dtype is not None else model
 
 
