@@ -365,20 +365,22 @@ class PeftModel(nn.Module):
     def trainable_report(self, name: str | None = None) -> TrainableReport:
         """Trainable parameters per component and method, as the papers' tables show them."""
         name = name or self._require_active()
-        rows, seen = [], set()
+        rows, seen, added = [], set(), 0
+        base_ids = {id(p) for p in self.base_model.parameters()} - adapter_parameter_ids(self.base_model)
         for applied in self.adapters[name].applied:
             count = 0
             for p in applied.tensors(self, name).values():
                 if id(p) not in seen:
                     seen.add(id(p))
                     count += p.numel()
+                    added += 0 if id(p) in base_ids else p.numel()
             rows.append(ReportRow(applied.component, applied.method.name, applied.config.to_dict(), count,
                                   self.base_counts[applied.component]))
         return TrainableReport(
             backbone=self.backbone.name, recipe=self.adapters[name].recipe.to_text(),
             row=self.adapters[name].recipe.row(list(self.backbone.components), self.registry),
             rows=rows, total_base=self.base_counts["*"],
-            component_totals={c: self.base_counts[c] for c in self.backbone.components},
+            component_totals={c: self.base_counts[c] for c in self.backbone.components}, added=added,
         )
 
     def num_trainable(self) -> int:
@@ -548,6 +550,13 @@ class TrainableReport:
     rows: list[ReportRow]
     total_base: int
     component_totals: dict[str, int]
+    added: int = 0  # parameters the adapter adds (inject and prompt families) beyond the base model
+
+    @property
+    def percent_with_added(self) -> float:
+        """trainable / (base + added): how peft's print_trainable_parameters and the MILE paper count."""
+        total = self.total_base + self.added
+        return 100.0 * self.trainable / total if total else 0.0
 
     @property
     def trainable(self) -> int:
@@ -561,6 +570,7 @@ class TrainableReport:
         return {
             "backbone": self.backbone, "recipe": self.recipe, "row": self.row,
             "trainable": self.trainable, "total": self.total_base, "percent": self.percent,
+            "added": self.added, "percent_with_added": self.percent_with_added,
             "components": self.component_totals,
             "rows": [
                 {"component": r.component, "method": r.method, "config": r.config, "trainable": r.trainable,
@@ -579,6 +589,9 @@ class TrainableReport:
             lines.append(f"{r.component:<10} {r.method:<12} {r.trainable:>13,} {pc:>12.3f}% {pm:>8.3f}%")
         lines.append(f"{'total':<10} {'':<12} {self.trainable:>13,} {'':>13} {self.percent:>8.3f}%"
                      f"   (model: {self.total_base:,} parameters)")
+        if self.added:
+            lines.append(f"{'':<10} {'':<12} {'':>13} {'':>13} {self.percent_with_added:>8.3f}%"
+                         f"   of model + {self.added:,} added (how peft and the MILE paper count)")
         return "\n".join(lines)
 
 

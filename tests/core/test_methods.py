@@ -67,6 +67,12 @@ def test_trainable_counts_are_exact_and_gradients_only_where_recipe_says(recipe)
     assert report.trainable == expected
     assert pm.num_trainable() == expected
     assert report.total_base == sum(p.numel() for p in ToyVLM().parameters())
+    added = expected if recipe.split("=")[1].startswith(("lora", "ia3")) and "bias=" not in recipe else None
+    if added is not None:  # inject methods add every trainable parameter they have
+        assert report.added == added
+        assert report.percent_with_added == pytest.approx(100 * expected / (report.total_base + added))
+    else:
+        assert report.added == 0 or "bias=" in recipe
     pm(*x).square().mean().backward()
     trainable = {id(p) for p in pm.adapter_tensors().values()}
     for name, p in pm.named_parameters():
