@@ -16,7 +16,9 @@ import torch
 
 from ...errors import ConfigError
 from ..base import Backbone
-from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats
+from .common import (
+    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model,
+)
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 # Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).
@@ -144,7 +146,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_f
     """A fresh (randomly initialised) BLIP VQA model with a tokenizer; nothing is downloaded.
 
     ``config``: a ``BlipConfig`` (overrides ``preset``); ``tokenizer``: any fast tokenizer whose size fits
-    the config; otherwise a WordPiece tokenizer is read from ``vocab_file`` or trained on the built-in
+    the config; otherwise a WordPiece tokenizer is read from ``vocab_file`` or built from the built-in
     corpus plus ``texts`` and the tiny preset's vocabulary is sized to it exactly.
     """
     from transformers import BlipForQuestionAnswering
@@ -160,9 +162,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_f
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-blip-vqa: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = BlipForQuestionAnswering(config)
+    model = seeded_model(BlipForQuestionAnswering, config, seed)
     return HFBlipVQA(model, tokenizer, max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
 
 

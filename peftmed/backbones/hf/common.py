@@ -72,6 +72,16 @@ def load_tokenizer(folder: Path, what: str):
                            f"the folder needs the tokenizer files written by tokenizer.save_pretrained") from exc
 
 
+def seeded_model(model_class, config, seed: int | None):
+    """``model_class(config)`` with weights drawn from ``seed`` (the same model every build), leaving the
+    caller's global random state as it was."""
+    if seed is None:
+        return model_class(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model_class(config)
+
+
 def load_weights(model_class, folder: Path, what: str, strict: bool = True):
     """``model_class.from_pretrained(folder)`` with a report of missing, shape-mismatched and unexpected
     weights: an error with ``strict`` (the default) for the first two, never a silent re-initialisation."""

@@ -21,7 +21,7 @@ from ...errors import ConfigError, PeftmedError
 from ..base import Backbone
 from ..images import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from .common import (
-    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, write_image_stats,
+    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model, write_image_stats,
 )
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
@@ -151,9 +151,7 @@ def _builder(name: str):
                                   tokenizer.pad_token_id if tokenizer is not None else 0)
             if image_size is not None:
                 getattr(config, "vision_config", config).image_size = int(image_size)
-        if seed is not None:
-            torch.manual_seed(seed)
-        model = getattr(transformers, ARCHS[kind][1])(config)
+        model = seeded_model(getattr(transformers, ARCHS[kind][1]), config, seed)
         mean, std = (CLIP_MEAN, CLIP_STD) if kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         return HFEncoder(model, kind, tokenizer, image_mean=mean, image_std=std)
 

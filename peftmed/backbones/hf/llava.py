@@ -20,7 +20,9 @@ import torch
 
 from ...errors import ConfigError
 from ..base import Backbone
-from .common import CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats
+from .common import (
+    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model,
+)
 from .tokenizer import bpe_tokenizer, check_vocab
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -61,7 +63,8 @@ class HFLlava(VQAModule):
         self.bos_id = tokenizer.bos_token_id
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        for label, tid in (("image token", self.image_token_id), ("eos token", self.eos_id), ("pad token", self.pad_id)):
+        special = (("image token", self.image_token_id), ("eos token", self.eos_id), ("pad token", self.pad_id))
+        for label, tid in special:
             if tid is None or not 0 <= tid < vocab:
                 raise ConfigError(f"hf-llava: the {label} id {tid} is not a token id below vocab_size={vocab}")
         patches = (self.image_size // cfg.vision_config.patch_size) ** 2
@@ -181,9 +184,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-llava: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
+    model = seeded_model(LlavaForConditionalGeneration, config, seed)
     return HFLlava(model, tokenizer, template=template, max_question_tokens=max_question_tokens,
                    max_answer_tokens=max_answer_tokens)
 
