@@ -296,3 +296,30 @@ def test_blip_base_at_480px_has_the_miss_base_parameter_count_and_ln_share():
     report = peftmed.apply(model, "*=layernorm", keep_base=False).trainable_report()
     share = sum(r.trainable for r in report.rows) / report.total_base
     assert 0.0003 < share < 0.0005
+
+
+def test_llava_loss_covers_the_answer_tokens_only():
+    """The loss equals the cross-entropy of the answer tokens + </s>, recomputed from the logits."""
+    import torch.nn.functional as F
+
+    model = build("hf-llava")
+    batch = make_batch(model)
+    batch["answers"] = ["yes", "right lower lobe"]
+    with torch.no_grad():
+        out = model(batch)
+    tok = model.tokenizer
+    losses = []
+    for i, (question, answer) in enumerate(zip(batch["questions"], batch["answers"])):
+        prompt = model._prompt(question)[0]
+        target = tok(" " + answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        start = len(prompt) - 1  # the logit at position t predicts token t + 1
+        logits = out["logits"][i, start:start + len(target)]
+        losses.append(F.cross_entropy(logits, torch.tensor(target), reduction="none"))
+    torch.testing.assert_close(out["loss"], torch.cat(losses).mean())
+
+
+def test_llava_template_without_image_or_question_is_refused():
+    with pytest.raises(ConfigError, match="template"):
+        build("hf-llava", template="USER: {question} ASSISTANT:")
+    with pytest.raises(ConfigError, match="template"):
+        build("hf-llava", template="USER: <image> ASSISTANT:")
