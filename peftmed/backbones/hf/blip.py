@@ -44,7 +44,11 @@ PRESETS: dict[str, dict] = {
 
 
 class HFBlipVQA(VQAModule):
-    """BlipForQuestionAnswering (at ``.model``) with a tokenizer, image statistics and the VQA protocol."""
+    """BlipForQuestionAnswering (at ``.model``) with a tokenizer, image statistics and the VQA protocol.
+
+    ``max_question_tokens`` counts the encoder input with ``[CLS]``/``[SEP]`` (35, as MISS); answers
+    are cut to ``max_answer_tokens`` word pieces for the loss.
+    """
 
     processor_type = "BlipImageProcessor"
 

@@ -40,7 +40,11 @@ PRESETS: dict[str, dict] = {
 
 
 class HFLlava(VQAModule):
-    """LlavaForConditionalGeneration (at ``.model``) with a tokenizer, a prompt template and the VQA protocol."""
+    """LlavaForConditionalGeneration (at ``.model``) with a tokenizer, a prompt template and the VQA protocol.
+
+    ``max_question_tokens`` counts the question's own tokens (the template and image tokens come on
+    top); answers are cut to ``max_answer_tokens`` tokens for the loss.
+    """
 
     processor_type = "CLIPImageProcessor"
 
