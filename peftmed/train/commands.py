@@ -159,10 +159,10 @@ def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, An
     for split in (opts["train_split"], opts["eval_split"]):
         spec.check_split(split)
     unknown = sorted(set(opts["data_options"]) - set(getattr(spec, "options", {}) or {}))
-    if unknown and getattr(spec, "options", None):
+    if unknown:
         from ..errors import UnknownNameError
 
-        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], spec.options)
+        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], getattr(spec, "options", {}) or {})
     if getattr(spec, "needs_data_dir", False) and not opts.get("data_dir"):
         raise ConfigError(f"dataset {spec.name!r} reads files: pass --data-dir pointing at its folder")
     recipe = Recipe.parse(opts["recipe"], components=list(backbone.components))

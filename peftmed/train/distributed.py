@@ -131,6 +131,9 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
         return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if strategy == "fsdp":
+        if d.device.type != "cuda":
+            raise ConfigError(f"strategy fsdp shards over GPUs (FullyShardedDataParallel needs an accelerator); "
+                              f"this run is on {d.device}. Use --strategy ddp on CPU")
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
 

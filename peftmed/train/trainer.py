@@ -251,8 +251,8 @@ class Trainer:
         rngs = self.dist.gather_objects(ckpt.rng_state())
         optim_state = self._optimizer_state()
         path = None
-        if self.dist.is_main and self.checkpoint_root is not None:
-            with distributed.full_params(self.wrapped):
+        with distributed.full_params(self.wrapped):  # a collective under FSDP: every rank enters
+            if self.dist.is_main and self.checkpoint_root is not None:
                 path = ckpt.write_checkpoint(
                     self.checkpoint_root, self.state["step"], model=self.model, trainable=self.params,
                     state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
@@ -427,9 +427,10 @@ class Trainer:
             path = self.save_checkpoint()
         elif self.checkpoint_root is not None:
             path = ckpt.latest_checkpoint(self.checkpoint_root)
-        if self.output_dir is not None and d.is_main and hasattr(self.model, "save_adapter"):
+        if self.output_dir is not None and hasattr(self.model, "save_adapter"):
             with distributed.full_params(self.wrapped):
-                self.model.save_adapter(self.output_dir / "adapter")
+                if d.is_main:
+                    self.model.save_adapter(self.output_dir / "adapter")
         return TrainResult(
             step=s["step"], epoch=s["epoch"] + s["batch_in_epoch"] / self.steps_per_epoch,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,

@@ -52,6 +52,8 @@ def test_unknown_key_in_the_config_file_is_named(registry, tmp_path):
     (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "vqa-rad", "--steps", "1"], "--data-dir"),
     (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "phantom"], "no training budget"),
     (["--recipe", "*=full", "--dataset", "phantom", "--steps", "1"], "missing --backbone"),
+    (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "phantom", "--steps", "1", "--data-options",
+      "domian=mr"], "unknown option of dataset 'phantom' 'domian'; did you mean 'domain'?"),
 ])
 def test_bad_names_fail_before_training(registry, tmp_path, capsys, argv, message):
     out = tmp_path / "run"
