@@ -22,10 +22,10 @@ def no_training(monkeypatch):
     ({"backbone": "miss-tinny"}, "unknown backbone 'miss-tinny'; did you mean 'miss-tiny'"),
     ({"dataset": "phantome"}, "Known datasets: phantom"),
     ({"recipes": ["*=lorra"]}, "unknown method 'lorra'.*Known methods:.*lora"),
-    ({"recipes": ["fusion=lora(rank=4)"]}, "option of method 'lora' 'rank'"),
+    ({"recipes": ["fusion=lora(rank=4)"]}, "unknown option 'rank' for method 'lora'.*Known options: alpha"),
     ({"recipes": ["retina=lora"]}, "unknown component 'retina'.*decoder, fusion, vision"),
     ({"recipes": ["*=lora("]}, "suite recipe"),
-    ({"suite": "mlie"}, "unknown suite 'mlie'; did you mean 'mile'"),
+    ({"suite": "mlie", "recipes": []}, "unknown suite 'mlie'; did you mean 'mile'"),
     ({"steps": 0}, "steps must be a positive integer, got 0"),
 ])
 def test_errors_before_training(tmp_path, mini, no_training, overrides, message):

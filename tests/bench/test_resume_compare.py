@@ -19,8 +19,9 @@ def done(tmp_path_factory, mini):
 
 
 def _count_jobs(monkeypatch):
+    from peftmed.bench.worker import run_job as real
+
     calls = []
-    real = runner.run_job
 
     def counting(job):
         calls.append(job.label)
@@ -43,19 +44,22 @@ def test_resume_runs_only_new_recipes(done, mini, monkeypatch):
     assert rows["*=ffn"]["status"] == "ok"
 
 
+class SimulatedKill(Exception):
+    pass
+
+
 def test_interrupted_job_is_rerun(tmp_path, mini, monkeypatch):
     out = tmp_path / "run"
-    calls = _count_jobs(monkeypatch)
-    real = runner.run_job
+    from peftmed.bench.worker import run_job as real
 
     def interrupted(job):  # the second recipe is "killed" midway: no result file is written for it
         if job.label == "*=bitfit":
-            raise KeyboardInterrupt
+            raise SimulatedKill
         return real(job)
 
     monkeypatch.setattr(runner, "run_job", interrupted)
     config = mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"])
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedKill):
         run_bench(config, echo=lambda _: None)
     assert (out / "runs" / "all=layernorm.peftmed.json").is_file()
     assert not (out / "runs" / "all=bitfit.peftmed.json").exists()
