@@ -43,7 +43,9 @@ class FakeVQA(nn.Module):
     def logits(self, batch):
         x = batch["images"].float().flatten(1) / 255.0  # (B, 3*S*S)
         h = self.vision["norm"](self.vision["v"](F.gelu(self.vision["q"](x))))
-        ids = [torch.tensor([zlib.crc32(w.encode()) % self.vocab for w in q.lower().split()] or [0]) for q in batch["questions"]]
+        # crc32, not hash(): python's str hash differs between processes (the DDP test spawns two)
+        ids = [torch.tensor([zlib.crc32(w.encode()) % self.vocab for w in q.lower().split()] or [0])
+               for q in batch["questions"]]
         offsets = torch.tensor([0] + [len(i) for i in ids[:-1]]).cumsum(0)
         h = h + self.words(torch.cat(ids), offsets)
         return self.head["fc2"](self.drop(F.gelu(self.head["fc1"](h))))

@@ -47,7 +47,8 @@ def test_unknown_key_in_the_config_file_is_named(registry, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--backbone", "miss-tny", "--recipe", "*=full", "--dataset", "phantom"], "unknown backbone 'miss-tny'"),
     (["--backbone", "miss-tiny", "--recipe", "*=lorra", "--dataset", "phantom"], "unknown method 'lorra'"),
-    (["--backbone", "miss-tiny", "--recipe", "*=lora(rank=4)", "--dataset", "phantom"], "unknown option 'rank' for method 'lora'"),
+    (["--backbone", "miss-tiny", "--recipe", "*=lora(rank=4)", "--dataset", "phantom"],
+     "unknown option 'rank' for method 'lora'"),
     (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "phantom2"], "unknown dataset 'phantom2'"),
     (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "vqa-rad", "--steps", "1"], "--data-dir"),
     (["--backbone", "miss-tiny", "--recipe", "*=full", "--dataset", "phantom"], "no training budget"),

@@ -166,7 +166,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(fake_
 
 def test_resume_from_another_recipe_or_backbone_is_refused(fake_registry, records, tmp_path):
     run(build_fake("vision=lora(r=4,kernel=torch) decoder=ffn", registry=fake_registry), records, tmp_path, steps=2)
-    with pytest.raises(CheckpointError, match=r"vision: checkpoint lora\(r=4,kernel=torch\), this run lora\(r=2,kernel=torch\)"):
+    differs = r"vision: checkpoint lora\(r=4,kernel=torch\), this run lora\(r=2,kernel=torch\)"
+    with pytest.raises(CheckpointError, match=differs):
         run(build_fake("vision=lora(r=2,kernel=torch) decoder=ffn", registry=fake_registry), records, tmp_path,
             resume=True, steps=4)
     with pytest.raises(CheckpointError, match="backbone 'fake-vqa', this run uses 'fake-vqa-2'"):
@@ -190,3 +191,18 @@ def test_bad_config_is_refused_naming_the_value(options, message):
 def test_training_set_smaller_than_a_batch_is_refused(fake_registry):
     with pytest.raises(peftmed.ConfigError, match="has 4 samples, fewer than one global batch of 8"):
         run(build_fake(registry=fake_registry), make_records(4), steps=2)
+
+
+def test_evaluates_every_n_steps_in_eval_mode(fake_registry, records, tmp_path):
+    pm = build_fake(registry=fake_registry)
+    calls = []
+
+    def eval_fn(model, limit):
+        calls.append((model.training, limit))
+        return {"acc_overall": evaluate(model, records, limit=limit).scores["acc_overall"]}
+
+    config = TrainConfig(**{**BASE, "steps": 7, "eval_every": 3, "eval_samples": 10})
+    result = Trainer(pm, VQADataset(records, 8), config, output_dir=tmp_path, eval_fn=eval_fn).train()
+    assert calls == [(False, 10), (False, 10)] and pm.training
+    assert [e["step"] for e in result.evals] == [3, 6]
+    assert json.loads((result.checkpoint / "trainer.json").read_text())["evals"] == result.evals
