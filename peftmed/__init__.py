@@ -12,6 +12,7 @@ from .backbones.base import Backbone  # noqa: E402
 from .errors import (  # noqa: E402
     AdapterError,
     ConfigError,
+    NoMatchError,
     PeftmedError,
     PluginError,
     RecipeError,
@@ -36,7 +37,7 @@ def get_backbone(name: str) -> Backbone:
 
 __all__ = [
     "AdapterError", "AdapterLayer", "ApplyContext", "Backbone", "ConfigError", "Method", "MethodCall",
-    "MethodConfig", "PeftModel", "PeftmedError", "PluginError", "PromptModule", "Recipe", "RecipeError",
+    "MethodConfig", "NoMatchError", "PeftModel", "PeftmedError", "PluginError", "PromptModule", "Recipe", "RecipeError",
     "ShapeError", "UnknownNameError", "__version__", "apply", "build_backbone", "build_registry",
     "default_registry", "get_backbone", "hookimpl", "load_adapter",
 ]

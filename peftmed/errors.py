@@ -25,6 +25,10 @@ class RecipeError(PeftmedError, ValueError):
     """A recipe that cannot be parsed or applied."""
 
 
+class NoMatchError(RecipeError):
+    """A method that finds nothing to act on in a component (no module of its roles)."""
+
+
 class ConfigError(PeftmedError, ValueError):
     """A method or backbone option outside its valid range."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone
-from .errors import AdapterError, PeftmedError, RecipeError, UnknownNameError
+from .errors import AdapterError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
 from .methods.base import (
     AdapterLayer,
     ApplyContext,
@@ -36,6 +37,8 @@ from .methods.base import (
 )
 from .plugins import Registry, default_registry
 from .recipe import Recipe
+
+log = logging.getLogger("peftmed.model")
 
 MANIFEST = "adapter.json"
 WEIGHTS = "adapter.safetensors"
@@ -77,6 +80,7 @@ class AdapterState:
     name: str
     recipe: Recipe
     applied: list[AppliedMethod] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # wildcard components the method had nothing in
     saved_values: dict[str, torch.Tensor] | None = None  # select values while inactive
 
 
@@ -137,16 +141,20 @@ class PeftModel(nn.Module):
         return self._apply_plan(name, recipe, plan, activate=activate)
 
     def _plan(self, recipe: Recipe, *, lenient: bool = False,
-              configs: Mapping[str, list[dict]] | None = None) -> list[tuple[str, Method, MethodConfig]]:
-        """Validate everything before touching the model: unknown names and bad options fail here."""
+              configs: Mapping[str, list[dict]] | None = None) -> list[tuple[str, Method, MethodConfig, bool]]:
+        """Validate everything before touching the model: unknown names and bad options fail here.
+
+        Each step is (component, method, config, from_wildcard); a ``*`` entry skips components the
+        method finds nothing to act on (e.g. LayerNorm-tuning on a projector without norms)."""
         plan = []
         resolved = recipe.resolve(self.backbone.components)
         for component, calls in resolved.items():
             families = {}
+            from_wildcard = component not in recipe.entries
             for i, call in enumerate(calls):
                 method = self.registry.method(call.name)
                 options = call.options
-                if configs is not None:
+                if configs is not None and component in configs:
                     options = configs[component][i]
                 config = method.make_config(options, lenient=lenient)
                 if method.family == "prompt" and "prompt" in families:
@@ -155,7 +163,7 @@ class PeftModel(nn.Module):
                         f"and {method.name}); a component takes at most one"
                     )
                 families.setdefault(method.family, method.name)
-                plan.append((component, method, config))
+                plan.append((component, method, config, from_wildcard))
         if not plan:
             raise RecipeError(f"recipe {recipe.to_text()!r} trains nothing (every component is frozen)")
         return plan
@@ -167,9 +175,20 @@ class PeftModel(nn.Module):
         state = AdapterState(name, recipe)
         self.adapters[name] = state
         try:
-            for component, method, config in plan:
+            for component, method, config, from_wildcard in plan:
                 ctx = ApplyContext(self.base_model, self.backbone, component, method, config, name)
-                state.applied.append(self._apply_one(ctx))
+                try:
+                    state.applied.append(self._apply_one(ctx))
+                except NoMatchError as exc:
+                    if not from_wildcard:
+                        raise
+                    state.skipped.append(f"{component}: {exc}")
+                    log.info("recipe %r: skipping component %r: %s", recipe.to_text(), component, exc)
+            if not state.applied:
+                raise NoMatchError(
+                    f"recipe {recipe.to_text()!r} matches nothing on backbone {self.backbone.name!r}: "
+                    + "; ".join(state.skipped)
+                )
         except Exception:
             self.remove_adapter(name, _rollback=True)
             if previous is not None:
@@ -204,7 +223,7 @@ class PeftModel(nn.Module):
         elif method.family == "select":
             applied.params = dict(method.select(ctx))
             if not applied.params:
-                raise RecipeError(
+                raise NoMatchError(
                     f"method {method.name!r} on component {ctx.component!r} selects no parameter"
                 )
         elif method.family == "prompt":

@@ -78,7 +78,8 @@ class Backbone:
 
     Fields:
       name: what ``--backbone`` takes.
-      components: component -> dotted module path in the model ("" is the whole model).
+      components: component -> dotted module path in the model ("" is the whole model), or a tuple
+        of paths when a component spans several modules (e.g. ("model.language_model", "lm_head")).
       roles: role -> pattern(s) for all components.
       component_roles: component -> {role -> pattern(s)}, overriding ``roles`` for that component.
       builder: ``builder(**options) -> nn.Module`` building a fresh model (random init).
@@ -89,7 +90,7 @@ class Backbone:
     """
 
     name: str
-    components: Mapping[str, str]
+    components: Mapping[str, str | tuple[str, ...]]
     roles: Mapping[str, Pattern | Iterable[Pattern]] = field(default_factory=dict)
     component_roles: Mapping[str, Mapping[str, Pattern | Iterable[Pattern]]] = field(default_factory=dict)
     builder: Callable[..., nn.Module] | None = None
@@ -133,16 +134,28 @@ class Backbone:
                 "component", component, self.components, hint=f"(backbone {self.name!r})"
             )
 
-    def component_module(self, model: nn.Module, component: str) -> nn.Module:
+    def component_paths(self, component: str) -> tuple[str, ...]:
+        """The module path(s) of a component; a component may span several (e.g. an LLM and its head)."""
         self.check_component(component)
-        path = self.components[component]
-        try:
-            return model.get_submodule(path) if path else model
-        except AttributeError as exc:
-            raise PeftmedError(
-                f"backbone {self.name!r} maps component {component!r} to {path!r}, which is not a "
-                f"module of this {type(model).__name__}"
-            ) from exc
+        paths = self.components[component]
+        return (paths,) if isinstance(paths, str) else tuple(paths)
+
+    def component_roots(self, model: nn.Module, component: str) -> list[tuple[str, nn.Module]]:
+        """(path, module) for each module the component is made of."""
+        roots = []
+        for path in self.component_paths(component):
+            try:
+                roots.append((path, model.get_submodule(path) if path else model))
+            except AttributeError as exc:
+                raise PeftmedError(
+                    f"backbone {self.name!r} maps component {component!r} to {path!r}, which is not a "
+                    f"module of this {type(model).__name__}"
+                ) from exc
+        return roots
+
+    def component_module(self, model: nn.Module, component: str) -> nn.Module:
+        """The component's (first) root module."""
+        return self.component_roots(model, component)[0][1]
 
     def role_patterns(self, component: str, role: str) -> tuple[Pattern, ...]:
         table = self.component_roles.get(component, {})
@@ -159,24 +172,24 @@ class Backbone:
 
     def match(self, model: nn.Module, component: str, role: str) -> dict[str, nn.Module]:
         """Modules of ``component`` playing ``role``, keyed by their name relative to the model root."""
-        root = self.component_module(model, component)
-        prefix = self.components[component]
         patterns = self.role_patterns(component, role)
         found: dict[str, nn.Module] = {}
-        for rel, module in root.named_modules():
-            if not rel or ".base_layer" in f".{rel}":
-                continue  # adapter wrappers keep the original module at <name>.base_layer
-            if any(_pattern_hits(p, rel, module) for p in patterns):
-                found[f"{prefix}.{rel}" if prefix else rel] = module
+        for prefix, root in self.component_roots(model, component):
+            for rel, module in root.named_modules():
+                if not rel or ".base_layer" in f".{rel}":
+                    continue  # adapter wrappers keep the original module at <name>.base_layer
+                if any(_pattern_hits(p, rel, module) for p in patterns):
+                    found[f"{prefix}.{rel}" if prefix else rel] = module
         return found
 
     def component_of(self, name: str) -> str | None:
         """The component a model-level parameter or module name belongs to (longest path wins)."""
         best, best_len = None, -1
-        for comp, path in self.components.items():
-            if path == "" or name == path or name.startswith(path + "."):
-                if len(path) > best_len:
-                    best, best_len = comp, len(path)
+        for comp in self.components:
+            for path in self.component_paths(comp):
+                if path == "" or name == path or name.startswith(path + "."):
+                    if len(path) > best_len:
+                        best, best_len = comp, len(path)
         return best
 
 

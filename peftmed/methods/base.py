@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, PeftmedError, RecipeError, UnknownNameError
+from ..errors import ConfigError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
 
 log = logging.getLogger("peftmed.methods")
 
@@ -147,7 +147,15 @@ class ApplyContext:
 
     @property
     def component_path(self) -> str:
-        return self.backbone.components[self.component]
+        return self.backbone.component_paths(self.component)[0]
+
+    def base_parameters(self) -> dict[str, nn.Parameter]:
+        """The model's own parameters in this component (adapters' excluded), by canonical name."""
+        out: dict[str, nn.Parameter] = {}
+        for path, root in self.backbone.component_roots(self.model, self.component):
+            for n, p in base_named_parameters(root):
+                out[canonical_name(f"{path}.{n}" if path else n)] = p
+        return out
 
     def roles(self) -> tuple[str, ...]:
         return self.method.roles_for(self.config)
@@ -168,7 +176,7 @@ class ApplyContext:
             for name, module in self.match(role).items():
                 found.setdefault(name, (module, role))
         if require and not found:
-            raise RecipeError(
+            raise NoMatchError(
                 f"method {self.method.name!r} on component {self.component!r} of backbone "
                 f"{self.backbone.name!r} matches no module: it asks for roles {list(self.roles())}, "
                 f"and this component has none of them (its roles: "

@@ -15,7 +15,7 @@ from torch import nn
 from .. import kernels
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name, unwrap
+from .base import AdapterLayer, ApplyContext, Method, MethodConfig, canonical_name, unwrap
 
 INITS = ("kaiming", "gaussian", "orthogonal")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -138,12 +138,7 @@ class Lora(Method):
                 for n, layer in layers.items()
                 if getattr(layer.innermost, "bias", None) is not None
             }
-        root, path = ctx.component_module, ctx.component_path
-        return {
-            canonical_name(f"{path}.{n}" if path else n): p
-            for n, p in base_named_parameters(root)
-            if n.endswith("bias")
-        }
+        return {n: p for n, p in ctx.base_parameters().items() if n.endswith("bias")}
 
 
 @hookimpl

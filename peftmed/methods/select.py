@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..hookspecs import hookimpl
-from .base import ApplyContext, Method, MethodConfig, base_named_parameters, canonical_name, unwrap
+from .base import ApplyContext, Method, MethodConfig, canonical_name, unwrap
 
 
 def _params_of(ctx: ApplyContext, modules: dict[str, nn.Module], *, bias_only: bool = False) -> dict[str, nn.Parameter]:
@@ -95,12 +95,7 @@ class BitFit(SelectMethod):
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         if ctx.config.roles:
             return _params_of(ctx, {n: m for n, (m, _) in ctx.matched().items()}, bias_only=True)
-        root, path = ctx.component_module, ctx.component_path
-        return {
-            canonical_name(f"{path}.{n}" if path else n): p
-            for n, p in base_named_parameters(root)
-            if n.endswith("bias")
-        }
+        return {n: p for n, p in ctx.base_parameters().items() if n.endswith("bias")}
 
 
 class Full(SelectMethod):
@@ -113,11 +108,7 @@ class Full(SelectMethod):
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         if ctx.config.roles:
             return super().select(ctx)
-        root, path = ctx.component_module, ctx.component_path
-        return {
-            canonical_name(f"{path}.{n}" if path else n): p
-            for n, p in base_named_parameters(root)
-        }
+        return ctx.base_parameters()
 
 
 class Frozen(SelectMethod):

@@ -173,3 +173,39 @@ def test_lora_on_a_non_linear_module_names_it():
     m, _ = toy()
     with pytest.raises(RecipeError, match=r"cannot wrap 'vision\.blocks\.0\.norm1'.*got LayerNorm"):
         peftmed.apply(m, "vision=lora(roles=[norm])")
+
+
+def test_wildcard_skips_components_without_matches_but_named_ones_must_match():
+    class TwoPart(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+            self.proj = torch.nn.Linear(4, 4)  # no norm here
+
+        def forward(self, x):
+            return self.proj(self.enc(x))
+
+    bb = peftmed.Backbone(name="two-part", components={"vision": "enc", "projector": "proj"})
+    pm = peftmed.apply(TwoPart(), "*=layernorm", backbone=bb)
+    assert [r.component for r in pm.trainable_report().rows] == ["vision"]
+    assert "projector" in pm.adapters["default"].skipped[0]
+    with pytest.raises(peftmed.NoMatchError, match="component 'projector'"):
+        peftmed.apply(TwoPart(), "projector=layernorm", backbone=bb)
+    with pytest.raises(peftmed.NoMatchError, match="matches nothing"):
+        peftmed.apply(TwoPart(), "*=ffn", backbone=bb)
+
+
+def test_component_spanning_several_modules():
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    bb = peftmed.Backbone(name="lm", components={"llm": ("body", "head")})
+    pm = peftmed.apply(LM(), "llm=full", backbone=bb)
+    assert pm.trainable_report().trainable == 4 * 4 + 4 + 4 * 3 + 3
+    assert pm.trainable_report().component_totals["llm"] == 35
