@@ -1,0 +1,218 @@
+"""prefix_attention forward + backward against attention over the explicitly concatenated [prefix;
+sequence] keys/values, in one run; then the training-step memory of Prefix-tuning on ``miss-base``.
+
+    python benchmarks/kernels/bench_prefix_attention.py                   # CPU: op rows + miss-base step
+    python benchmarks/kernels/bench_prefix_attention.py --device cuda     # GPU rows, bf16, batch 32
+    python benchmarks/kernels/bench_prefix_attention.py --skip-model      # op rows only
+
+Op rows (self-attention, a (B, Tk) padding mask, H=12, D=64; prefix 10 and 64, sequence 35, 256,
+1024), providers timed interleaved: ``reference (concat + softmax)`` (peftmed.kernels.prefix_attention
+.reference.reference: cat + fp32 softmax), ``sdpa on concat`` (peftmed.attention.attend_reference:
+cat + torch's scaled_dot_product_attention) and ``peftmed <impl>``. Peak memory of one forward +
+backward: on CUDA max_memory_allocated; on CPU the growth of the peak resident set (VmHWM after a
+clear_refs reset) of a fresh process per (provider, size) (peftmed.bench.memory.MemoryProbe).
+
+Model step (target: peak lower than the reference path's by at least the per-sample prefix copies the
+reference makes): one forward + backward of ``miss-base`` with ``vision=prefix fusion=prefix
+decoder=prefix`` (dropout 0.1, training mode), once with attend() on prefix_attention and once on
+the concatenation reference, each in a fresh process; the copies are counted exactly from every
+prefixed attention call of the step (2 * B * H * P * D * bytes). On CPU batch 32 of miss-base is
+too slow for 2 cores: the default measures batch 2 and states the copies at 32 by their formula
+(linear in the batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, percentiles, report, row, time_interleaved  # noqa: E402
+
+MIB = 1024 * 1024
+H, D = 12, 64
+
+
+def inputs(b, t, n, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, H, t, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    pk, pv = (torch.randn(H, n, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[:, t - t // 4:] = False  # the last quarter is padding
+    mask[0] = True
+    return (q, k, v, pk, pv), mask.to(device), torch.randn(b, H, t, D, generator=g).to(device, dtype)
+
+
+def provider_fn(name, ins, mask):
+    from peftmed.attention import attend_reference
+    from peftmed.kernels.prefix_attention.op import prefix_attention
+    from peftmed.kernels.prefix_attention.reference import reference
+
+    q, k, v, pk, pv = ins
+    if name == "reference (concat + softmax)":
+        return lambda: reference(q, k, v, pk, pv, mask[:, None, None, :])
+    if name == "sdpa on concat":
+        return lambda: attend_reference(q, k, v, prefix=(pk, pv), attn_mask=mask)
+    impl = name.split()[-1]
+    return lambda: prefix_attention(q, k, v, pk, pv, mask, impl=impl)
+
+
+def step(fn, ins, dout):
+    def run():
+        torch.autograd.grad(fn(), ins, dout)
+
+    return run
+
+
+def op_peak_mib(name, b, t, n, dtype, device) -> float:
+    """Peak memory of one forward + backward of ``name`` (run in this process)."""
+    from peftmed.bench.memory import MemoryProbe
+
+    ins, mask, dout = inputs(b, t, n, dtype, device)
+    run = step(provider_fn(name, ins, mask), ins, dout)
+    run()  # warm-up: code pages and thread pools loaded on first use must not count
+    probe = MemoryProbe(torch.device(device))
+    probe.start()
+    run()
+    return probe.peak_mib()
+
+
+def isolated(args_list) -> dict:
+    out = subprocess.run([sys.executable, __file__, *args_list], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"), check=False)
+    if out.returncode != 0:
+        return {"failed": out.stderr.strip()[-400:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def op_rows(args) -> list[dict]:
+    gpu = args.device == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    impls = args.impls or (["triton", "cuda", "torch"] if gpu else ["torch"])
+    rows = []
+    for n in args.prefix:
+        for t in args.seq:
+            ins, mask, dout = inputs(args.batch_op, t, n, dtype, args.device)
+            names = ["reference (concat + softmax)", "sdpa on concat"]
+            fns = {nm: step(provider_fn(nm, ins, mask), ins, dout) for nm in names}
+            for impl in impls:
+                nm = f"peftmed {impl}"
+                try:
+                    fns[nm] = step(provider_fn(nm, ins, mask), ins, dout)
+                    fns[nm]()
+                except Exception as exc:  # an implementation that cannot run here is reported, not fatal
+                    print(f"skipping {nm}: {exc}", file=sys.stderr)
+                    fns.pop(nm)
+            rounds = args.rounds if t < 1024 else max(3, args.rounds // 4)
+            times = time_interleaved(fns, device=args.device, rounds=rounds, warmup=2)
+            base = percentiles(times["sdpa on concat"])[1]
+            for nm, samples in times.items():
+                if gpu:
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    fns[nm]()
+                    peak = (torch.cuda.max_memory_allocated() - before) / MIB
+                else:
+                    res = isolated(["--one-op", nm, str(args.batch_op), str(t), str(n)])
+                    peak = res.get("peak_mib", float("nan"))
+                shape = f"B{args.batch_op} H{H} P{n} T{t} D{D}"
+                rows.append(row(shape, dtype, "fwd+bwd", nm, samples, args.device, f"peak {peak:.1f} MiB",
+                                None if nm == "sdpa on concat" else base))
+    return rows
+
+
+# ---- the miss-base training step ----------------------------------------------------------------------
+def model_step(path: str, size: str, batch: int, recipe: str) -> dict:
+    """One Prefix-tuning training step of miss-<size> in this process, attend() on ``path``."""
+    import functools
+
+    import peftmed
+    import peftmed.backbones.miss.layers as layers
+    from peftmed.attention import attend
+    from peftmed.bench.memory import MemoryProbe
+
+    torch.manual_seed(0)
+    shape = peftmed.build_backbone(f"miss-{size}", device="meta")
+    data = shape.example_batch(batch)
+    copies = []
+
+    def counting_attend(q, k, v, *, prefix=None, **kw):
+        if prefix is not None and prefix[0].shape[-2] > 0:  # what attend_reference repeats per sample
+            copies.append(2 * k.shape[0] * prefix[0].numel() * k.element_size())
+        return attend(q, k, v, prefix=prefix, impl="reference" if path == "reference" else None, **kw)
+
+    layers.attend = functools.partial(counting_attend)  # this process only: the switch under test
+    probe = MemoryProbe(torch.device("cpu"))
+    probe.start()
+    model = peftmed.apply(peftmed.build_backbone(f"miss-{size}", tokenizer=shape.tokenizer), recipe)
+    model.train()
+    t0 = time.perf_counter()
+    model.compute_loss(data).backward()
+    seconds = time.perf_counter() - t0
+    return {"path": path, "batch": batch, "peak_mib": probe.peak_mib(), "method": probe.method,
+            "copies_mib": sum(copies) / MIB, "calls": len(copies), "seconds": seconds}
+
+
+def model_rows(args) -> None:
+    print(f"\nPrefix-tuning training step, miss-{args.size}, recipe '{args.recipe}', batch {args.batch_model}, "
+          "CPU (one forward + backward, fresh process per path)")
+    res = {p: isolated(["--one-model", p, args.size, str(args.batch_model), args.recipe])
+           for p in ("reference", "prefix_attention")}
+    for p, r in res.items():
+        if "failed" in r:
+            print(f"  {p}: failed: {r['failed']}")
+            return
+        print(f"  attend on {p:<17} peak {r['peak_mib']:8.0f} MiB   step {r['seconds']:6.1f} s")
+    ref, ours = res["reference"], res["prefix_attention"]
+    saved = ref["peak_mib"] - ours["peak_mib"]
+    copies = ref["copies_mib"]
+    print(f"  peak lower by {saved:.0f} MiB; the reference's per-sample prefix copies: {copies:.1f} MiB "
+          f"({ref['calls']} prefixed attention calls) -> target {'met' if saved >= copies else 'NOT met'}")
+    if args.batch_model != 32:
+        print(f"  at batch 32 the reference's prefix copies are {copies * 32 / args.batch_model:.0f} MiB "
+              f"(2 * B * H * P * D * bytes per call: linear in the batch); batch 32 was not measured here")
+    print(f"  peak memory method: {ref['method']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--prefix", type=int, nargs="+", default=[10, 64])
+    ap.add_argument("--seq", type=int, nargs="+", default=[35, 256, 1024])
+    ap.add_argument("--batch-op", type=int, help="op rows' batch (default 4 on CPU, 32 on CUDA)")
+    ap.add_argument("--impls", nargs="+")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--size", default="base", choices=["tiny", "base"])
+    ap.add_argument("--batch-model", type=int, default=2, help="model step batch (runs on CPU; 32 is too slow on 2 cores)")
+    ap.add_argument("--recipe", default="vision=prefix fusion=prefix decoder=prefix")
+    ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
+    ap.add_argument("--one-op", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--one-model", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_op:
+        nm, b, t, n = args.one_op
+        print(json.dumps({"peak_mib": op_peak_mib(nm, int(b), int(t), int(n), torch.float32, "cpu")}))
+        return
+    if args.one_model:
+        path, size, b, recipe = args.one_model
+        print(json.dumps(model_step(path, size, int(b), recipe)))
+        return
+    gpu = args.device == "cuda"
+    args.batch_op = args.batch_op or (32 if gpu else 4)
+    if not gpu:
+        print("No GPU here: CPU rows only (fp32). GPU rows: --device cuda.")
+    report("prefix_attention", op_rows(args), args.out)
+    if not args.skip_model:
+        model_rows(args)
+
+
+if __name__ == "__main__":
+    main()
