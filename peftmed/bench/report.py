@@ -107,7 +107,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
         cells, note = _cells(group)
         cells[0] = cells[0].replace("|", "\\|")
         cells[1] = f"`{cells[1]}`" if cells[1] else ""
-        lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 1 else c for i, c in enumerate(cells)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 0 else c for i, c in enumerate(cells)) + " |")
         if note:
             notes.append(f"- **{group[0]['label']}**: {note}")
     return "\n".join(lines + ([""] + notes if notes else []))
