@@ -176,11 +176,12 @@ def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, An
 
 
 def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` names the parameter ``name`` (a **kwargs catch-all does not count: it may forward
+    to a config that rejects it)."""
     try:
-        params = inspect.signature(fn).parameters
+        return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def build_model(backbone, opts: dict[str, Any], *, texts: list[str] | None = None, tokenizer_dir: Path | None = None):
@@ -192,16 +193,15 @@ def build_model(backbone, opts: dict[str, Any], *, texts: list[str] | None = Non
     from .trainer import seed_everything
 
     options = dict(opts.get("backbone_options") or {})
-    builder = backbone.loader if opts.get("pretrained") else backbone.builder
+    seed_everything(int(opts.get("seed", 0)))
+    if opts.get("pretrained"):  # a checkpoint folder brings its own weights and vocabulary
+        return backbone.from_pretrained(opts["pretrained"], **options)
     if tokenizer_dir is not None and (tokenizer_dir / "class.txt").is_file():
         module, _, qualname = (tokenizer_dir / "class.txt").read_text().strip().partition(":")
         cls = getattr(importlib.import_module(module), qualname)
         options.setdefault("tokenizer", cls.load(tokenizer_dir))
-    elif texts is not None and builder is not None and _accepts(builder, "texts"):
+    elif texts is not None and backbone.builder is not None and _accepts(backbone.builder, "texts"):
         options.setdefault("texts", texts)
-    seed_everything(int(opts.get("seed", 0)))
-    if opts.get("pretrained"):
-        return backbone.from_pretrained(opts["pretrained"], **options)
     return backbone.build(**options)
 
 
