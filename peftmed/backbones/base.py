@@ -176,10 +176,12 @@ class Backbone:
         found: dict[str, nn.Module] = {}
         for prefix, root in self.component_roots(model, component):
             for rel, module in root.named_modules():
-                if not rel or ".base_layer" in f".{rel}":
+                if ".base_layer" in f".{rel}" or (not rel and not prefix):
                     continue  # adapter wrappers keep the original module at <name>.base_layer
-                if any(_pattern_hits(p, rel, module) for p in patterns):
-                    found[f"{prefix}.{rel}" if prefix else rel] = module
+                # a root that is itself a leaf of the component (e.g. an LM head) goes by its own name
+                name = rel or prefix.rsplit(".", 1)[-1]
+                if any(_pattern_hits(p, name, module) for p in patterns):
+                    found[f"{prefix}.{rel}" if rel else prefix] = module
         return found
 
     def component_of(self, name: str) -> str | None:

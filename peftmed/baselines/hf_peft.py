@@ -94,7 +94,8 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     if reason:
         raise PeftUnavailable(reason)
     resolved = recipe.resolve(backbone.components)
-    full = [backbone.components[c] for c, calls in resolved.items() if _canonical(registry, calls[0].name) == "full"]
+    full = [path for c, calls in resolved.items() if _canonical(registry, calls[0].name) == "full"
+            for path in backbone.component_paths(c)]
     tuned = {c: calls[0] for c, calls in resolved.items() if _canonical(registry, calls[0].name) != "full"}
     method = _canonical(registry, next(iter(tuned.values())).name)
     options = [dict(c.options) for c in tuned.values()]

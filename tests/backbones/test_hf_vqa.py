@@ -108,10 +108,10 @@ def test_method_recipe_trains_only_its_component(name, recipe):
     model = build(name)
     pm = peftmed.apply(model, recipe)
     component = recipe.split("=")[0]
-    prefix = bb.components[component] + "."
+    prefixes = tuple(f"base_model.{path}." for path in bb.component_paths(component))
     trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable, recipe
-    outside = [n for n in trainable if not n.startswith("base_model." + prefix)]
+    outside = [n for n in trainable if not n.startswith(prefixes)]
     assert not outside, f"{recipe} trains parameters outside {component}: {outside[:3]}"
     assert sum(p.numel() for p in trainable.values()) == pm.trainable_report().rows[0].trainable
     loss = pm.compute_loss(make_batch(model))

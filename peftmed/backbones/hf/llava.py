@@ -2,9 +2,9 @@
 peftmed's VQA task protocol.
 
 Components: ``vision`` = the CLIP vision tower, ``projector`` = the multi-modal projector, ``llm`` =
-the language model's decoder stack. The LM head (``model.lm_head``) sits beside the language model in
-transformers 5's layout, outside every component, so recipes leave it frozen (LLaVA-Med's LoRA and
-LayerNorm recipes do the same).
+the language model's decoder stack plus its LM head (``model.lm_head`` sits beside the language model
+in transformers 5's layout, so the component spans both paths; ``llm=full`` trains the head too, and
+the ``head`` role names it).
 
 A sample is ``<s> USER: <image x N>\\n{question} ASSISTANT: {answer}</s>`` (the template is an option):
 the image placeholder is expanded to one token per image feature, the loss covers the answer tokens
@@ -212,13 +212,14 @@ ROLES = {
     "attn.o": r"self_attn\.(o_proj|out_proj)$",
     "mlp.up": r"mlp\.(fc1|gate_proj|up_proj)$", "mlp.down": r"mlp\.(fc2|down_proj)$",
     "embed": r"(^|\.)(embeddings|embed_tokens)$",
+    "head": r"^lm_head$",
     "self_attention": r"self_attn$",
 }
 
 BACKBONE = Backbone(
     name="hf-llava",
     components={"vision": "model.model.vision_tower", "projector": "model.model.multi_modal_projector",
-                "llm": "model.model.language_model"},
+                "llm": ("model.model.language_model", "model.lm_head")},
     roles=ROLES,
     component_roles={"projector": {"mlp.up": r"linear_1$", "mlp.down": r"linear_2$"}},
     builder=build,
