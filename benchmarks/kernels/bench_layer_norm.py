@@ -29,10 +29,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int)
     ap.add_argument("--widths", type=int, nargs="+")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     rows_n = args.rows or (32768 if gpu else 2048)
     widths = args.widths or ([768, 1024] if gpu else [768])

@@ -67,10 +67,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpu = args.device == "cuda"
     t = args.tokens or (8192 if gpu else 512)
     d = args.features or (4096 if gpu else 768)
