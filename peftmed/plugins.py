@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.interop.commands",
     "peftmed.train.commands",
     "peftmed.kernels.prefix_attention.plugin",
+    "peftmed.report.plugin",
 )
 
 # hook name -> registry kind

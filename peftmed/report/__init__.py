@@ -1,0 +1,26 @@
+"""Medical report generation (Med-IRG): image in, free-text report out.
+
+    from peftmed.data import load_records
+    from peftmed.report import ReportModel, ReportDataset, report_collate, evaluate_reports
+    train = load_records("phantom-report", "train", n_images=200)       # or iu-xray / mimic-cxr
+    model = ReportModel(peftmed.apply(peftmed.build_backbone("miss-tiny", max_position_embeddings=128),
+                                      "*=layernorm"))
+    loss = model.compute_loss(report_collate([ReportDataset(train, 64)[0]]))
+    result = evaluate_reports(model, test, max_new_tokens=100)         # BLEU, ROUGE-L, METEOR, CIDEr, F1
+
+Datasets (``task="report"``) and the ``report`` metric are registered by ``peftmed.report.plugin``;
+``peftmed train --task report`` / ``peftmed eval --task report`` and ``peftmed bench --suite irg``
+use this package. See docs/report-generation.md.
+"""
+
+from .evaluate import ReportEvalResult, evaluate_reports
+from .findings import facts_from_findings, facts_from_text, findings_scores
+from .metrics import METRICS_VERSION, bleu, caption_scores, cider, meteor, report_scores, rouge_l, tokenize
+from .model import DEFAULT_PROMPT, ReportModel, detokenize
+from .records import ReportDataset, ReportRecord, report_collate
+
+__all__ = [
+    "DEFAULT_PROMPT", "METRICS_VERSION", "ReportDataset", "ReportEvalResult", "ReportModel", "ReportRecord",
+    "bleu", "caption_scores", "cider", "detokenize", "evaluate_reports", "facts_from_findings", "facts_from_text",
+    "findings_scores", "meteor", "report_collate", "report_scores", "rouge_l", "tokenize",
+]
