@@ -181,9 +181,14 @@ class ReportModel(nn.Module):
                             max_new_tokens, type(task_model(self.model)).__name__, room + 1, self._limits.hint)
             self.clipped_generations += 1
             max_new_tokens = room + 1
-        with self._answer_limit(self.max_report_tokens):
-            texts = self.model.generate(self._vqa_batch(batch, with_reports=False), max_new_tokens=max_new_tokens,
-                                        num_beams=num_beams)
+        was_training = self.training
+        self.eval()  # generation is deterministic: no dropout, whatever mode the caller left the model in
+        try:
+            with self._answer_limit(self.max_report_tokens):
+                texts = self.model.generate(self._vqa_batch(batch, with_reports=False),
+                                            max_new_tokens=max_new_tokens, num_beams=num_beams)
+        finally:
+            self.train(was_training)
         return [detokenize(t) for t in texts]
 
     def generate(self, batch, max_new_tokens: int = DEFAULT_MAX_REPORT_TOKENS, num_beams: int = 3) -> list[str]:
