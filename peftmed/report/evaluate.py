@@ -101,3 +101,21 @@ def load_predictions(path: str | Path) -> dict[str, str]:
     """Read a ``predictions.json`` written by ``ReportEvalResult.write`` back to id -> report."""
     rows = json.loads(Path(path).read_text())
     return {str(r["id"]): r["prediction"] for r in rows}
+
+
+def baseline_predictions(train_records: Sequence, test_records: Sequence) -> dict[str, str]:
+    """The most frequent training report (ties: the first seen) for every test record: the floor a
+    model that ignores the image reaches."""
+    from collections import Counter
+
+    if not train_records:
+        raise ConfigError("the report baseline needs at least one training record")
+    counts = Counter(r.report for r in train_records)
+    best = max(counts.items(), key=lambda kv: kv[1])[0]  # max keeps the first of equal counts
+    return {r.id: best for r in test_records}
+
+
+def baseline_scores(train_records: Sequence, test_records: Sequence) -> dict[str, Any]:
+    from .metrics import report_scores
+
+    return report_scores(baseline_predictions(train_records, test_records), list(test_records))

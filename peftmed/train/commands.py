@@ -49,6 +49,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "output": (str, None, "output folder (default runs/<backbone>-<dataset>)"),
     "resume": (bool, False, "continue from the latest checkpoint in --output"),
     "evaluate": (bool, True, "evaluate on --eval-split after training"),
+    "task": (str, None, "vqa or report (image -> report: iu-xray, mimic-cxr, phantom-report); default: the dataset's"),
 }
 DICT_OPTIONS = tuple(k for k, (t, _, _) in RUN_OPTIONS.items() if t is dict)
 
@@ -232,6 +233,10 @@ def run_train(args: argparse.Namespace) -> int:
     registry = _registry()
     opts = resolve_options(args)
     backbone, spec, recipe, config = _check_before_training(opts, registry)
+    from ..report.commands import resolve_task, run_train_report
+
+    if resolve_task(opts.get("task"), spec) == "report":
+        return run_train_report(opts, registry, backbone, spec, recipe, config)
     out = Path(opts["output"] or f"runs/{backbone.name}-{spec.name}")
     opts["output"] = str(out)
     if not opts["resume"] and latest_checkpoint(out / "checkpoints") is not None:
@@ -308,6 +313,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="questions per batch [default: 16]")
     p.add_argument("--num-beams", type=int, default=3, help="beams of answer generation [default: 3]")
     p.add_argument("--max-new-tokens", type=int, default=10, help="longest answer in tokens [default: 10]")
+    p.add_argument("--task", help="vqa or report (default: the run's, else the dataset's)")
     p.add_argument("--output", help="folder for predictions.json and metrics.json (default: print only)")
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
     p.add_argument("--progress", nargs="?", const=True, type=str2bool, default=True, metavar="BOOL",
@@ -347,6 +353,12 @@ def run_eval(args: argparse.Namespace) -> int:
     opts["data_options"] = data_options
     spec = registry.get("dataset", dataset)
     spec.check_split(args.split)
+    from ..report.commands import resolve_task, run_eval_report
+
+    if resolve_task(args.task or (opts.get("task") if same_data else None), spec) == "report":
+        return run_eval_report(args, registry, adapter=adapter, manifest=manifest, run_dir=run_dir,
+                               opts={**opts, "dataset_of_run": dataset if same_data else None}, backbone=backbone,
+                               spec=spec)
     test = _load(spec.name, args.split, opts, registry)
     train_split = opts.get("train_split") or spec.splits[0]
     # the majority baseline needs the training answers: only known when evaluating on the run's dataset

@@ -1,0 +1,38 @@
+"""``peftmed train --task report`` and ``peftmed eval --task report`` on miss-tiny and phantom reports."""
+
+import json
+
+from peftmed.cli import main
+
+COMMON = ["--backbone", "miss-tiny", "--recipe", "*=layernorm", "--dataset", "phantom-report",
+          "--data-options", "n_images=8", "--backbone-options", "max_position_embeddings=128",
+          "--batch-size", "4", "--max-new-tokens", "6", "--num-beams", "1", "--progress", "false"]
+
+
+def test_train_then_eval_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *COMMON, "--task", "report", "--steps", "2", "--output", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "report" and len(metrics["train"]["losses"]) == 2
+    for key in ("bleu_4", "rouge_l", "cider", "meteor", "findings_f1"):
+        assert key in metrics["scores"] and key in metrics["most_frequent_report_baseline"]
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 8 and {"id", "reference", "prediction"} <= set(preds[0])
+    assert (out / "adapter").is_dir()
+    printed = capsys.readouterr().out
+    assert "BLEU-4" in printed and "most-frequent-report baseline" in printed
+
+    # eval rebuilds the same base model (seed, tokenizer) and scores the same predictions
+    ev = tmp_path / "eval"
+    assert main(["eval", "--adapter", str(out / "adapter"), "--max-new-tokens", "6", "--num-beams", "1",
+                 "--progress", "false", "--output", str(ev)]) == 0
+    again = json.loads((ev / "predictions.json").read_text())
+    assert [p["prediction"] for p in again] == [p["prediction"] for p in preds]
+
+
+def test_task_and_dataset_must_agree(tmp_path, capsys):
+    assert main(["train", *COMMON[:4], "--dataset", "phantom", "--task", "report", "--steps", "1",
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "needs a report dataset" in capsys.readouterr().err
+    assert main(["train", *COMMON, "--task", "caption", "--steps", "1", "--output", str(tmp_path / "y")]) == 2
+    assert "unknown task 'caption'" in capsys.readouterr().err
