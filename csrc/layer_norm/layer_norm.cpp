@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -24,19 +25,26 @@ void forward_rows(const T* x, const T* w, const T* b, T* y, float* mean, float* 
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * n;
       float sum = 0.f;
+      const float* src = row.data();
+      if constexpr (std::is_same_v<T, float>) {
+        src = xr;  // fp32 rows are read in place; other dtypes are converted once into `row`
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < n; ++i) {
-        row[i] = static_cast<float>(xr[i]);
-        sum += row[i];
+        for (int64_t i = 0; i < n; ++i) sum += src[i];
+      } else {
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < n; ++i) {
+          row[i] = static_cast<float>(xr[i]);
+          sum += row[i];
+        }
       }
       const float mu = sum / n;
       float sq = 0.f;
 #pragma omp simd reduction(+ : sq)
-      for (int64_t i = 0; i < n; ++i) sq += (row[i] - mu) * (row[i] - mu);
+      for (int64_t i = 0; i < n; ++i) sq += (src[i] - mu) * (src[i] - mu);
       const float rs = 1.0f / std::sqrt(sq / n + eps);
       T* yr = y + r * n;
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>((row[i] - mu) * rs * w32[i] + b32[i]);
+      for (int64_t i = 0; i < n; ++i) yr[i] = static_cast<T>((src[i] - mu) * rs * w32[i] + b32[i]);
       mean[r] = mu;
       rstd[r] = rs;
     }
@@ -68,13 +76,21 @@ void backward_rows(const T* dy, const T* x, const T* w, const float* mean, const
           s_gx += g[i] * xhat[i];
           s_g += g[i];
         }
-        if (need_dx) {
-          const float c1 = s_gx / n, c2 = s_g / n;
-          T* dxr = dx + r * n;
+        // one more pass over the row (in L1 now): dx and the partial dgamma/dbeta together
+        const float c1 = s_gx / n, c2 = s_g / n;
+        T* dxr = need_dx ? dx + r * n : nullptr;
+        if (need_dx && need_dwb) {
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const float d = static_cast<float>(dyr[i]);
+            dxr[i] = static_cast<T>(rs * (g[i] - c2 - xhat[i] * c1));
+            pw[i] += d * xhat[i];
+            pb[i] += d;
+          }
+        } else if (need_dx) {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) dxr[i] = static_cast<T>(rs * (g[i] - c2 - xhat[i] * c1));
-        }
-        if (need_dwb) {
+        } else if (need_dwb) {
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
             const float d = static_cast<float>(dyr[i]);

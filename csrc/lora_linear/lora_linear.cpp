@@ -1,10 +1,12 @@
 // lora_linear on CPU:  y = x W^T + b + s * (dropout(x) A^T) B^T
 //
-// The dense products go to ATen's GEMM (addmm folds the bias and the LoRA term into the output in
-// place, so no (T, out) temporary is made). With dropout, the mask is never stored: one fused pass
-// over x hashes (seed, row, col) -> keep (see peftmed/kernels/dropout.py, same arithmetic) and
-// computes dropout(x) A^T; backward regenerates the mask in a second fused pass that adds the LoRA
-// part of dx and accumulates dA in per-chunk fp32 partials, summed afterwards (two-stage reduction).
+// The two big products (x W^T + b, dy W) go to ATen's GEMM. Everything LoRA adds is done by ONE
+// parallel pass over the rows after each of them (below): no (T, out) temporary, each activation row
+// read once while it is in cache, and only two parallel regions per direction (the small skinny GEMMs
+// this replaces each cost a parallel region, which is what hurts most on a busy 2-core machine).
+// The dropout mask is never stored: the pass hashes (seed, row, col) -> keep with the arithmetic of
+// peftmed/kernels/dropout.py, in forward and again in backward. dA and dB are reduced over rows in
+// per-chunk fp32 partials, summed afterwards (two-stage reduction).
 //
 // Signatures match peftmed/kernels/lora_linear/reference.py.
 
@@ -52,47 +54,86 @@ struct Dropout {
   }
 };
 
-// xa[t, :] = (x[t, :] * mask[t, :]) A^T  -- x (T, in), a (r, in), xa (T, r) float
+// After y = x W^T + b (one GEMM), ONE parallel pass over the rows adds the LoRA term:
+//   xa[t, :] = (x[t, :] * mask[t, :]) A^T          (r dot products over the row, in L1)
+//   y[t, :] += s * xa[t, :] B^T                      (r axpys over the output row)
+// a32 (r, in) and bt32 = B^T (r, out) are fp32 copies made once per call.
 template <typename T>
-void dropout_down(const T* x, const T* a, float* xa, int64_t rows, int64_t in, int64_t r, const Dropout& drop) {
-  std::vector<float> a32(a, a + r * in);  // converted once, read by every row
+void lora_forward_rows(const T* x, const float* a32, const float* bt32, T* y, T* xa, int64_t rows, int64_t in,
+                       int64_t out, int64_t r, float scaling, const Dropout& drop) {
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> xd(in);
+    std::vector<float> xd(in), acc(r), yrow(out);
     for (int64_t t = begin; t < end; ++t) {
-      drop.row_scales(t, in, xd.data());
       const T* xr = x + t * in;
+      drop.row_scales(t, in, xd.data());
 #pragma omp simd
       for (int64_t i = 0; i < in; ++i) xd[i] *= static_cast<float>(xr[i]);
       for (int64_t k = 0; k < r; ++k) {
-        const float* ak = a32.data() + k * in;
-        float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < in; ++i) acc += xd[i] * ak[i];
-        xa[t * r + k] = acc;
+        const float* ak = a32 + k * in;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < in; ++i) s += xd[i] * ak[i];
+        xa[t * r + k] = static_cast<T>(s);
+        acc[k] = scaling * static_cast<float>(static_cast<T>(s));  // what backward's dB will see
       }
+      T* yr = y + t * out;
+#pragma omp simd
+      for (int64_t o = 0; o < out; ++o) yrow[o] = static_cast<float>(yr[o]);
+      for (int64_t k = 0; k < r; ++k) {
+        const float c = acc[k];
+        const float* bk = bt32 + k * out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) yrow[o] += c * bk[o];
+      }
+#pragma omp simd
+      for (int64_t o = 0; o < out; ++o) yr[o] = static_cast<T>(yrow[o]);
     }
   });
 }
 
-// dx[t, :] += mask * (gs[t, :] A);  da += gs^T (x * mask)  -- gs (T, r) float, already scaled by s
+// After dx = dy W (one GEMM), ONE parallel pass over the rows does the rest of backward:
+//   gs[t, :] = s * dy[t, :] B                        (r dot products over the output row)
+//   dB^T    += xa[t, :]^T dy[t, :]                   (per-chunk fp32 partial)
+//   dx[t, :] += mask * (gs[t, :] A)
+//   dA      += gs[t, :]^T (x[t, :] * mask)           (per-chunk fp32 partial)
+// The chunk partials are summed afterwards (stage 2 of the reduction over rows).
 template <typename T>
-void dropout_up_backward(const T* x, const T* a, const float* gs, T* dx, float* da, int64_t rows, int64_t in,
-                         int64_t r, const Dropout& drop, bool need_dx, bool need_da) {
-  std::vector<float> a32(a, a + r * in);
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, 4 * at::get_num_threads()));
-  std::vector<float> partial(need_da ? chunks * r * in : 0, 0.f);  // stage 1: one dA per chunk
+void lora_backward_rows(const T* dy, const T* x, const T* xa, const float* a32, const float* bt32, T* dx, float* da,
+                        float* dbt, int64_t rows, int64_t in, int64_t out, int64_t r, float scaling,
+                        const Dropout& drop) {
+  const bool need_dx = dx != nullptr, need_da = da != nullptr, need_db = dbt != nullptr;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<float> part_a(need_da ? chunks * r * in : 0, 0.f), part_b(need_db ? chunks * r * out : 0, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<float> m(in), up(in), xd(in);
+    std::vector<float> dyrow(out), m(in), up(in), g(r);
     for (int64_t c = cb; c < ce; ++c) {
-      float* part = need_da ? partial.data() + c * r * in : nullptr;
       for (int64_t t = c * rows / chunks; t < (c + 1) * rows / chunks; ++t) {
+        const T* dyr = dy + t * out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) dyrow[o] = static_cast<float>(dyr[o]);
+        if (need_db) {
+          float* pb = part_b.data() + c * r * out;
+          for (int64_t k = 0; k < r; ++k) {
+            const float xk = static_cast<float>(xa[t * r + k]);
+            float* pbk = pb + k * out;
+#pragma omp simd
+            for (int64_t o = 0; o < out; ++o) pbk[o] += xk * dyrow[o];
+          }
+        }
+        if (!need_dx && !need_da) continue;
+        for (int64_t k = 0; k < r; ++k) {
+          const float* bk = bt32 + k * out;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t o = 0; o < out; ++o) s += dyrow[o] * bk[o];
+          g[k] = scaling * s;
+        }
         drop.row_scales(t, in, m.data());
-        const float* g = gs + t * r;
         if (need_dx) {
           std::fill(up.begin(), up.end(), 0.f);
           for (int64_t k = 0; k < r; ++k) {
             const float gk = g[k];
-            const float* ak = a32.data() + k * in;
+            const float* ak = a32 + k * in;
 #pragma omp simd
             for (int64_t i = 0; i < in; ++i) up[i] += gk * ak[i];
           }
@@ -101,27 +142,32 @@ void dropout_up_backward(const T* x, const T* a, const float* gs, T* dx, float* 
           for (int64_t i = 0; i < in; ++i) dxr[i] = static_cast<T>(static_cast<float>(dxr[i]) + m[i] * up[i]);
         }
         if (need_da) {
+          float* pa = part_a.data() + c * r * in;
           const T* xr = x + t * in;
 #pragma omp simd
-          for (int64_t i = 0; i < in; ++i) xd[i] = m[i] * static_cast<float>(xr[i]);
+          for (int64_t i = 0; i < in; ++i) m[i] *= static_cast<float>(xr[i]);  // m now holds dropout(x) row
           for (int64_t k = 0; k < r; ++k) {
             const float gk = g[k];
-            float* pk = part + k * in;
+            float* pak = pa + k * in;
 #pragma omp simd
-            for (int64_t i = 0; i < in; ++i) pk[i] += gk * xd[i];
+            for (int64_t i = 0; i < in; ++i) pak[i] += gk * m[i];
           }
         }
       }
     }
   });
-  if (need_da) {  // stage 2: sum the chunk partials in fp32
-    at::parallel_for(0, r * in, 1024, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) {
-        float acc = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) acc += partial[c * r * in + j];
-        da[j] = acc;
-      }
-    });
+  // stage 2: sum the chunk partials (chunks = threads: a few (r, in) and (r, out) rows)
+  if (need_da) {
+    std::copy(part_a.begin(), part_a.begin() + r * in, da);
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < r * in; ++j) da[j] += part_a[c * r * in + j];
+  }
+  if (need_db) {
+    for (int64_t j = 0; j < r * out; ++j) {
+      float acc = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) acc += part_b[c * r * out + j];
+      dbt[j] = scaling * acc;
+    }
   }
 }
 
@@ -136,20 +182,17 @@ void check_inputs(const at::Tensor& x, const at::Tensor& a) {
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                                 const at::Tensor& a, const at::Tensor& b, double scaling, double p, int64_t seed) {
   check_inputs(x, a);
-  const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
-  at::Tensor xa;
-  if (p == 0.0) {
-    xa = at::mm(x, a.t());
-  } else {
-    auto xa32 = at::empty({rows, r}, x.options().dtype(at::kFloat));
-    const Dropout drop(p, seed);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_dropout_down", [&] {
-      dropout_down<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), xa32.data_ptr<float>(), rows, in, r, drop);
-    });
-    xa = xa32.to(x.scalar_type());
-  }
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0), r = a.size(0);
   at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
-  y.addmm_(xa, b.t(), /*beta=*/1.0, /*alpha=*/scaling);
+  auto xa = at::empty({rows, r}, x.options());
+  auto a32 = a.to(at::kFloat).contiguous();
+  auto bt32 = b.t().to(at::kFloat).contiguous();  // (r, out)
+  const Dropout drop(p, seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_forward_rows", [&] {
+    lora_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), a32.data_ptr<float>(), bt32.data_ptr<float>(),
+                                y.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(), rows, in, out, r,
+                                static_cast<float>(scaling), drop);
+  });
   return {y, xa};
 }
 
@@ -158,25 +201,28 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
                                  std::vector<bool> needs) {
   check_inputs(x, a);
   TORCH_CHECK(needs.size() == 5, "peftmed lora_linear (cpp): needs must have 5 entries");
+  TORCH_CHECK(dy.is_contiguous() && xa.is_contiguous(), "peftmed lora_linear (cpp): dy and xa must be contiguous");
   const bool need_dx = needs[0], need_dw = needs[1], need_dbias = needs[2], need_da = needs[3], need_db = needs[4];
+  const int64_t rows = x.size(0), in = x.size(1), out = w.size(0), r = a.size(0);
   at::Tensor dx, dw, dbias, da, db;
-  at::Tensor gs;
-  if (need_dx || need_da) gs = at::mm(dy, b).mul_(scaling);  // (T, r)
   if (need_dx) dx = at::mm(dy, w);
-  if (need_dx || need_da) {
-    // one pass over x and dx for both (with or without dropout) instead of two GEMMs reading x, dx
-    const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
-    auto gs32 = gs.to(at::kFloat).contiguous();
+  if (need_dx || need_da || need_db) {
+    auto a32 = a.to(at::kFloat).contiguous();
+    auto bt32 = b.t().to(at::kFloat).contiguous();  // (r, out)
     auto da32 = need_da ? at::empty({r, in}, x.options().dtype(at::kFloat)) : at::Tensor();
+    auto dbt32 = need_db ? at::empty({r, out}, x.options().dtype(at::kFloat)) : at::Tensor();
     const Dropout drop(p, seed);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_dropout_backward", [&] {
-      dropout_up_backward<scalar_t>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), gs32.data_ptr<float>(),
-                                    need_dx ? dx.data_ptr<scalar_t>() : nullptr,
-                                    need_da ? da32.data_ptr<float>() : nullptr, rows, in, r, drop, need_dx, need_da);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "lora_backward_rows", [&] {
+      lora_backward_rows<scalar_t>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), xa.data_ptr<scalar_t>(),
+                                   a32.data_ptr<float>(), bt32.data_ptr<float>(),
+                                   need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                                   need_da ? da32.data_ptr<float>() : nullptr,
+                                   need_db ? dbt32.data_ptr<float>() : nullptr, rows, in, out, r,
+                                   static_cast<float>(scaling), drop);
     });
-    if (need_da) da = da32.to(x.scalar_type());
+    if (need_da) da = da32.to(a.scalar_type());
+    if (need_db) db = dbt32.t().to(b.scalar_type()).contiguous();
   }
-  if (need_db) db = at::mm(dy.t(), xa).mul_(scaling);
   if (need_dw) dw = at::mm(dy.t(), x);
   if (need_dbias) dbias = dy.sum(0);
   return {dx, dw, dbias, da, db};
