@@ -54,45 +54,76 @@ struct Dropout {
   }
 };
 
+// Rows are processed RB at a time so that each row of A, B^T and of the dA/dB partials is loaded once
+// per block rather than once per row (they are r x 768 floats each: L2, not L1); a short last block
+// is padded with zero rows.
+constexpr int64_t RB = 4;
+
 // After y = x W^T + b (one GEMM), ONE parallel pass over the rows adds the LoRA term:
-//   xa[t, :] = (x[t, :] * mask[t, :]) A^T          (r dot products over the row, in L1)
-//   y[t, :] += s * xa[t, :] B^T                      (r axpys over the output row)
+//   xa[t, :] = (x[t, :] * mask[t, :]) A^T          (r dot products per row)
+//   y[t, :] += s * xa[t, :] B^T                      (r axpys per output row)
 // a32 (r, in) and bt32 = B^T (r, out) are fp32 copies made once per call.
 template <typename T>
 void lora_forward_rows(const T* x, const float* a32, const float* bt32, T* y, T* xa, int64_t rows, int64_t in,
                        int64_t out, int64_t r, float scaling, const Dropout& drop) {
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> xd(in), acc(r), yrow(out);
-    for (int64_t t = begin; t < end; ++t) {
-      const T* xr = x + t * in;
-      drop.row_scales(t, in, xd.data());
+  const int64_t blocks = (rows + RB - 1) / RB;
+  at::parallel_for(0, blocks, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> xd(RB * in), yrow(RB * out), c(RB * r);
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t t0 = blk * RB, nb = std::min(RB, rows - t0);
+      std::fill(xd.begin(), xd.end(), 0.f);
+      std::fill(yrow.begin(), yrow.end(), 0.f);
+      for (int64_t j = 0; j < nb; ++j) {
+        float* xj = xd.data() + j * in;
+        const T* xr = x + (t0 + j) * in;
+        drop.row_scales(t0 + j, in, xj);
 #pragma omp simd
-      for (int64_t i = 0; i < in; ++i) xd[i] *= static_cast<float>(xr[i]);
+        for (int64_t i = 0; i < in; ++i) xj[i] *= static_cast<float>(xr[i]);
+        const T* yr = y + (t0 + j) * out;
+        float* yj = yrow.data() + j * out;
+#pragma omp simd
+        for (int64_t o = 0; o < out; ++o) yj[o] = static_cast<float>(yr[o]);
+      }
       for (int64_t k = 0; k < r; ++k) {
         const float* ak = a32 + k * in;
-        float s = 0.f;
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < in; ++i) s += xd[i] * ak[i];
-        xa[t * r + k] = static_cast<T>(s);
-        acc[k] = scaling * static_cast<float>(static_cast<T>(s));  // what backward's dB will see
+        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t i = 0; i < in; ++i) {
+          s0 += xd[i] * ak[i];
+          s1 += xd[in + i] * ak[i];
+          s2 += xd[2 * in + i] * ak[i];
+          s3 += xd[3 * in + i] * ak[i];
+        }
+        const float sums[RB] = {s0, s1, s2, s3};
+        for (int64_t j = 0; j < RB; ++j) {
+          const T v = static_cast<T>(sums[j]);
+          if (j < nb) xa[(t0 + j) * r + k] = v;
+          c[j * r + k] = scaling * static_cast<float>(v);  // the rounded xa, as backward's dB sees it
+        }
       }
-      T* yr = y + t * out;
-#pragma omp simd
-      for (int64_t o = 0; o < out; ++o) yrow[o] = static_cast<float>(yr[o]);
       for (int64_t k = 0; k < r; ++k) {
-        const float c = acc[k];
         const float* bk = bt32 + k * out;
+        const float c0 = c[k], c1 = c[r + k], c2 = c[2 * r + k], c3 = c[3 * r + k];
 #pragma omp simd
-        for (int64_t o = 0; o < out; ++o) yrow[o] += c * bk[o];
+        for (int64_t o = 0; o < out; ++o) {
+          yrow[o] += c0 * bk[o];
+          yrow[out + o] += c1 * bk[o];
+          yrow[2 * out + o] += c2 * bk[o];
+          yrow[3 * out + o] += c3 * bk[o];
+        }
       }
+      for (int64_t j = 0; j < nb; ++j) {
+        T* yr = y + (t0 + j) * out;
+        const float* yj = yrow.data() + j * out;
 #pragma omp simd
-      for (int64_t o = 0; o < out; ++o) yr[o] = static_cast<T>(yrow[o]);
+        for (int64_t o = 0; o < out; ++o) yr[o] = static_cast<T>(yj[o]);
+      }
     }
   });
 }
 
 // After dx = dy W (one GEMM), ONE parallel pass over the rows does the rest of backward:
-//   gs[t, :] = s * dy[t, :] B                        (r dot products over the output row)
+//   gs[t, :] = s * dy[t, :] B                        (r dot products per row)
 //   dB^T    += xa[t, :]^T dy[t, :]                   (per-chunk fp32 partial)
 //   dx[t, :] += mask * (gs[t, :] A)
 //   dA      += gs[t, :]^T (x[t, :] * mask)           (per-chunk fp32 partial)
@@ -102,55 +133,84 @@ void lora_backward_rows(const T* dy, const T* x, const T* xa, const float* a32, 
                         float* dbt, int64_t rows, int64_t in, int64_t out, int64_t r, float scaling,
                         const Dropout& drop) {
   const bool need_dx = dx != nullptr, need_da = da != nullptr, need_db = dbt != nullptr;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  const int64_t blocks = (rows + RB - 1) / RB;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(blocks, at::get_num_threads()));
   std::vector<float> part_a(need_da ? chunks * r * in : 0, 0.f), part_b(need_db ? chunks * r * out : 0, 0.f);
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<float> dyrow(out), m(in), up(in), g(r);
-    for (int64_t c = cb; c < ce; ++c) {
-      for (int64_t t = c * rows / chunks; t < (c + 1) * rows / chunks; ++t) {
-        const T* dyr = dy + t * out;
+    std::vector<float> dyr(RB * out), m(RB * in), xd(RB * in), g(RB * r), xak(RB * r);
+    for (int64_t ch = cb; ch < ce; ++ch) {
+      for (int64_t blk = ch * blocks / chunks; blk < (ch + 1) * blocks / chunks; ++blk) {
+        const int64_t t0 = blk * RB, nb = std::min(RB, rows - t0);
+        std::fill(dyr.begin(), dyr.end(), 0.f);
+        std::fill(m.begin(), m.end(), 0.f);
+        std::fill(xd.begin(), xd.end(), 0.f);
+        std::fill(xak.begin(), xak.end(), 0.f);
+        for (int64_t j = 0; j < nb; ++j) {
+          const T* src = dy + (t0 + j) * out;
+          float* dj = dyr.data() + j * out;
 #pragma omp simd
-        for (int64_t o = 0; o < out; ++o) dyrow[o] = static_cast<float>(dyr[o]);
-        if (need_db) {
-          float* pb = part_b.data() + c * r * out;
-          for (int64_t k = 0; k < r; ++k) {
-            const float xk = static_cast<float>(xa[t * r + k]);
-            float* pbk = pb + k * out;
+          for (int64_t o = 0; o < out; ++o) dj[o] = static_cast<float>(src[o]);
+          for (int64_t k = 0; k < r; ++k) xak[j * r + k] = static_cast<float>(xa[(t0 + j) * r + k]);
+          if (need_dx || need_da) {
+            float* mj = m.data() + j * in;
+            drop.row_scales(t0 + j, in, mj);
+            if (need_da) {
+              const T* xr = x + (t0 + j) * in;
+              float* xj = xd.data() + j * in;
 #pragma omp simd
-            for (int64_t o = 0; o < out; ++o) pbk[o] += xk * dyrow[o];
+              for (int64_t i = 0; i < in; ++i) xj[i] = mj[i] * static_cast<float>(xr[i]);
+            }
           }
         }
-        if (!need_dx && !need_da) continue;
         for (int64_t k = 0; k < r; ++k) {
           const float* bk = bt32 + k * out;
-          float s = 0.f;
-#pragma omp simd reduction(+ : s)
-          for (int64_t o = 0; o < out; ++o) s += dyrow[o] * bk[o];
-          g[k] = scaling * s;
-        }
-        drop.row_scales(t, in, m.data());
-        if (need_dx) {
-          std::fill(up.begin(), up.end(), 0.f);
-          for (int64_t k = 0; k < r; ++k) {
-            const float gk = g[k];
-            const float* ak = a32 + k * in;
-#pragma omp simd
-            for (int64_t i = 0; i < in; ++i) up[i] += gk * ak[i];
+          float* pbk = need_db ? part_b.data() + (ch * r + k) * out : nullptr;
+          const float x0 = xak[k], x1 = xak[r + k], x2 = xak[2 * r + k], x3 = xak[3 * r + k];
+          float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+          if (need_db) {
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t o = 0; o < out; ++o) {
+              const float d0 = dyr[o], d1 = dyr[out + o], d2 = dyr[2 * out + o], d3 = dyr[3 * out + o];
+              s0 += d0 * bk[o];
+              s1 += d1 * bk[o];
+              s2 += d2 * bk[o];
+              s3 += d3 * bk[o];
+              pbk[o] += x0 * d0 + x1 * d1 + x2 * d2 + x3 * d3;
+            }
+          } else {
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t o = 0; o < out; ++o) {
+              s0 += dyr[o] * bk[o];
+              s1 += dyr[out + o] * bk[o];
+              s2 += dyr[2 * out + o] * bk[o];
+              s3 += dyr[3 * out + o] * bk[o];
+            }
           }
-          T* dxr = dx + t * in;
+          g[k] = scaling * s0;
+          g[r + k] = scaling * s1;
+          g[2 * r + k] = scaling * s2;
+          g[3 * r + k] = scaling * s3;
+        }
+        if (need_dx) {
+          for (int64_t j = 0; j < nb; ++j) {
+            const float* gj = g.data() + j * r;
+            const float* mj = m.data() + j * in;
+            T* dxr = dx + (t0 + j) * in;
 #pragma omp simd
-          for (int64_t i = 0; i < in; ++i) dxr[i] = static_cast<T>(static_cast<float>(dxr[i]) + m[i] * up[i]);
+            for (int64_t i = 0; i < in; ++i) {
+              float acc = 0.f;
+              for (int64_t k = 0; k < r; ++k) acc += gj[k] * a32[k * in + i];
+              dxr[i] = static_cast<T>(static_cast<float>(dxr[i]) + mj[i] * acc);
+            }
+          }
         }
         if (need_da) {
-          float* pa = part_a.data() + c * r * in;
-          const T* xr = x + t * in;
-#pragma omp simd
-          for (int64_t i = 0; i < in; ++i) m[i] *= static_cast<float>(xr[i]);  // m now holds dropout(x) row
           for (int64_t k = 0; k < r; ++k) {
-            const float gk = g[k];
-            float* pak = pa + k * in;
+            float* pak = part_a.data() + (ch * r + k) * in;
+            const float g0 = g[k], g1 = g[r + k], g2 = g[2 * r + k], g3 = g[3 * r + k];
 #pragma omp simd
-            for (int64_t i = 0; i < in; ++i) pak[i] += gk * m[i];
+            for (int64_t i = 0; i < in; ++i)
+              pak[i] += g0 * xd[i] + g1 * xd[in + i] + g2 * xd[2 * in + i] + g3 * xd[3 * in + i];
           }
         }
       }
