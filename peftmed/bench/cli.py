@@ -59,13 +59,14 @@ def parse_options(items, what: str) -> dict:
 def configure(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument("--backbone", "-b", default="miss-tiny", help="registered backbone (default miss-tiny)")
-    what.add_argument("--dataset", "-d", default="phantom", help="registered dataset (default phantom)")
+    what.add_argument("--dataset", "-d", help="registered dataset (default phantom; phantom-report for --suite irg)")
     what.add_argument("--data-dir", help="dataset folder, for datasets read from files (e.g. vqa-rad)")
     what.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     pick = what.add_mutually_exclusive_group()
     pick.add_argument("--recipes", nargs="+", metavar="RECIPE",
                       help="recipes to compare, e.g. '*=layernorm' 'F|LoRA|LoRA' 'fusion=lora(r=4)'")
-    pick.add_argument("--suite", help="built-in suite: default, mile, layernorm (see --list-suites)")
+    pick.add_argument("--suite", help="built-in suite: default, mile, layernorm, irg (report generation; see "
+                                      "--list-suites)")
     pick.add_argument("--suite-file", help="a suite in YAML, TOML or JSON: {recipes: [recipe | {recipe, label}]}")
     what.add_argument("--threads", type=int, help="torch CPU threads per recipe (default: torch's choice)")
     what.add_argument("--list-suites", action="store_true", help="print the built-in suites and exit")
@@ -103,7 +104,7 @@ def run(args) -> int:
     from . import report
     from .results import dumps, read_results
     from .runner import BenchConfig, run_bench
-    from .suites import BUILTIN_SUITES, read_suite_file
+    from .suites import BUILTIN_SUITES, SUITE_TASKS, read_suite_file
 
     if args.list_suites:
         for name, entries in BUILTIN_SUITES.items():
@@ -120,19 +121,22 @@ def run(args) -> int:
     recipes = list(args.recipes or [])
     if args.suite_file:
         recipes = list(read_suite_file(args.suite_file))
+    task = SUITE_TASKS.get(args.suite or "", "vqa")
     config = BenchConfig(
-        backbone=args.backbone, dataset=args.dataset, data_dir=args.data_dir, device=args.device,
+        backbone=args.backbone, dataset=args.dataset or ("phantom-report" if task == "report" else "phantom"), data_dir=args.data_dir, device=args.device,
         threads=args.threads,
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else 40),
         time_budget=args.time_budget, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        eval_samples=args.eval_samples if args.eval_samples is not None else 200, num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
+        eval_samples=args.eval_samples if args.eval_samples is not None else (64 if task == "report" else 200), num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
         resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),
         dataset_options=parse_options(args.dataset_option, "--dataset-option"),
         transfer=tuple(parse_options([t], "--transfer") for t in args.transfer) if args.transfer else None,
         source_steps=args.source_steps, isolate=not args.no_isolate, plugins=tuple(args.plugin),
         progress=not args.no_progress,
     )
+    if task == "report":
+        from ..report.bench import run_report_bench as run_bench  # the same runner, with report columns
     data = run_bench(config)
     if args.json:
         print(dumps(data))

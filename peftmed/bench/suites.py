@@ -84,7 +84,21 @@ BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
         _e("*=lora(r=8,alpha=16)", "lora"),
         _e("*=prefix", "prefix"),
     ),
+    # The same comparison on medical report generation (the LayerNorm paper's Med-IRG task).
+    "irg": (
+        _e(FROZEN, "frozen"),
+        _e("*=full", "full"),
+        _e("*=layernorm", "layernorm"),
+        _e("*=ffn", "ffn"),
+        _e("*=attention", "attention"),
+        _e("*=lora(r=8,alpha=16)", "lora"),
+        _e("*=prefix", "prefix"),
+    ),
 }
+
+# Suites of another task than Med-VQA: the task's runner (peftmed.<task>.bench) runs them, on the task's
+# default dataset unless --dataset is given.
+SUITE_TASKS = {"irg": "report"}
 
 
 def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:

@@ -58,8 +58,26 @@ def _builder_params(backbone) -> set[str]:
         return set()
 
 
+def _report(records) -> bool:
+    """Whether the records are report-generation records (``peftmed.report``), not questions."""
+    return bool(records) and getattr(records[0], "task", "vqa") == "report"
+
+
 def _texts(records) -> list[str]:
+    if _report(records):
+        from ..report.commands import training_texts
+
+        return training_texts(records)
     return [t for r in records for t in (r.question, r.answer)]
+
+
+def task_model(model, records):
+    """The model that serves the records' task: report records get the (adapted) model in a ReportModel."""
+    if _report(records):
+        from ..report import ReportModel
+
+        return ReportModel(model)
+    return model
 
 
 def shared_build_options(backbone, options: dict, train_records) -> dict:
@@ -118,6 +136,10 @@ def _image_size(model) -> int:
 def _dataset(records, model, job):
     from ..data import VQADataset
 
+    if _report(records):
+        from ..report import ReportDataset
+
+        return ReportDataset(records, image_size=_image_size(model), cache_dir=job.cache_dir)
     return VQADataset(records, image_size=_image_size(model), cache_dir=job.cache_dir)
 
 
@@ -128,6 +150,8 @@ def train_batches(records, model, job) -> Iterator[dict]:
     from ..data import collate
 
     dataset = _dataset(records, model, job)
+    if _report(records):
+        from ..report import report_collate as collate
     generator = torch.Generator().manual_seed(job.seed)
     loader = DataLoader(dataset, batch_size=job.batch_size, shuffle=True, collate_fn=collate,
                         generator=generator, drop_last=len(dataset) >= job.batch_size)
@@ -142,6 +166,10 @@ def evaluate(model, records, job, device) -> dict[str, Any]:
     """Generate an answer per test question (``peftmed.train.evaluate``); scores matched by qid."""
     from ..train.evaluate import evaluate as run_eval
 
+    if _report(records):
+        from ..report.bench import evaluate_reports_job
+
+        return evaluate_reports_job(model, records, job, _dataset(records, model, job))
     result = run_eval(model, records, batch_size=job.eval_batch_size, num_beams=job.num_beams,
                       max_new_tokens=job.max_new_tokens, progress=job.progress, dataset=_dataset(records, model, job))
     scores = result.scores

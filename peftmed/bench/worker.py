@@ -117,6 +117,7 @@ def _run(job: Job, registry) -> dict[str, Any]:
         task.load_source(model, job.source_checkpoint)
     total = sum(p.numel() for p in model.parameters())
     model, groups, info = _apply(job, model, backbone, registry, total)
+    model = task.task_model(model, train_records)  # e.g. a ReportModel for report datasets
     model.to(device)
 
     stats = {"steps_done": 0, "train_time_s": 0.0, "step_time_median_s": math.nan, "throughput": math.nan,
