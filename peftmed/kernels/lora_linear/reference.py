@@ -21,12 +21,16 @@ import torch.nn.functional as F
 from ..dropout import keep_mask
 
 
-def dropped(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropped(x: torch.Tensor, p: float, seed: int, scale_mask: torch.Tensor | None = None) -> torch.Tensor:
     """dropout(x) with the shared seeded mask (scaled by 1 / (1 - p))."""
     if p == 0.0:
         return x
-    mask = keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device)
-    return x * mask.to(x.dtype) * (1.0 / (1.0 - p))
+    return x * (scale_mask if scale_mask is not None else mask_scale(x, p, seed))
+
+
+def mask_scale(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """keep_mask / (1 - p) in x's dtype (hashing is the slow part of this implementation: do it once)."""
+    return keep_mask(seed, x.shape[0], x.shape[1], p, device=x.device).to(x.dtype) * (1.0 / (1.0 - p))
 
 
 def reference(x, w, bias, a, b, scaling, p=0.0, seed=0):
@@ -45,15 +49,16 @@ def forward(x, w, bias, a, b, scaling, p, seed):
 def backward(dy, x, w, a, b, xa, scaling, p, seed, needs):
     need_dx, need_dw, need_dbias, need_da, need_db = needs
     gs = (dy @ b).mul_(scaling) if (need_dx or need_da) else None  # s * dy B, (T, r)
+    m = mask_scale(x, p, seed) if p > 0 and (need_dx or need_da) else None
     dx = da = None
     if need_dx:
         dx = dy @ w
         if p == 0.0:
             dx.addmm_(gs, a)
         else:
-            dx += dropped(gs @ a, p, seed)  # d dropout(x) / dx is the same mask and scale
+            dx += dropped(gs @ a, p, seed, m)  # d dropout(x) / dx is the same mask and scale
     if need_da:
-        da = gs.t() @ dropped(x, p, seed)  # (r, in)
+        da = gs.t() @ dropped(x, p, seed, m)  # (r, in)
     db = torch.mm(dy.t(), xa).mul_(scaling) if need_db else None  # (out, r)
     dw = dy.t() @ x if need_dw else None
     dbias = dy.sum(0) if need_dbias else None
