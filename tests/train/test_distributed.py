@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import FakePlugin, build_fake, make_records
+from train_fakes import FakePlugin, build_fake, make_records
 
 from peftmed.data import VQADataset
 from peftmed.train import TrainConfig, Trainer

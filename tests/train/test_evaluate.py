@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import build_fake, make_records
+from train_fakes import build_fake, make_records
 
 import peftmed
 from peftmed.data import normalize_answer

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import bare_fake, build_fake, make_records
+from train_fakes import bare_fake, build_fake, make_records
 
 import peftmed
 from peftmed.data import VQADataset
