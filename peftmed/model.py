@@ -237,7 +237,8 @@ class PeftModel(nn.Module):
             raise PeftmedError(f"method {method.name!r} has unknown family {method.family!r}")
         if self.keep_base:
             for pname, p in applied.params.items():
-                self._originals.setdefault(pname, p.detach().to("cpu", copy=True))
+                if not p.is_meta:  # a meta-device model (e.g. recipe check) holds no values to keep
+                    self._originals.setdefault(pname, p.detach().to("cpu", copy=True))
         return applied
 
     def _find_layer(self, name: str, layer_class) -> AdapterLayer | None:

@@ -107,3 +107,12 @@ def test_tiny_vocabulary_is_trained_on_the_texts_given():
     assert model.config.vocab_size == len(model.tokenizer)
     assert model.tokenizer.tokenize("pneumoperitoneum")[0] != "[UNK]"
     assert all(model.tokenizer.backend.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+
+
+def test_trained_vocabulary_is_the_same_every_time():
+    """A model rebuilt from the same text must get the same token ids as the one an adapter was saved from."""
+    from peftmed.backbones.miss.tokenizer import MissTokenizer
+
+    texts = ["is there a lesion in the left lung?", "yes", "what organ is shown?", "liver", "no"] * 3
+    vocabs = [MissTokenizer.train(texts, vocab_size=200).backend.get_vocab() for _ in range(4)]
+    assert all(v == vocabs[0] for v in vocabs[1:])

@@ -20,6 +20,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from ...errors import ConfigError
+from ..wordpiece import wordpiece_vocab
 
 # Questions and answers in the style of VQA-RAD / SLAKE, so a fresh tokenizer splits medical words
 # into few pieces even before it sees a dataset.
@@ -94,7 +95,7 @@ def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 10
     else:
         words = Counter(w for text in _texts(texts)
                         for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
-        tok = Tokenizer(models.WordPiece(vocab=_wordpiece_vocab(words, vocab_size), unk_token="[UNK]"))
+        tok = Tokenizer(models.WordPiece(vocab=wordpiece_vocab(words, vocab_size, BERT_SPECIALS), unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
@@ -104,22 +105,6 @@ def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 10
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token="[DEC]", additional_special_tokens=["[ENC]"],
     )
-
-
-def _wordpiece_vocab(words: Counter, vocab_size: int) -> dict[str, int]:
-    """Specials, every character (word-initial and ``##`` continuation), then whole words by frequency.
-
-    Built here rather than with ``tokenizers``' WordPieceTrainer because that trainer's vocabulary
-    changes from run to run (hash-map order), and a fresh model must get the same ids every time.
-    """
-    chars = sorted({c for w in words for c in w})
-    base = list(BERT_SPECIALS) + chars + [f"##{c}" for c in chars]
-    if vocab_size < len(base):
-        raise ConfigError(f"vocab_size={vocab_size} is below the {len(base)} special and character tokens the "
-                          f"texts need")
-    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
-    tokens = base + ranked[: vocab_size - len(base)]
-    return {t: i for i, t in enumerate(tokens)}
 
 
 def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000) -> PreTrainedTokenizerFast:

@@ -12,13 +12,16 @@ texts given (the dataset's questions and answers) or, failing those, on a small 
 from __future__ import annotations
 
 import string
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ...errors import ConfigError
+from ..wordpiece import wordpiece_vocab
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -122,12 +125,12 @@ class MissTokenizer:
         if vocab_size < len(SPECIAL_TOKENS) + len(_alphabet()):
             raise ConfigError(f"vocab_size={vocab_size} is too small: it must hold {len(SPECIAL_TOKENS)} special "
                               f"tokens and the {len(_alphabet())}-character alphabet")
-        tok = _assemble(models.WordPiece(unk_token="[UNK]"))
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-            initial_alphabet=_alphabet(), continuing_subword_prefix="##", show_progress=False,
-        )
-        tok.train_from_iterator(texts, trainer)
+        # deterministic (tokenizers' WordPieceTrainer is not): same text -> same ids, every run
+        pre, norm = pre_tokenizers.BertPreTokenizer(), normalizers.BertNormalizer(lowercase=True)
+        words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(t)))
+        counts = {w: c for w, c in words.items() if c >= min_frequency}
+        vocab = wordpiece_vocab(Counter(counts), vocab_size, SPECIAL_TOKENS, _alphabet())
+        tok = _assemble(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
         return cls(_finish(tok))
 
     @classmethod
