@@ -59,7 +59,9 @@ class BenchConfig:
     backbone_options: dict = field(default_factory=dict)
     dataset_options: dict = field(default_factory=dict)  # load_records options of both splits
     transfer: tuple[dict, dict] | None = None  # (source options, target options) of the dataset
-    source_steps: int = 100  # steps of full training on the source domain (transfer protocol)
+    source_steps: int = 1500  # steps of full training on the source domain (transfer protocol)
+    source_lr: float = 1e-3  # learning rate of that training (from random weights: higher than adaptation's)
+    source_batch_size: int = 32  # batch size of that training
     threads: int | None = None  # torch CPU threads per job (None: torch's default)
     isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
     plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
@@ -69,7 +71,7 @@ class BenchConfig:
         if self.steps is None and self.time_budget is None:
             raise ConfigError("give a budget: --steps N and/or --time-budget SECONDS")
         for name in ("steps", "threads", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "eval_samples",
-                     "source_steps"):
+                     "source_steps", "source_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -82,7 +84,7 @@ class BenchConfig:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
         keys = ("backbone", "dataset", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
                 "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
-                "source_steps")
+                "source_steps", "source_lr", "source_batch_size")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
 
 
@@ -280,6 +282,7 @@ def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: 
     job.train_options = {**config.dataset_options, **config.transfer[0]}
     job.test_options = {**config.dataset_options, **config.transfer[0]}
     job.steps, job.time_budget = config.source_steps, None
+    job.lr, job.batch_size = config.source_lr, config.source_batch_size
     job.save_model = str(path)
     marker = path.with_suffix(".json")
     if config.resume and path.is_file() and marker.is_file() and \

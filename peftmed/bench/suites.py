@@ -48,6 +48,7 @@ BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
     # What `peftmed bench` runs with no arguments: one row per method family member, sized for a
     # 2-core CPU (see docs/bench.md for the budget).
     "default": (
+        _e(FROZEN, "frozen"),
         _e("*=full", "full"),
         _e("*=layernorm", "layernorm"),
         _e("*=bitfit", "bitfit"),
