@@ -61,6 +61,11 @@ def _max_size(op: str):
     return lambda size: None if size <= limit else f"{what} {size} is above the Triton kernel's {limit}"
 
 
+# Measured on an idle 2-core CPU (benchmarks/kernels/README.md): the C++ LayerNorm is 1.8x slower than
+# torch's native one, so auto keeps native there; the C++ op stays available by name (impl="cpp").
+CPP_PRIORITY = {"layer_norm": PRIORITY["torch"] - 10}
+
+
 def builtin_impls() -> list[KernelImpl]:
     impls = []
     for op in OPS:
@@ -68,7 +73,7 @@ def builtin_impls() -> list[KernelImpl]:
             KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS + (torch.float64,),
                        loader=lambda op=op: _module_fns(f"peftmed.kernels.{op}.reference"),
                        description="PyTorch reference (fallback and test oracle)"),
-            KernelImpl(op, "cpp", PRIORITY["cpp"], ("cpu",), FLOATS,
+            KernelImpl(op, "cpp", CPP_PRIORITY.get(op, PRIORITY["cpp"]), ("cpu",), FLOATS,
                        loader=lambda op=op: _extension_fns(f"{op}_cpu", cuda=False),
                        check=lambda op=op: build.extension_status(f"{op}_cpu"),
                        description=f"C++ (csrc/{op}/{op}.cpp), compiled on first use"),
