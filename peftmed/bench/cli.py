@@ -121,7 +121,8 @@ def build_config(args):
         # A tiny backbone from random weights learns little in a short budget, so accuracies would say
         # nothing about the methods: by default, pretrain it on one phantom domain and adapt to the other.
         transfer = ({"domain": "ct"}, {"domain": "mr"})
-    default_steps, default_batch = (300, 16) if transfer else (40, 8)
+    # the transfer protocol and report generation need a real budget to say anything (docs/bench.md)
+    default_steps, default_batch = (300, 16) if transfer or task == "report" else (40, 8)
     config = BenchConfig(
         backbone=args.backbone, dataset=dataset, data_dir=args.data_dir, device=args.device,
         threads=args.threads,

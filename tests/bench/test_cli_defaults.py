@@ -22,3 +22,9 @@ def test_no_transfer_and_other_datasets_adapt_directly():
     assert config_for("--no-transfer").steps == 40 and config_for("--no-transfer").batch_size == 8
     assert config_for("--dataset", "vqa-rad").transfer is None
     assert config_for("--transfer", "domain=mr", "domain=ct").transfer == ({"domain": "mr"}, {"domain": "ct"})
+
+
+def test_report_suite_gets_the_longer_budget():
+    config = config_for("--suite", "irg")
+    assert config.dataset == "phantom-report" and config.transfer is None
+    assert (config.steps, config.batch_size) == (300, 16)
