@@ -20,16 +20,7 @@ import triton
 import triton.language as tl
 
 from ..dropout import seed_key, threshold
-
-
-@triton.jit
-def _mix32(h):
-    h ^= h >> 16
-    h = h * 0x7FEB352D
-    h ^= h >> 15
-    h = h * 0x846CA68B
-    h ^= h >> 16
-    return h
+from ..triton_dropout import keep_mask as _keep
 
 
 @triton.jit
@@ -38,14 +29,6 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _keep(rows, cols, key, thr):
-    """(rows[:, None], cols[None, :]) -> keep mask, the same hash as peftmed.kernels.dropout."""
-    rk = _mix32(rows.to(tl.uint32) ^ key.to(tl.uint32))
-    u = _mix32(rk[:, None] + cols.to(tl.uint32)[None, :] * 0x9E3779B1)
-    return (u >> 8) >= thr
 
 
 @triton.jit
