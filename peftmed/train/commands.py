@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -222,21 +224,49 @@ def _load(spec_name: str, split: str, opts: dict[str, Any], registry):
                         **(opts.get("data_options") or {}))
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from ..data import VQADataset
-    from ..model import apply
-    from . import distributed
-    from .checkpoint import latest_checkpoint, write_json_atomic
-    from .evaluate import baseline_scores, evaluate
-    from .trainer import Trainer
+@dataclass
+class TaskFlow:
+    """What differs between the tasks a training run serves (Med-VQA here; reports in peftmed.report)."""
 
+    name: str  # "vqa" | "report"
+    noun: str  # what a record is, for the log ("questions", "reports")
+    texts: Callable  # train records -> texts a backbone may train its tokenizer on
+    wrap: Callable  # PeftModel -> the model trained and evaluated (the task's protocol)
+    dataset: Callable  # (records, image_size) -> torch Dataset
+    evaluate: Callable  # (model, records, *, batch_size, num_beams, max_new_tokens, limit, progress, dataset)
+    baseline: Callable  # (train records, test records) -> scores of the task's trivial baseline
+    baseline_name: str  # key in metrics.json
+    baseline_label: str  # printed beside the scores
+    summary: Callable  # scores -> one line
+    max_new_tokens: Callable = lambda n: n  # the configured length -> the task's generation length
+    collate_fn: Callable | None = None  # None: the Trainer's default (Med-VQA batches)
+
+
+def vqa_flow() -> TaskFlow:
+    from ..data import VQADataset
+    from .evaluate import baseline_scores, evaluate
+
+    return TaskFlow(name="vqa", noun="questions", texts=lambda rs: [r.question for r in rs] + [r.answer for r in rs],
+                    wrap=lambda pm: pm, dataset=VQADataset, evaluate=evaluate, baseline=baseline_scores,
+                    baseline_name="majority_baseline", baseline_label="majority-answer baseline: ", summary=_summary)
+
+
+def run_train(args: argparse.Namespace) -> int:
     registry = _registry()
     opts = resolve_options(args)
     backbone, spec, recipe, config = _check_before_training(opts, registry)
-    from ..report.commands import resolve_task, run_train_report
+    from ..report.commands import report_flow, resolve_task
 
-    if resolve_task(opts.get("task"), spec) == "report":
-        return run_train_report(opts, registry, backbone, spec, recipe, config)
+    flow = report_flow() if resolve_task(opts.get("task"), spec) == "report" else vqa_flow()
+    return train_with_flow(flow, opts, registry, backbone, spec, recipe, config)
+
+
+def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, spec, recipe, config) -> int:
+    from ..model import apply
+    from . import distributed
+    from .checkpoint import latest_checkpoint, write_json_atomic
+    from .trainer import Trainer
+
     out = Path(opts["output"] or f"runs/{backbone.name}-{spec.name}")
     opts["output"] = str(out)
     if not opts["resume"] and latest_checkpoint(out / "checkpoints") is not None:
@@ -246,46 +276,50 @@ def run_train(args: argparse.Namespace) -> int:
 
     train = _load(spec.name, opts["train_split"], opts, registry)
     test = _load(spec.name, opts["eval_split"], opts, registry)
-    texts = [r.question for r in train] + [r.answer for r in train]
     tokenizer_dir = out / TOKENIZER_DIR
-    model = build_model(backbone, opts, texts=texts,
+    model = build_model(backbone, opts, texts=flow.texts(train),
                         tokenizer_dir=tokenizer_dir if opts["resume"] and tokenizer_dir.is_dir() else None)
     pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
+    task_model = flow.wrap(pm)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / RUN_CONFIG, opts)
         if not tokenizer_dir.is_dir():
             save_tokenizer(model, tokenizer_dir)
         print(pm.trainable_report(), file=sys.stderr)
-        print(f"train: {len(train)} questions ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
+        print(f"train: {len(train)} {flow.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
               file=sys.stderr)
 
-    image_size = int(getattr(model, "image_size"))
-    test_set = VQADataset(test, image_size)
+    image_size = int(getattr(task_model, "image_size"))
+    test_set = flow.dataset(test, image_size)
     eval_batch = config.eval_batch_size or config.batch_size
+    tokens = flow.max_new_tokens(config.max_new_tokens)
 
     def eval_fn(m, limit):
-        return evaluate(m, test, batch_size=eval_batch, num_beams=config.num_beams,
-                        max_new_tokens=config.max_new_tokens, limit=limit, dataset=test_set).scores
+        return flow.evaluate(m, test, batch_size=eval_batch, num_beams=config.num_beams, max_new_tokens=tokens,
+                             limit=limit, dataset=test_set).scores
 
-    trainer = Trainer(pm, VQADataset(train, image_size), config, output_dir=out, eval_fn=eval_fn,
-                      run_info={"backbone": backbone.name, "recipe_json": recipe.to_dict(), "dataset": spec.name,
-                                "data_options": opts["data_options"]})
+    run_info = {"backbone": backbone.name, "recipe_json": recipe.to_dict(), "dataset": spec.name,
+                "data_options": opts["data_options"]}
+    task_info = {} if flow.name == "vqa" else {"task": flow.name}
+    extra = {"collate_fn": flow.collate_fn} if flow.collate_fn is not None else {}
+    trainer = Trainer(task_model, flow.dataset(train, image_size), config, output_dir=out, eval_fn=eval_fn,
+                      run_info={**run_info, **task_info}, **extra)
     result = trainer.train(resume=opts["resume"])
     if not main or distributed.is_fsdp(trainer.wrapped):
         return 0
-    summary: dict[str, Any] = {"backbone": backbone.name, "recipe": recipe.to_text(), "dataset": spec.name,
-                               "eval_split": opts["eval_split"], "train": result.to_dict(),
+    summary: dict[str, Any] = {**task_info, "backbone": backbone.name, "recipe": recipe.to_text(),
+                               "dataset": spec.name, "eval_split": opts["eval_split"], "train": result.to_dict(),
                                "trainable": pm.trainable_report().to_dict()}
     if opts["evaluate"]:
-        final = evaluate(pm, test, batch_size=eval_batch, num_beams=config.num_beams,
-                         max_new_tokens=config.max_new_tokens, progress=config.progress, dataset=test_set)
-        baseline = baseline_scores(train, test)
-        summary.update(scores=final.scores, majority_baseline=baseline)
+        final = flow.evaluate(task_model, test, batch_size=eval_batch, num_beams=config.num_beams,
+                              max_new_tokens=tokens, progress=config.progress, dataset=test_set)
+        baseline = flow.baseline(train, test)
+        summary.update({"scores": final.scores, flow.baseline_name: baseline})
         final.write(out)
         write_json_atomic(out / "metrics.json", summary)
         print(f"{spec.name}/{opts['eval_split']} after {result.step} steps: {final.summary()}")
-        print(f"majority-answer baseline:  {_summary(baseline)}")
+        print(f"{flow.baseline_label} {flow.summary(baseline)}")
     else:
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
