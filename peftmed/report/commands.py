@@ -1,5 +1,5 @@
-"""``peftmed train --task report`` and ``peftmed eval --task report``: the report flows of the train
-and eval commands (``peftmed.train.commands`` hands a run over here when its task is ``report``).
+"""``peftmed train --task report`` and ``peftmed eval --task report``: the report task's parts
+(``report_flow()``) of the one train/eval flow in ``peftmed.train.commands``.
 
 The run folder is the same as for VQA (adapter/, checkpoints/, train_config.json, tokenizer/,
 metrics.json, predictions.json); the model is the backbone wrapped in ``ReportModel``, the data are
@@ -8,8 +8,6 @@ metrics.json, predictions.json); the model is the backbone wrapped in ``ReportMo
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
 
@@ -56,37 +54,3 @@ def report_flow():
                     baseline_name="most_frequent_report_baseline", baseline_label="most-frequent-report baseline:",
                     summary=summary_text,
                     max_new_tokens=report_tokens, collate_fn=report_collate)
-
-
-def run_eval_report(args, registry, *, adapter: Path, manifest: dict, run_dir: Path | None, opts: dict[str, Any],
-                    backbone, spec) -> int:
-    from ..model import load_adapter
-    from ..train.checkpoint import write_json_atomic
-    from ..train.commands import TOKENIZER_DIR, _load, build_model
-    from ..train.distributed import resolve_device
-    from .evaluate import baseline_scores, evaluate_reports, summary_text
-    from .model import ReportModel
-
-    test = _load(spec.name, args.split, opts, registry)
-    same_data = spec.name == opts.get("dataset_of_run")
-    train = _load(spec.name, opts.get("train_split") or spec.splits[0], opts, registry) if same_data else None
-    tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
-    model = build_model(backbone, opts, texts=training_texts(train) if train is not None else None,
-                        tokenizer_dir=tokenizer_dir)
-    rm = ReportModel(load_adapter(model, adapter, backbone=backbone, registry=registry))
-    rm.to(resolve_device(args.device))
-    tokens = report_tokens(args.max_new_tokens)
-    result = evaluate_reports(rm, test, batch_size=args.batch_size, num_beams=args.num_beams, max_new_tokens=tokens,
-                              progress=args.progress)
-    print(f"{spec.name}/{args.split} with {manifest['recipe']}: {result.summary()}")
-    summary: dict[str, Any] = {"task": "report", "adapter": str(adapter), "dataset": spec.name, "split": args.split,
-                               "recipe": manifest["recipe"], "scores": result.scores}
-    if train is not None:
-        summary["most_frequent_report_baseline"] = baseline_scores(train, test)
-        print(f"most-frequent-report baseline: {summary_text(summary['most_frequent_report_baseline'])}")
-    if args.output:
-        out = Path(args.output)
-        result.write(out)
-        write_json_atomic(out / "metrics.json", summary)
-        print(f"predictions: {out / 'predictions.json'}   metrics: {out / 'metrics.json'}")
-    return 0

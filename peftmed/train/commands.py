@@ -366,7 +366,6 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..model import load_adapter, read_manifest
     from .checkpoint import write_json_atomic
     from .distributed import resolve_device
-    from .evaluate import baseline_scores, evaluate
 
     registry = _registry()
     adapter = Path(args.adapter)
@@ -387,29 +386,28 @@ def run_eval(args: argparse.Namespace) -> int:
     opts["data_options"] = data_options
     spec = registry.get("dataset", dataset)
     spec.check_split(args.split)
-    from ..report.commands import resolve_task, run_eval_report
+    from ..report.commands import report_flow, resolve_task
 
-    if resolve_task(args.task or (opts.get("task") if same_data else None), spec) == "report":
-        return run_eval_report(args, registry, adapter=adapter, manifest=manifest, run_dir=run_dir,
-                               opts={**opts, "dataset_of_run": dataset if same_data else None}, backbone=backbone,
-                               spec=spec)
+    task = resolve_task(args.task or (opts.get("task") if same_data else None), spec)
+    flow = report_flow() if task == "report" else vqa_flow()
     test = _load(spec.name, args.split, opts, registry)
     train_split = opts.get("train_split") or spec.splits[0]
-    # the majority baseline needs the training answers: only known when evaluating on the run's dataset
+    # the baseline needs the training records: only known when evaluating on the run's dataset
     train = _load(spec.name, train_split, opts, registry) if same_data else None
     tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
-    texts = [r.question for r in train] + [r.answer for r in train] if train is not None else None
-    model = build_model(backbone, opts, texts=texts, tokenizer_dir=tokenizer_dir)
-    pm = load_adapter(model, adapter, backbone=backbone, registry=registry)
-    pm.to(resolve_device(args.device))
-    result = evaluate(pm, test, batch_size=args.batch_size, num_beams=args.num_beams,
-                      max_new_tokens=args.max_new_tokens, progress=args.progress)
+    model = build_model(backbone, opts, texts=flow.texts(train) if train is not None else None,
+                        tokenizer_dir=tokenizer_dir)
+    task_model = flow.wrap(load_adapter(model, adapter, backbone=backbone, registry=registry))
+    task_model.to(resolve_device(args.device))
+    result = flow.evaluate(task_model, test, batch_size=args.batch_size, num_beams=args.num_beams,
+                           max_new_tokens=flow.max_new_tokens(args.max_new_tokens), progress=args.progress)
     print(f"{spec.name}/{args.split} with {manifest['recipe']}: {result.summary()}")
-    summary: dict[str, Any] = {"adapter": str(adapter), "dataset": spec.name, "split": args.split,
-                               "recipe": manifest["recipe"], "scores": result.scores}
+    summary: dict[str, Any] = {**({} if flow.name == "vqa" else {"task": flow.name}), "adapter": str(adapter),
+                               "dataset": spec.name, "split": args.split, "recipe": manifest["recipe"],
+                               "scores": result.scores}
     if train is not None:
-        summary["majority_baseline"] = baseline_scores(train, test)
-        print(f"majority-answer baseline:  {_summary(summary['majority_baseline'])}")
+        summary[flow.baseline_name] = flow.baseline(train, test)
+        print(f"{flow.baseline_label} {flow.summary(summary[flow.baseline_name])}")
     if args.output:
         out = Path(args.output)
         result.write(out)
