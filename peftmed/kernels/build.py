@@ -27,7 +27,9 @@ log = logging.getLogger("peftmed.kernels.build")
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"  # repository layout: <root>/peftmed/kernels/build.py
 INCLUDE = Path(__file__).resolve().parent / "include"  # headers shared by the ops' sources
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd"]
+# -fopenmp, not just -fopenmp-simd: without it ATen's at::parallel_for (a header template) compiles to a
+# serial loop. The extension then uses the libgomp torch has already loaded (same soname).
+CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 # what each extension is built from (relative to csrc/); the AOT build uses the same table
@@ -162,7 +164,7 @@ def _jit_build(name: str):
     try:
         module = cpp_ext.load(
             name=f"peftmed_{name}", sources=sources, build_directory=str(build_dir),
-            extra_cflags=CXX_FLAGS, extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
+            extra_cflags=CXX_FLAGS, extra_ldflags=[] if spec["cuda"] else ["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
         )
     except Exception as exc:  # ninja/compiler failure: keep the whole output, surface the first error
         output = str(exc)
@@ -191,5 +193,5 @@ def setup_extensions():
         else:
             # no -march=native here: a wheel may run on another CPU
             ext_modules.append(CppExtension(f"{AOT_PACKAGE}.{name}", sources, include_dirs=include,
-                                            extra_compile_args=["-O3", "-fopenmp-simd"]))
+                                            extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"]))
     return ext_modules, {"build_ext": BuildExtension}

@@ -24,21 +24,11 @@ def _lora_args(dtype=torch.float32):
             torch.randn(2, 16, generator=g).to(dtype), torch.randn(8, 2, generator=g).to(dtype), 0.5)
 
 
-def test_auto_picks_the_measured_faster_implementation_on_cpu(cpp_built, fresh_dispatch, monkeypatch):
-    # benchmarks/kernels/README.md: C++ LoRA wins with dropout, torch's GEMMs without; native LayerNorm wins
+def test_auto_picks_the_measured_faster_implementation_on_cpu(cpp_built, fresh_dispatch):
+    # benchmarks/kernels/README.md: the C++ LoRA wins with and without dropout; native LayerNorm wins
     assert kernels.resolve("lora_linear", "auto", "cpu", torch.float32, 8)[0].name == "cpp"
     assert kernels.resolve("layer_norm", None, "cpu", torch.bfloat16, 768)[0].name == "torch"
     assert kernels.resolve("layer_norm", "cpp", "cpu", torch.bfloat16, 768)[0].name == "cpp"
-    from peftmed.kernels.lora_linear import op
-
-    asked = []
-    real = op.resolve
-    monkeypatch.setattr(op, "resolve", lambda o, impl, *a: asked.append(impl) or real(o, impl, *a))
-    x, w, a, b = torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
-    kernels.lora_linear(x, w, None, a, b, 1.0, dropout_p=0.0, training=True)
-    kernels.lora_linear(x, w, None, a, b, 1.0, dropout_p=0.1, training=True)
-    kernels.lora_linear(x, w, None, a, b, 1.0, dropout_p=0.0, impl="cpp")
-    assert asked == [None, "torch", None, "cpp"]
 
 
 def test_unsupported_dtype_auto_falls_back_explicit_raises(cpp_built, fresh_dispatch):

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...errors import ShapeError
 from ..dropout import new_seed
-from ..registry import AUTO, KernelInputError, requested_impl, resolve
+from ..registry import KernelInputError, resolve
 
 OP = "lora_linear"
 
@@ -68,11 +68,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
         y, _ = lora_linear_fwd(x2, w, bias, a, b, float(scaling), p, seed, impl or "auto")
         return y.view(*lead, d_out)
-    kernel, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
-    if p == 0 and kernel.name == "cpp" and requested_impl(OP, impl) == AUTO:
-        # measured on CPU (benchmarks/kernels/README.md): without dropout MKL's GEMMs in the torch
-        # implementation beat the C++ row pass; with dropout the C++ pass (mask regenerated) wins
-        _, fns = resolve(OP, "torch", x.device, x.dtype, a.shape[0])
+    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
     seed = new_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         y = _LoraLinearFunction.apply(x2, w, bias, a, b, float(scaling), p, seed, fns)
