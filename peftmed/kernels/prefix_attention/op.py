@@ -96,13 +96,18 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, *, causal=False, sc
     scale = None if scale is None else float(scale)
     if prefix_k.shape[1] == 0:
         return plain_attention(q, k, v, mask, causal, scale, p)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # copies only when not already contiguous
-    pk, pv = prefix_k.contiguous(), prefix_v.contiguous()  # (H, P, D): small, once per layer
+    pk, pv = prefix_k, prefix_v
     if torch.compiler.is_compiling():
+        q, k, v, pk, pv = (t.contiguous() for t in (q, k, v, pk, pv))
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
         out, _ = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale, p, seed, impl or "auto")
         return out
-    _, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1])
+    kernel, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1])
+    if kernel.name != "torch" or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        # the GPU kernels index contiguous rows; the torch implementation takes strided views as they
+        # come (a head-split (B, T, H, D) -> (B, H, T, D) view is not copied, and a prefix that is a
+        # view of the prompt parameters is not copied once per layer and kept for backward)
+        q, k, v, pk, pv = (t.contiguous() for t in (q, k, v, pk, pv))
     seed = new_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, pk, pv)):
         return _PrefixAttentionFunction.apply(q, k, v, pk, pv, mask, bool(causal), scale, p, seed, fns)
