@@ -61,8 +61,9 @@ def _max_size(op: str):
     return lambda size: None if size <= limit else f"{what} {size} is above the Triton kernel's {limit}"
 
 
-# Measured on an idle 2-core CPU (benchmarks/kernels/README.md): the C++ LayerNorm is 1.8x slower than
-# torch's native one, so auto keeps native there; the C++ op stays available by name (impl="cpp").
+# Measured on an idle 2-core CPU (benchmarks/kernels/README.md): the C++ LayerNorm is 1.2x slower than
+# torch's native one (both near the memory-bandwidth floor), so auto keeps native there; the C++ op
+# stays available by name (impl="cpp"). The C++ LoRA is auto's CPU pick with and without dropout.
 CPP_PRIORITY = {"layer_norm": PRIORITY["torch"] - 10}
 
 

@@ -94,9 +94,37 @@ def _use_flash(q, p):
     return q.device.type == "cpu" and p == 0 and q.dtype in FLASH_DTYPES
 
 
+# Up to this many keys ([prefix; sequence]) the CPU path runs ONE flash call on a concatenation made
+# inside the op and dropped when it returns (never saved for backward, so the memory a training step
+# holds is the same as the two-branch path's): at short sequences the two-branch path's extra calls
+# and merge cost more than the copy (benchmarks/kernels/README.md).
+CONCAT_MAX_KEYS = 160
+
+
+def _short(q, k, pk):
+    return pk.shape[1] + k.shape[2] <= CONCAT_MAX_KEYS
+
+
+def _joined(q, k, v, pk, pv, mask, causal, tq, tk):
+    """[prefix; sequence] keys and values (a transient copy) and the flash kernel's additive mask."""
+    b, n = q.shape[0], pk.shape[1]
+    keys = torch.cat([pk.expand(b, -1, -1, -1), k], 2)
+    values = torch.cat([pv.expand(b, -1, -1, -1), v], 2)
+    visible = sequence_mask(mask, causal, tq, tk, None if mask is None else mask.device)
+    if visible is None:
+        return keys, values, None
+    add = torch.zeros((*visible.shape[:-1], n + tk), dtype=q.dtype, device=q.device)  # prefix: always visible
+    add[..., n:].masked_fill_(~visible, float("-inf"))
+    return keys, values, add
+
+
 def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
     if not _use_flash(q, p):
         return _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed)
+    if _short(q, k, pk):
+        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, q.shape[2], k.shape[2])
+        out, lse = _flash_fwd(q, keys, values, 0.0, False, attn_mask=add, scale=scale)
+        return out, lse
     b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
     bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)  # stride 0: no copy per sample
     out_p, lse_p = _flash_fwd(q, bpk, bpv, 0.0, False, scale=scale)
@@ -111,6 +139,12 @@ def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
 def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
     if not _use_flash(q, p):
         return _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse)
+    if _short(q, k, pk):
+        n = pk.shape[1]
+        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, q.shape[2], k.shape[2])
+        dq, dkeys, dvalues = _flash_bwd(dout, q, keys, values, out, lse, 0.0, False, attn_mask=add, scale=scale)
+        return (dq, dkeys[:, :, n:], dvalues[:, :, n:], dkeys[:, :, :n].sum(0, dtype=torch.float32).to(pk.dtype),
+                dvalues[:, :, :n].sum(0, dtype=torch.float32).to(pv.dtype))
     b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
     bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
     dq_p, dpk, dpv = _flash_bwd(dout, q, bpk, bpv, out, lse, 0.0, False, scale=scale)
