@@ -1,14 +1,17 @@
 // lora_linear on CPU:  y = x W^T + b + s * (dropout(x) A^T) B^T
 //
-// Every product goes to ATen's GEMM (MKL/oneDNN), each skinny one in the orientation that is fast on
-// the CPU: the rank-r side is the *left* operand ((r, T) @ (T, n) rather than (n, T) @ (T, r)), which
-// measured 2-4x faster for r = 8 at 512 x 768 than the textbook orientation. What is not a GEMM is the
-// dropout, done here in one vectorised pass per use: the mask is never stored, each pass hashes
-// (seed, row, col) -> keep with the arithmetic of peftmed/kernels/dropout.py (the same elements are
-// dropped by every implementation), in forward and again in backward.
+// The products go to ATen's GEMM (MKL), each skinny one in the orientation that is fast on the CPU:
+// the rank-r side is the *left* operand ((r, T) @ (T, n) rather than (n, T) @ (T, r)), measured
+// 2-4x faster for r = 8 at 512 x 768 than the textbook orientation.
 //
-//   forward:  h = dropout(x)   xa = h A^T (T, r)   y = x W^T + b;  y += s xa B^T
-//   backward: g = dy B (T, r)  dx = dy W;  dx += dropout'(s g A)   dA = s g^T h   dB = s dy^T xa
+//   forward:  xa = dropout(x) A^T (T, r)   y = x W^T + b;  y += s xa B^T
+//   backward: gt = B^T dy^T (r, T)   dx = dy W;  dx += s dropout'(g A)   dA = s g^T dropout(x)
+//             dB = s (xa^T dy)^T
+//
+// With dropout, everything the mask touches is one row pass (masked_xa, masked_backward): the mask
+// is hashed per row from (seed, row, col) with the arithmetic of peftmed/kernels/dropout.py (every
+// implementation drops the same elements), never stored, regenerated in backward, and no (T, in)
+// temporary is allocated.
 //
 // Signatures match peftmed/kernels/lora_linear/reference.py.
 
@@ -41,29 +44,36 @@ struct Dropout {
         threshold(static_cast<uint32_t>(std::min<double>(std::nearbyint(p * 16777216.0), 16777216.0))),
         scale(static_cast<float>(1.0 / (1.0 - p))) {}
 
-  // dst[row, :] (+)= src[row, :] * keep(row, :) * scale * factor, for rows [begin, end).  The column loop is
-  // 32-bit so that it vectorises (16 hashes per AVX-512 instruction sequence).
+  // dst[:] (+)= src[:] * keep(row, :) * scale * factor for one row of `cols` elements. The column loop
+  // is 32-bit and branch-free, with the constants in locals (members read through `this` and a
+  // branch around the load each stopped gcc from vectorising it).
   template <typename T, bool Accumulate>
-  void rows(const T* src, T* dst, int64_t begin, int64_t end, int64_t cols, float factor) const {
+  void row(int64_t r, const T* src, T* dst, int64_t cols, float factor) const {
     const uint32_t n = static_cast<uint32_t>(cols);
-    const uint32_t thr = threshold;  // locals, not members read through `this`: the loop then vectorises
+    const uint32_t thr = threshold;
     const float keep_scale = scale * factor;
-    for (int64_t r = begin; r < end; ++r) {
-      const uint32_t rk = mix32(static_cast<uint32_t>(r) ^ key);
-      const T* s = src + r * cols;
-      T* d = dst + r * cols;
+    const uint32_t rk = mix32(static_cast<uint32_t>(r) ^ key);
 #pragma omp simd
-      for (uint32_t i = 0; i < n; ++i) {
-        const uint32_t u = mix32(rk + i * 0x9E3779B1U);
-        const float m = (u >> 8) >= thr ? keep_scale : 0.0f;
-        const float v = static_cast<float>(s[i]) * m;
-        if constexpr (Accumulate) {
-          d[i] = static_cast<T>(static_cast<float>(d[i]) + v);
-        } else {
-          d[i] = static_cast<T>(v);
-        }
+    for (uint32_t i = 0; i < n; ++i) {
+      const uint32_t u = mix32(rk + i * 0x9E3779B1U);
+      const float m = (u >> 8) >= thr ? keep_scale : 0.0f;
+      const float v = static_cast<float>(src[i]) * m;
+      if constexpr (Accumulate) {
+        dst[i] = static_cast<T>(static_cast<float>(dst[i]) + v);
+      } else {
+        dst[i] = static_cast<T>(v);
       }
     }
+  }
+
+  // m[:] = keep(row, :) * scale
+  void scales(int64_t r, float* m, int64_t cols) const {
+    const uint32_t n = static_cast<uint32_t>(cols);
+    const uint32_t thr = threshold;
+    const float keep_scale = scale;
+    const uint32_t rk = mix32(static_cast<uint32_t>(r) ^ key);
+#pragma omp simd
+    for (uint32_t i = 0; i < n; ++i) m[i] = (mix32(rk + i * 0x9E3779B1U) >> 8) >= thr ? keep_scale : 0.0f;
   }
 };
 
@@ -77,7 +87,9 @@ void apply_dropout(const at::Tensor& src, at::Tensor& dst, double p, int64_t see
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "peftmed_lora_dropout", [&] {
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) { drop.rows<scalar_t, Accumulate>(s, d, b, e, cols, static_cast<float>(factor)); });
+    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) drop.row<scalar_t, Accumulate>(r, s + r * cols, d + r * cols, cols, static_cast<float>(factor));
+    });
   });
 }
 
@@ -86,6 +98,83 @@ at::Tensor dropped(const at::Tensor& x, double p, int64_t seed) {
   auto out = at::empty_like(x);
   apply_dropout<false>(x, out, p, seed);
   return out;
+}
+
+// ---- dropout > 0: the masked parts fused into row passes, so no (T, in) temporary is allocated ----
+// (a fresh 1.5 MB buffer costs its page faults on every call: in a training step, as much as the
+// arithmetic it holds). Each thread owns its row buffers and its dA partial (partials of several
+// threads side by side in one buffer share cache lines at the seams).
+
+// xa[t, :] = (x[t, :] * keep * scale) A^T for every row t
+template <typename T>
+void masked_xa(const T* x, const float* a32, float* xa, int64_t rows, int64_t in, int64_t r, const Dropout& drop) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> xd(in);
+    for (int64_t t = begin; t < end; ++t) {
+      drop.scales(t, xd.data(), in);
+      const T* xr = x + t * in;
+      float* xdp = xd.data();
+#pragma omp simd
+      for (int64_t i = 0; i < in; ++i) xdp[i] *= static_cast<float>(xr[i]);
+      for (int64_t k = 0; k < r; ++k) {
+        const float* ak = a32 + k * in;
+        float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t i = 0; i < in; ++i) acc += xdp[i] * ak[i];
+        xa[t * r + k] = acc;
+      }
+    }
+  });
+}
+
+// dx[t, :] += s * keep * scale * (g[t, :] A)   and   dA += g[t, :]^T (x[t, :] * keep * scale)
+// with g = dy B given transposed, gt (r, T); dA (r, in) is returned unscaled by s
+template <typename T>
+void masked_backward(const T* x, const float* gt, const float* a32, T* dx, float* da, int64_t rows, int64_t in,
+                     int64_t r, float scaling, const Dropout& drop) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  std::vector<float> part(da != nullptr ? chunks * r * in : 0);
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<float> m(in), acc(in), lpart(da != nullptr ? r * in : 0, 0.f);
+    for (int64_t c = cb; c < ce; ++c) {
+      std::fill(lpart.begin(), lpart.end(), 0.f);
+      for (int64_t t = c * rows / chunks; t < (c + 1) * rows / chunks; ++t) {
+        drop.scales(t, m.data(), in);
+        float* mp = m.data();
+        const T* xr = x + t * in;
+        if (dx != nullptr) {
+          float* ap = acc.data();
+          std::fill(acc.begin(), acc.end(), 0.f);
+          for (int64_t k = 0; k < r; ++k) {
+            const float gk = gt[k * rows + t];
+            const float* ak = a32 + k * in;
+#pragma omp simd
+            for (int64_t i = 0; i < in; ++i) ap[i] += gk * ak[i];
+          }
+          T* dxr = dx + t * in;
+#pragma omp simd
+          for (int64_t i = 0; i < in; ++i)
+            dxr[i] = static_cast<T>(static_cast<float>(dxr[i]) + scaling * mp[i] * ap[i]);
+        }
+        if (da != nullptr) {
+#pragma omp simd
+          for (int64_t i = 0; i < in; ++i) mp[i] *= static_cast<float>(xr[i]);  // the dropped x row
+          for (int64_t k = 0; k < r; ++k) {
+            const float gk = gt[k * rows + t];
+            float* pk = lpart.data() + k * in;
+#pragma omp simd
+            for (int64_t i = 0; i < in; ++i) pk[i] += gk * mp[i];
+          }
+        }
+      }
+      if (da != nullptr) std::copy(lpart.begin(), lpart.end(), part.begin() + c * r * in);
+    }
+  });
+  if (da != nullptr) {  // stage 2: sum the per-thread partials
+    std::copy(part.begin(), part.begin() + r * in, da);
+    for (int64_t c = 1; c < chunks; ++c)
+      for (int64_t j = 0; j < r * in; ++j) da[j] += part[c * r * in + j];
+  }
 }
 
 void check_inputs(const at::Tensor& x, const at::Tensor& a) {
@@ -99,8 +188,19 @@ void check_inputs(const at::Tensor& x, const at::Tensor& a) {
 std::vector<at::Tensor> forward(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                                 const at::Tensor& a, const at::Tensor& b, double scaling, double p, int64_t seed) {
   check_inputs(x, a);
-  const at::Tensor h = dropped(x, p, seed);
-  const at::Tensor xa = at::mm(a, h.t()).t().contiguous();  // (T, r) from the fast (r, T) product
+  const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
+  at::Tensor xa;
+  if (p == 0.0) {
+    xa = at::mm(a, x.t()).t().contiguous();  // (T, r) from the fast (r, T) product
+  } else {
+    auto a32 = a.to(at::kFloat).contiguous();
+    auto xa32 = at::empty({rows, r}, x.options().dtype(at::kFloat));
+    const Dropout drop(p, seed);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftmed_lora_masked_xa", [&] {
+      masked_xa<scalar_t>(x.data_ptr<scalar_t>(), a32.data_ptr<float>(), xa32.data_ptr<float>(), rows, in, r, drop);
+    });
+    xa = xa32.to(x.scalar_type());
+  }
   at::Tensor y = bias.has_value() && bias->defined() ? at::addmm(*bias, x, w.t()) : at::mm(x, w.t());
   y.addmm_(xa, b.t(), 1.0, scaling);  // the LoRA term lands in y: no (T, out) temporary
   return {y, xa};
@@ -116,16 +216,25 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
   at::Tensor dx, dw, dbias, da, db;
   at::Tensor gt;  // (r, T) = B^T dy^T, unscaled
   if (need_dx || need_da) gt = at::mm(b.t(), dy.t());
-  if (need_dx) {
-    dx = at::mm(dy, w);
-    if (p == 0.0) {
-      dx.addmm_(gt.t(), a, 1.0, scaling);
-    } else {
-      // d dropout(x) / dx is the same mask and scale; s is applied in the same pass
-      apply_dropout<true>(at::mm(gt.t(), a), dx, p, seed, scaling);
-    }
+  if (need_dx) dx = at::mm(dy, w);
+  if (p == 0.0) {
+    if (need_dx) dx.addmm_(gt.t(), a, 1.0, scaling);
+    if (need_da) da = at::mm(gt, x).mul_(scaling);  // (r, in)
+  } else if (need_dx || need_da) {
+    // one row pass: dx += s * mask * (g A) and dA = g^T dropout(x), the mask regenerated per row
+    const int64_t rows = x.size(0), in = x.size(1), r = a.size(0);
+    auto a32 = a.to(at::kFloat).contiguous();
+    auto gt32 = gt.to(at::kFloat).contiguous();
+    auto da32 = need_da ? at::empty({r, in}, x.options().dtype(at::kFloat)) : at::Tensor();
+    const Dropout drop(p, seed);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "peftmed_lora_masked_bwd", [&] {
+      masked_backward<scalar_t>(x.data_ptr<scalar_t>(), gt32.data_ptr<float>(), a32.data_ptr<float>(),
+                                need_dx ? dx.data_ptr<scalar_t>() : nullptr,
+                                need_da ? da32.data_ptr<float>() : nullptr, rows, in, r,
+                                static_cast<float>(scaling), drop);
+    });
+    if (need_da) da = da32.mul_(scaling).to(a.scalar_type());
   }
-  if (need_da) da = at::mm(gt, dropped(x, p, seed)).mul_(scaling);  // (r, in)
   if (need_db) db = at::mm(xa.t(), dy).mul_(scaling).t().contiguous();  // (out, r) from the fast (r, out) product
   if (need_dw) dw = at::mm(dy.t(), x);
   if (need_dbias) dbias = dy.sum(0);
