@@ -29,7 +29,10 @@ TRITON_MAX = {"lora_linear": 128, "layer_norm": 65536}  # rank / row width one p
 
 def _module_fns(module: str):
     mod = importlib.import_module(module)
-    return {"forward": mod.forward, "backward": mod.backward}
+    fns = {"forward": mod.forward, "backward": mod.backward}
+    if hasattr(mod, "needs_out"):  # optional: (inputs, p) -> whether backward reads the forward's output
+        fns["needs_out"] = mod.needs_out
+    return fns
 
 
 def _extension_fns(name: str, *, cuda: bool):

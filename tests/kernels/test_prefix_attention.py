@@ -79,6 +79,25 @@ def test_matches_oracle_on_random_shapes(impl):
     run()
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30], ids=["one-sample-slices", "whole-batch"])
+def test_torch_two_branch_path_matches_oracle(chunk_bytes, monkeypatch):
+    """The CPU path for long sequences (prefix and sequence attended apart, merged by log-sum-exp, the
+    prefix branch a slice of the batch at a time), forced here at small sizes."""
+    from peftmed.kernels.prefix_attention import reference as ref_module
+
+    monkeypatch.setattr(ref_module, "CONCAT_MAX_KEYS", 0)
+    monkeypatch.setattr(ref_module, "PREFIX_CHUNK_BYTES", chunk_bytes)
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.integers(1, 4), st.integers(1, 3), st.integers(1, 40), st.integers(1, 40), st.integers(1, 12),
+           st.sampled_from([8, 40, 64]), st.booleans(), st.sampled_from([None, "padding", "full"]),
+           st.sampled_from([torch.float32, torch.bfloat16]), st.integers(0, 2**16))
+    def run(b, h, tq, tk, n, d, causal, mask_kind, dtype, seed):
+        check_against_oracle("torch", b, h, tq, tk, n, d, causal, mask_kind, dtype, 0.0, seed)
+
+    run()
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_matmul_path_without_flash(dtype, monkeypatch):
     """The matmul formulation (GPU without Triton, fp64, dropout) on its own, dropout off."""

@@ -66,7 +66,8 @@ class _PrefixAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, pk, pv, mask, causal, scale, p, seed, fns):
         out, lse = fns["forward"](q, k, v, pk, pv, mask, causal, scale, p, seed)
-        ctx.save_for_backward(q, k, v, pk, pv, out, lse)
+        keep_out = fns["needs_out"](q, p) if "needs_out" in fns else True
+        ctx.save_for_backward(q, k, v, pk, pv, out if keep_out else None, lse)
         ctx.args = (mask, causal, scale, p, seed, fns)
         return out
 

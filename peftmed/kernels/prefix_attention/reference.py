@@ -84,14 +84,14 @@ def _no_visible_key(mask, causal, tq, tk, device):
     return ~visible.any(-1)
 
 
-def _merge(out_p, lse_p, out_s, lse_s, dtype):
-    lse = torch.logaddexp(lse_p, lse_s)
-    out = out_p.float() * (lse_p - lse).exp()[..., None] + out_s.float() * (lse_s - lse).exp()[..., None]
-    return out.to(dtype), lse
-
-
 def _use_flash(q, p):
     return q.device.type == "cpu" and p == 0 and q.dtype in FLASH_DTYPES
+
+
+def needs_out(q, p) -> bool:
+    """Whether backward reads ``out`` (the flash kernels do; the explicit-matmul path does not, so the
+    op does not keep it for backward there)."""
+    return _use_flash(q, p)
 
 
 # Up to this many keys ([prefix; sequence]) the CPU path runs ONE flash call on a concatenation made
@@ -99,6 +99,10 @@ def _use_flash(q, p):
 # holds is the same as the two-branch path's): at short sequences the two-branch path's extra calls
 # and merge cost more than the copy (benchmarks/kernels/README.md).
 CONCAT_MAX_KEYS = 160
+# Longer sequences attend to the prefix a slice of the batch at a time, merged into the sequence
+# branch's output in place, so the prefix branch's (b, H, Tq, D) output and query gradient exist for
+# a slice only (about this many bytes) and never for the whole batch beside the sequence branch's.
+PREFIX_CHUNK_BYTES = 16 * 2**20
 
 
 def _short(q, k, pk):
@@ -118,39 +122,59 @@ def _joined(q, k, v, pk, pv, mask, causal, tq, tk):
     return keys, values, add
 
 
+def _chunks(q):
+    b = q.shape[0]
+    per_sample = q[0].numel() * q.element_size()
+    step = max(1, min(b, PREFIX_CHUNK_BYTES // max(per_sample, 1)))
+    return [slice(i, min(i + step, b)) for i in range(0, b, step)]
+
+
 def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
     if not _use_flash(q, p):
         return _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed)
+    tq, tk = q.shape[2], k.shape[2]
     if _short(q, k, pk):
-        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, q.shape[2], k.shape[2])
-        out, lse = _flash_fwd(q, keys, values, 0.0, False, attn_mask=add, scale=scale)
-        return out, lse
-    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
-    bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)  # stride 0: no copy per sample
-    out_p, lse_p = _flash_fwd(q, bpk, bpv, 0.0, False, scale=scale)
+        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, tq, tk)
+        return _flash_fwd(q, keys, values, 0.0, False, attn_mask=add, scale=scale)
     is_causal, add = _flash_args(mask, causal, tq, tk, q.dtype)
-    out_s, lse_s = _flash_fwd(q, k, v, 0.0, is_causal, attn_mask=add, scale=scale)
+    out, lse_s = _flash_fwd(q, k, v, 0.0, is_causal, attn_mask=add, scale=scale)  # out follows q's layout
     blind = _no_visible_key(mask, causal, tq, tk, q.device)
     if blind is not None:  # the flash kernel reports lse 0 there; the branch must weigh nothing
         lse_s = lse_s.masked_fill(blind, float("-inf"))
-    return _merge(out_p, lse_p, out_s, lse_s, q.dtype)
+    lse = torch.empty_like(lse_s)
+    for sl in _chunks(q):
+        n = q[sl].shape[0]
+        out_p, lse_p = _flash_fwd(q[sl], pk.expand(n, -1, -1, -1), pv.expand(n, -1, -1, -1), 0.0, False, scale=scale)
+        merged = torch.logaddexp(lse_p, lse_s[sl])
+        o = out[sl]
+        res = o.float() * (lse_s[sl] - merged).exp()[..., None] + out_p.float() * (lse_p - merged).exp()[..., None]
+        o.copy_(res)
+        lse[sl] = merged
+    return out, lse
 
 
 def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
     if not _use_flash(q, p):
         return _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse)
+    tq, tk = q.shape[2], k.shape[2]
     if _short(q, k, pk):
         n = pk.shape[1]
-        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, q.shape[2], k.shape[2])
+        keys, values, add = _joined(q, k, v, pk, pv, mask, causal, tq, tk)
         dq, dkeys, dvalues = _flash_bwd(dout, q, keys, values, out, lse, 0.0, False, attn_mask=add, scale=scale)
         return (dq, dkeys[:, :, n:], dvalues[:, :, n:], dkeys[:, :, :n].sum(0, dtype=torch.float32).to(pk.dtype),
                 dvalues[:, :, :n].sum(0, dtype=torch.float32).to(pv.dtype))
-    b, tq, tk = q.shape[0], q.shape[2], k.shape[2]
-    bpk, bpv = pk.expand(b, -1, -1, -1), pv.expand(b, -1, -1, -1)
-    dq_p, dpk, dpv = _flash_bwd(dout, q, bpk, bpv, out, lse, 0.0, False, scale=scale)
     is_causal, add = _flash_args(mask, causal, tq, tk, q.dtype)
     dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, 0.0, is_causal, attn_mask=add, scale=scale)
-    return dq + dq_p, dk, dv, dpk.sum(0, dtype=torch.float32).to(pk.dtype), dpv.sum(0, dtype=torch.float32).to(pv.dtype)
+    dpk = torch.zeros(pk.shape, dtype=torch.float32, device=pk.device)
+    dpv = torch.zeros(pv.shape, dtype=torch.float32, device=pv.device)
+    for sl in _chunks(q):  # the prefix branch, a slice of the batch at a time, added into dq in place
+        n = q[sl].shape[0]
+        dq_p, dpk_c, dpv_c = _flash_bwd(dout[sl], q[sl], pk.expand(n, -1, -1, -1), pv.expand(n, -1, -1, -1),
+                                        out[sl], lse[sl], 0.0, False, scale=scale)
+        dq[sl] += dq_p
+        dpk += dpk_c.sum(0, dtype=torch.float32)
+        dpv += dpv_c.sum(0, dtype=torch.float32)
+    return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype)
 
 
 # ---- explicit matmuls: any device, fp64, dropout ------------------------------------------------
@@ -178,8 +202,13 @@ def _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
     if p > 0:
         keep_p, keep_s = _keeps(q, pk.shape[1], k.shape[2], p, seed)
         a_p, a_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)
-    out = torch.einsum("bhqp,hpd->bhqd", a_p, pv.float()) + a_s @ v.float()
-    return out.to(q.dtype), lse
+    res = torch.einsum("bhqp,hpd->bhqd", a_p, pv.float()) + a_s @ v.float()
+    # out in q's memory layout: when q's heads were split from (B, T, H*D), the caller's merge of the
+    # heads is then a view, and the tensor saved here for backward is the one the output projection
+    # saves (one copy held, as with the flash kernels, whose output follows q's layout)
+    out = torch.empty_like(q)
+    out.copy_(res)
+    return out, lse
 
 
 def _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
@@ -187,7 +216,6 @@ def _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse
     s_p, s_s = _scores(q, k, pk, mask, causal, scale)
     a_p, a_s = (s_p - lse[..., None]).exp(), (s_s - lse[..., None]).exp()
     do, qf = dout.float(), q.float()
-    delta = (do * out.float()).sum(-1, keepdim=True)  # rowsum(dO * O): the softmax Jacobian term
     dp_p = torch.einsum("bhqd,hpd->bhqp", do, pv.float())
     dp_s = do @ v.float().transpose(-1, -2)
     if p > 0:
@@ -196,6 +224,9 @@ def _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse
         d_p, d_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)  # the dropped probabilities
     else:
         d_p, d_s = a_p, a_s
+    # rowsum(dO * O), the softmax Jacobian term, from the probabilities recomputed above (out = P V, so
+    # dO . O = sum_j P_ij (dO_i . V_j)): this path does not need out, and it is not kept (needs_out)
+    delta = (a_p * dp_p).sum(-1, keepdim=True) + (a_s * dp_s).sum(-1, keepdim=True)
     ds_p, ds_s = a_p * (dp_p - delta), a_s * (dp_s - delta)
     dq = (torch.einsum("bhqp,hpd->bhqd", ds_p, pk.float()) + ds_s @ k.float()) * scale
     dk = ds_s.transpose(-1, -2) @ qf * scale
