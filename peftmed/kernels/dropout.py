@@ -57,14 +57,23 @@ def seed_key(seed: int) -> int:
     return mix32_int((seed & M32) ^ SEED_SALT)
 
 
+# The hash runs on int64 tensors (torch has no wrapping uint32 multiply), about six (rows, cols) int64
+# temporaries deep: rows are hashed this many elements at a time, so the transient memory stays a few
+# MB however large the mask (a (B*H*Tq, P+Tk) attention mask at batch 32 would otherwise need ~30 MB).
+MASK_CHUNK_ELEMENTS = 1 << 18
+
+
 def keep_mask(seed: int, rows: int, cols: int, p: float, device=None) -> torch.Tensor:
     """(rows, cols) bool tensor: True where the element is kept."""
-    key = seed_key(seed)
-    row = torch.arange(rows, device=device, dtype=torch.int64)
-    col = torch.arange(cols, device=device, dtype=torch.int64)
-    rk = _mix32(row ^ key)  # (rows,)
-    u = _mix32((rk[:, None] + _mul32(col, GOLDEN)[None, :]) & M32)  # (rows, cols)
-    return (u >> 8) >= threshold(p)
+    key, thr = seed_key(seed), threshold(p)
+    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    colh = _mul32(torch.arange(cols, device=device, dtype=torch.int64), GOLDEN)[None, :]
+    step = max(1, MASK_CHUNK_ELEMENTS // max(cols, 1))
+    for r0 in range(0, rows, step):
+        row = torch.arange(r0, min(r0 + step, rows), device=device, dtype=torch.int64)
+        u = _mix32((_mix32(row ^ key)[:, None] + colh) & M32)  # (chunk, cols)
+        torch.ge(u >> 8, thr, out=out[r0:r0 + step])
+    return out
 
 
 def new_seed() -> int:

@@ -116,6 +116,13 @@ def test_dropout_mask_is_shared_seeded_and_has_the_right_rate(cpp_built):
     assert not keep_mask(1, 4, 4, 0.0).logical_not().any()
 
 
+def test_dropout_mask_hashed_in_row_chunks_is_the_same_mask(cpp_built, monkeypatch):
+    from peftmed.kernels import dropout
+
+    monkeypatch.setattr(dropout, "MASK_CHUNK_ELEMENTS", 1000)  # 3 rows of 301 per chunk, a short last one
+    assert torch.equal(keep_mask(77, 301, 301, 0.3), cpp_built["lora_linear_cpu"].keep_mask(77, 301, 301, 0.3))
+
+
 def test_public_api_3d_input_noncontiguous_and_reproducible_dropout():
     torch.manual_seed(0)
     x = torch.randn(6, 3, 20).transpose(0, 1)  # (3, 6, 20), not contiguous
