@@ -195,17 +195,25 @@ def _keeps(q, n, tk, p, seed):
     return keep[..., :n], keep[..., n:]
 
 
+# The two functions below work in place where they can and drop each (B, H, Tq, P|Tk) temporary as
+# soon as it is used: in a training step they run while every activation is held, so their transient
+# memory adds to the step's peak.
 def _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
     s_p, s_s = _scores(q, k, pk, mask, causal, scale)
     lse = torch.logaddexp(s_p.logsumexp(-1), s_s.logsumexp(-1))  # (B, H, Tq)
-    a_p, a_s = (s_p - lse[..., None]).exp(), (s_s - lse[..., None]).exp()
+    a_p, a_s = s_p.sub_(lse[..., None]).exp_(), s_s.sub_(lse[..., None]).exp_()  # probabilities, in place
+    del s_p, s_s
     if p > 0:
         keep_p, keep_s = _keeps(q, pk.shape[1], k.shape[2], p, seed)
-        a_p, a_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)
-    res = torch.einsum("bhqp,hpd->bhqd", a_p, pv.float()) + a_s @ v.float()
+        a_p.mul_(keep_p).mul_(1 / (1 - p))
+        a_s.mul_(keep_s).mul_(1 / (1 - p))
+        del keep_p, keep_s
+    res = torch.einsum("bhqp,hpd->bhqd", a_p, pv.float())
+    del a_p
+    res.add_(a_s @ v.float())
+    del a_s
     # out in q's memory layout: when q's heads were split from (B, T, H*D), the caller's merge of the
-    # heads is then a view, and the tensor saved here for backward is the one the output projection
-    # saves (one copy held, as with the flash kernels, whose output follows q's layout)
+    # heads is then a view (no copy of out for the output projection)
     out = torch.empty_like(q)
     out.copy_(res)
     return out, lse
@@ -214,25 +222,31 @@ def _math_forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
 def _math_backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s_p, s_s = _scores(q, k, pk, mask, causal, scale)
-    a_p, a_s = (s_p - lse[..., None]).exp(), (s_s - lse[..., None]).exp()
+    a_p, a_s = s_p.sub_(lse[..., None]).exp_(), s_s.sub_(lse[..., None]).exp_()
+    del s_p, s_s
     do, qf = dout.float(), q.float()
     dp_p = torch.einsum("bhqd,hpd->bhqp", do, pv.float())
     dp_s = do @ v.float().transpose(-1, -2)
     if p > 0:
         keep_p, keep_s = _keeps(q, pk.shape[1], k.shape[2], p, seed)
-        dp_p, dp_s = dp_p * keep_p / (1 - p), dp_s * keep_s / (1 - p)
-        d_p, d_s = a_p * keep_p / (1 - p), a_s * keep_s / (1 - p)  # the dropped probabilities
+        dp_p.mul_(keep_p).mul_(1 / (1 - p))
+        dp_s.mul_(keep_s).mul_(1 / (1 - p))
+        # dV and dPV from the dropped probabilities, made and dropped one at a time
+        dv = (a_s * keep_s).mul_(1 / (1 - p)).transpose(-1, -2) @ do
+        dpv = torch.einsum("bhqp,bhqd->hpd", (a_p * keep_p).mul_(1 / (1 - p)), do)
+        del keep_p, keep_s
     else:
-        d_p, d_s = a_p, a_s
+        dv = a_s.transpose(-1, -2) @ do
+        dpv = torch.einsum("bhqp,bhqd->hpd", a_p, do)
     # rowsum(dO * O), the softmax Jacobian term, from the probabilities recomputed above (out = P V, so
     # dO . O = sum_j P_ij (dO_i . V_j)): this path does not need out, and it is not kept (needs_out)
-    delta = (a_p * dp_p).sum(-1, keepdim=True) + (a_s * dp_s).sum(-1, keepdim=True)
-    ds_p, ds_s = a_p * (dp_p - delta), a_s * (dp_s - delta)
-    dq = (torch.einsum("bhqp,hpd->bhqd", ds_p, pk.float()) + ds_s @ k.float()) * scale
-    dk = ds_s.transpose(-1, -2) @ qf * scale
-    dv = d_s.transpose(-1, -2) @ do
-    dpk = torch.einsum("bhqp,bhqd->hpd", ds_p, qf) * scale  # summed over the batch
-    dpv = torch.einsum("bhqp,bhqd->hpd", d_p, do)
+    delta = torch.linalg.vecdot(a_p, dp_p).unsqueeze_(-1) + torch.linalg.vecdot(a_s, dp_s).unsqueeze_(-1)
+    ds_p = dp_p.sub_(delta).mul_(a_p)  # in place over dp
+    ds_s = dp_s.sub_(delta).mul_(a_s)
+    del a_p, a_s
+    dq = torch.einsum("bhqp,hpd->bhqd", ds_p, pk.float()).add_(ds_s @ k.float()).mul_(scale)
+    dk = (ds_s.transpose(-1, -2) @ qf).mul_(scale)
+    dpk = torch.einsum("bhqp,bhqd->hpd", ds_p, qf).mul_(scale)  # summed over the batch
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dpk.to(pk.dtype), dpv.to(pv.dtype)
 
 
