@@ -15,11 +15,12 @@ clear_refs reset) of a fresh process per (provider, size) (peftmed.bench.memory.
 
 Model step (target: peak lower than the reference path's by at least the per-sample prefix copies the
 reference makes): one forward + backward of ``miss-base`` with ``vision=prefix fusion=prefix
-decoder=prefix`` (dropout 0.1, training mode), once with attend() on prefix_attention and once on
-the concatenation reference, each in a fresh process; the copies are counted exactly from every
-prefixed attention call of the step (2 * B * H * P * D * bytes). On CPU batch 32 of miss-base is
-too slow for 2 cores: the default measures batch 2 and states the copies at 32 by their formula
-(linear in the batch).
+decoder=prefix`` (train mode), once with attend() on prefix_attention and once on the concatenation
+reference, each in a fresh process. Printed: the peak (resident-set growth, with a fixed mmap threshold
+so that freed tensors leave the resident set), the bytes autograd holds for backward (every saved
+tensor, once per storage) and the copies, counted from every prefixed attention call of the step
+(2 * B * H * P * D * bytes). The default batch is 2 (a quick look); the target's batch 32 takes about
+100 s per path and 15 GB on a 2-core CPU (``--skip-ops --batch-model 32``).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def model_rows(args) -> None:
           f"-> target {'met' if saved >= copies else 'NOT met'}")
     if args.batch_model != 32:
         print(f"  at batch 32 the reference's prefix copies are {copies * 32 / args.batch_model:.0f} MiB "
-              f"(2 * B * H * P * D * bytes per call: linear in the batch); batch 32 was not measured here")
+              f"(2 * B * H * P * D * bytes per call: linear in the batch); --batch-model 32 measures it")
     print(f"  peak memory method: {ref['method']}")
 
 
@@ -210,7 +211,7 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-ops", action="store_true", help="only the model step")
     ap.add_argument("--size", default="base", choices=["tiny", "base"])
-    ap.add_argument("--batch-model", type=int, default=2, help="model step batch (runs on CPU; 32 is too slow on 2 cores)")
+    ap.add_argument("--batch-model", type=int, default=2, help="model step batch (the target is at 32: ~100 s per path on 2 cores)")
     ap.add_argument("--recipe", default="vision=prefix fusion=prefix decoder=prefix")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
     ap.add_argument("--one-op", nargs=4, help=argparse.SUPPRESS)
