@@ -32,8 +32,8 @@ def impls() -> list[KernelImpl]:
     return [
         KernelImpl(OP, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS + (torch.float64,),
                    loader=lambda: _module_fns(f"peftmed.kernels.{OP}.reference"),
-                   description="PyTorch: flash-attention CPU kernel per branch + LSE merge (CPU), matmuls "
-                               "elsewhere or with dropout"),
+                   description="PyTorch: CPU flash kernels (one call over a transient concatenation up to 160 "
+                               "keys, else per branch merged in place), matmuls elsewhere or with dropout"),
         KernelImpl(OP, "cuda", PRIORITY["cuda"], ("cuda",), FLOATS,
                    loader=lambda: _extension_fns(f"{OP}_cuda", cuda=True),
                    check=lambda: build.extension_status(f"{OP}_cuda"), accepts=_head_dim,
