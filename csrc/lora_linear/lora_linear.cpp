@@ -44,29 +44,8 @@ struct Dropout {
         threshold(static_cast<uint32_t>(std::min<double>(std::nearbyint(p * 16777216.0), 16777216.0))),
         scale(static_cast<float>(1.0 / (1.0 - p))) {}
 
-  // dst[:] (+)= src[:] * keep(row, :) * scale * factor for one row of `cols` elements. The column loop
-  // is 32-bit and branch-free, with the constants in locals (members read through `this` and a
-  // branch around the load each stopped gcc from vectorising it).
-  template <typename T, bool Accumulate>
-  void row(int64_t r, const T* src, T* dst, int64_t cols, float factor) const {
-    const uint32_t n = static_cast<uint32_t>(cols);
-    const uint32_t thr = threshold;
-    const float keep_scale = scale * factor;
-    const uint32_t rk = mix32(static_cast<uint32_t>(r) ^ key);
-#pragma omp simd
-    for (uint32_t i = 0; i < n; ++i) {
-      const uint32_t u = mix32(rk + i * 0x9E3779B1U);
-      const float m = (u >> 8) >= thr ? keep_scale : 0.0f;
-      const float v = static_cast<float>(src[i]) * m;
-      if constexpr (Accumulate) {
-        dst[i] = static_cast<T>(static_cast<float>(dst[i]) + v);
-      } else {
-        dst[i] = static_cast<T>(v);
-      }
-    }
-  }
-
-  // m[:] = keep(row, :) * scale
+  // m[:] = keep(row, :) * scale for one row. The column loop is 32-bit and branch-free, with the
+  // constants in locals (members read through `this` stopped gcc from vectorising it).
   void scales(int64_t r, float* m, int64_t cols) const {
     const uint32_t n = static_cast<uint32_t>(cols);
     const uint32_t thr = threshold;
@@ -76,29 +55,6 @@ struct Dropout {
     for (uint32_t i = 0; i < n; ++i) m[i] = (mix32(rk + i * 0x9E3779B1U) >> 8) >= thr ? keep_scale : 0.0f;
   }
 };
-
-// dst (+)= factor * dropout(src) with the mask of (p, seed); both 2-D contiguous, one shape and dtype.
-template <bool Accumulate>
-void apply_dropout(const at::Tensor& src, at::Tensor& dst, double p, int64_t seed, double factor = 1.0) {
-  const Dropout drop(p, seed);
-  const int64_t rows = src.size(0), cols = src.size(1);
-  // about 64 K elements per task: enough work to amortise waking a thread
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(cols, 1));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "peftmed_lora_dropout", [&] {
-    const scalar_t* s = src.data_ptr<scalar_t>();
-    scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) drop.row<scalar_t, Accumulate>(r, s + r * cols, d + r * cols, cols, static_cast<float>(factor));
-    });
-  });
-}
-
-at::Tensor dropped(const at::Tensor& x, double p, int64_t seed) {
-  if (p == 0.0) return x;
-  auto out = at::empty_like(x);
-  apply_dropout<false>(x, out, p, seed);
-  return out;
-}
 
 // ---- dropout > 0: the masked parts fused into row passes, so no (T, in) temporary is allocated ----
 // (a fresh 1.5 MB buffer costs its page faults on every call: in a training step, as much as the
@@ -243,8 +199,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dy, const at::Tensor& x, cons
 
 // the mask itself, for tests that check every implementation drops the same elements
 at::Tensor keep_mask(int64_t seed, int64_t rows, int64_t cols, double p) {
-  auto ones = at::ones({rows, cols}, at::TensorOptions().dtype(at::kFloat));
-  return dropped(ones, p, seed).ne(0);
+  auto m = at::empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+  const Dropout drop(p, seed);
+  float* mp = m.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) drop.scales(r, mp + r * cols, cols);
+  return m.ne(0);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
