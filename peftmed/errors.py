@@ -7,7 +7,10 @@ from collections.abc import Iterable
 
 
 class PeftmedError(Exception):
-    """Base class of every error peftmed raises on bad input."""
+    """Base class of every error peftmed raises on bad input. The CLI prints it (no traceback) and exits
+    with ``exit_code`` (2: bad input)."""
+
+    exit_code = 2
 
 
 class UnknownNameError(PeftmedError, KeyError):

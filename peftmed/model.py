@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import math
 import os
-import shutil
-import tempfile
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone
+from .backbones.tokenizer_files import tokenizer_fingerprint
 from .errors import AdapterError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
 from .methods.base import (
     AdapterLayer,
@@ -36,6 +38,7 @@ from .methods.base import (
     canonical_name,
 )
 from .plugins import Registry, default_registry
+from .files import sha256_file, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
 
 log = logging.getLogger("peftmed.model")
@@ -46,8 +49,18 @@ FORMAT = "peftmed-adapter"
 FORMAT_VERSION = 1
 MANIFEST_KEYS = {
     "format", "format_version", "peftmed_version", "torch_version", "plugins", "backbone",
-    "adapter_name", "recipe", "recipe_json", "methods", "tensors", "trainable",
+    "adapter_name", "recipe", "recipe_json", "methods", "tensors", "trainable", "weights_sha256", "tokenizer",
 }
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
+
+
+def check_adapter_name(name: Any) -> str:
+    """Adapter names become keys of torch parameter dicts: letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise AdapterError(f"adapter name {name!r} is not valid: use 1-64 letters, digits, '_' or '-' "
+                           f"(no '.', which torch reserves for module paths)")
+    return name
 
 
 @dataclass
@@ -131,6 +144,7 @@ class PeftModel(nn.Module):
     # ---- applying ---------------------------------------------------------------------------------
     def add_adapter(self, name: str, recipe: str | Recipe | Mapping, *, activate: bool = True) -> AdapterState:
         """Apply ``recipe`` as a new adapter ``name``; it becomes the active one unless told not to."""
+        check_adapter_name(name)
         if name in self.adapters:
             raise RecipeError(
                 f"adapter {name!r} already exists on this model; name a new adapter "
@@ -450,9 +464,11 @@ class PeftModel(nn.Module):
 
     # ---- save / load ------------------------------------------------------------------------------
     def save_adapter(self, path: str | os.PathLike, name: str | None = None) -> Path:
-        """Write ``adapter.json`` + ``adapter.safetensors`` to ``path`` (atomically: temp + rename)."""
-        from safetensors.torch import save_file
+        """Write ``adapter.safetensors`` and ``adapter.json`` (each atomically) into the folder ``path``.
 
+        Other files in the folder are left alone. The manifest records the SHA-256 of the weights file and
+        the identity of the model's tokenizer (when it has one), which loading checks.
+        """
         from . import __version__
 
         name = name or self._require_active()
@@ -483,22 +499,22 @@ class PeftModel(nn.Module):
             "adapter_name": name, "recipe": state.recipe.to_text(), "recipe_json": state.recipe.to_dict(),
             "methods": methods, "tensors": tensor_meta, "trainable": sum(t.numel() for t in tensors.values()),
         }
+        fingerprint = tokenizer_fingerprint(getattr(self.base_model, "tokenizer", None))
+        if fingerprint is not None:
+            manifest["tokenizer"] = {"sha256": fingerprint}
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT})
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if path.exists() and not path.is_dir():
+            raise AdapterError(f"cannot save the adapter to {str(path)!r}: it is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        # weights first, then the manifest naming their digest: each file is replaced atomically and
+        # nothing else in the folder is touched; a crash between the two leaves a digest mismatch that
+        # loading reports, never a silent mix of two adapters
+        from safetensors.torch import save as save_bytes
+
+        data = save_bytes(tensors, metadata={"format": FORMAT})
+        manifest["weights_sha256"] = hashlib.sha256(data).hexdigest()
+        write_bytes_atomic(path / WEIGHTS, data)
+        write_json_atomic(path / MANIFEST, manifest)
         return path
 
     def load_adapter(self, path: str | os.PathLike, name: str | None = None, *, activate: bool = True) -> AdapterState:
@@ -515,8 +531,9 @@ class PeftModel(nn.Module):
                 f"adapter {str(path)!r} was saved for backbone {manifest['backbone']!r}; this model is "
                 f"backbone {self.backbone.name!r}"
             )
+        check_tokenizer(manifest, getattr(self.base_model, "tokenizer", None), path)
         tensors = read_tensors(path, manifest)
-        name = name or manifest.get("adapter_name") or "default"
+        name = check_adapter_name(name or manifest.get("adapter_name") or "default")
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} already exists on this model; pass another name")
         recipe = Recipe.from_dict(manifest["recipe_json"])
@@ -616,6 +633,7 @@ class TrainableReport:
 
 
 def read_manifest(path: Path) -> dict:
+    """The adapter manifest of folder ``path``, every field checked for type before anything uses it."""
     from . import __version__
 
     mpath = Path(path) / MANIFEST
@@ -624,16 +642,14 @@ def read_manifest(path: Path) -> dict:
     if not mpath.is_file():
         raise AdapterError(f"{str(path)!r} is not a peftmed adapter: {MANIFEST} is missing")
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
         raise AdapterError(f"{mpath} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterError(f"{mpath} is not a peftmed adapter manifest (format is not {FORMAT!r})")
-    for key in ("backbone", "recipe_json", "methods", "tensors"):
-        if key not in manifest:
-            raise AdapterError(f"{mpath} lacks the key {key!r}")
+    _check_manifest(manifest, mpath)
     unknown = sorted(set(manifest) - MANIFEST_KEYS)
-    if unknown or int(manifest.get("format_version", 1)) > FORMAT_VERSION:
+    if unknown or manifest.get("format_version", 1) > FORMAT_VERSION:
         warnings.warn(
             f"{mpath} was written by peftmed {manifest.get('peftmed_version', '?')} (format "
             f"{manifest.get('format_version')}; this is {__version__}, format {FORMAT_VERSION}); "
@@ -643,12 +659,76 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
+def _check_manifest(m: dict, mpath: Path) -> None:
+    """Raise AdapterError naming the first field of the manifest that has the wrong type or value."""
+    def bad(key: str, value: Any, expected: str) -> AdapterError:
+        return AdapterError(f"{mpath}: {key} is {value!r}; expected {expected}")
+
+    for key in ("backbone", "recipe_json", "methods", "tensors"):
+        if key not in m:
+            raise AdapterError(f"{mpath} lacks the key {key!r}")
+    version = m.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise bad("format_version", version, "a positive integer")
+    if not isinstance(m["backbone"], str) or not m["backbone"]:
+        raise bad("backbone", m["backbone"], "a backbone name")
+    if "adapter_name" in m and m["adapter_name"] is not None:
+        try:
+            check_adapter_name(m["adapter_name"])
+        except AdapterError as exc:
+            raise AdapterError(f"{mpath}: {exc}") from None
+    if not isinstance(m["recipe_json"], dict):
+        raise bad("recipe_json", m["recipe_json"], "a mapping of component -> methods")
+    if not isinstance(m["methods"], dict):
+        raise bad("methods", m["methods"], "a mapping of component -> [{method, config}, ...]")
+    for comp, entries in m["methods"].items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("method"), str)
+                                                    and isinstance(e.get("config", {}), dict) for e in entries):
+            raise bad(f"methods[{comp!r}]", entries, "a list of {method: name, config: {...}}")
+    if not isinstance(m["tensors"], dict):
+        raise bad("tensors", m["tensors"], "a mapping of tensor name -> {shape, dtype}")
+    for name, meta in m["tensors"].items():
+        if not isinstance(meta, dict):
+            raise bad(f"tensors[{name!r}]", meta, "{shape: [...], dtype: ...}")
+        shape = meta.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"tensors[{name!r}].shape", shape, "a list of non-negative integers")
+        if "dtype" in meta and meta["dtype"] not in DTYPES:
+            raise bad(f"tensors[{name!r}].dtype", meta["dtype"], f"one of {sorted(DTYPES)}")
+    digest = m.get("weights_sha256")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise bad("weights_sha256", digest, "a hex SHA-256 digest")
+    tok = m.get("tokenizer")
+    if tok is not None and not (isinstance(tok, dict) and isinstance(tok.get("sha256"), str)):
+        raise bad("tokenizer", tok, "{sha256: ...}")
+
+
+def check_tokenizer(manifest: dict, tokenizer: Any, path: Path) -> None:
+    """Refuse a model whose tokenizer is not the one the adapter was trained with."""
+    recorded = (manifest.get("tokenizer") or {}).get("sha256")
+    found = tokenizer_fingerprint(tokenizer)
+    if recorded and found and recorded != found:
+        raise AdapterError(
+            f"adapter {str(path)!r} was trained with another tokenizer (vocabulary sha256 {recorded[:12]}...) than "
+            f"this model's ({found[:12]}...): its token ids would mean other words. Rebuild the base model with the "
+            f"training run's tokenizer (its tokenizer/ folder; 'peftmed eval' and 'predict' do this from the run folder)")
+
+
+def read_tensors(path: Path, manifest: dict, *, allow_nonfinite: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, checked against the manifest: digest, names, shapes, dtypes, finite values."""
     from safetensors.torch import load_file
 
     wpath = Path(path) / WEIGHTS
     if not wpath.is_file():
         raise AdapterError(f"adapter weights {str(wpath)!r} are missing")
+    digest = manifest.get("weights_sha256")
+    if digest is not None:
+        found = sha256_file(wpath)
+        if found != digest:
+            raise AdapterError(
+                f"adapter weights {str(wpath)!r} do not match the digest in {MANIFEST} (sha256 {found[:12]}... "
+                f"instead of {digest[:12]}...): the file was changed or damaged after saving")
     try:
         tensors = load_file(str(wpath))
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt files
@@ -658,10 +738,20 @@ def read_tensors(path: Path, manifest: dict) -> dict[str, torch.Tensor]:
         diff = sorted(set(listed) ^ set(tensors))
         raise AdapterError(f"{wpath} and its manifest list different tensors: {diff[:5]}")
     for k, meta in listed.items():
-        if list(tensors[k].shape) != list(meta["shape"]):
+        t = tensors[k]
+        if list(t.shape) != list(meta["shape"]):
             raise AdapterError(
-                f"tensor {k!r} in {wpath} has shape {list(tensors[k].shape)}; the manifest says {meta['shape']}"
+                f"tensor {k!r} in {wpath} has shape {list(t.shape)}; the manifest says {meta['shape']}"
             )
+        dtype = str(t.dtype).replace("torch.", "")
+        if "dtype" in meta and dtype != meta["dtype"]:
+            raise AdapterError(f"tensor {k!r} in {wpath} has dtype {dtype}; the manifest says {meta['dtype']}")
+        if dtype not in DTYPES:
+            raise AdapterError(f"tensor {k!r} in {wpath} has dtype {dtype}; adapters hold floating-point tensors")
+        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise AdapterError(f"tensor {k!r} in {wpath} holds {bad} NaN or infinite value(s); refusing to load it "
+                               f"(pass allow_nonfinite=True to inspect such an adapter)")
     return tensors
 
 

@@ -174,11 +174,18 @@ def strict_mode() -> bool:
     return os.environ.get("PEFTMED_STRICT_PLUGINS", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _selected(ep: md.EntryPoint) -> bool:
+def _wanted() -> set[str] | None:
+    """The plugin names PEFTMED_PLUGINS selects (None: unset, load every installed plugin)."""
     wanted = os.environ.get("PEFTMED_PLUGINS")
     if wanted is None:
+        return None
+    return {w.strip() for w in wanted.split(",") if w.strip()}
+
+
+def _selected(ep: md.EntryPoint) -> bool:
+    names = _wanted()
+    if names is None:
         return True
-    names = {w.strip() for w in wanted.split(",") if w.strip()}
     dist = ep.dist.name if ep.dist is not None else ""
     return ep.name in names or dist in names
 
@@ -214,7 +221,16 @@ def build_registry(
         info = PluginInfo(name, "(in-process)", "", builtin=False)
         candidates.append((info, lambda p=plugin: p))
     if load_entrypoints:
-        for ep in md.entry_points(group=ENTRY_POINT_GROUP):
+        installed = list(md.entry_points(group=ENTRY_POINT_GROUP))
+        wanted = _wanted() or set()
+        present = {ep.name for ep in installed} | {ep.dist.name for ep in installed if ep.dist is not None}
+        for name in sorted(wanted - present):
+            message = (f"PEFTMED_PLUGINS names {name!r}, but no installed peftmed plugin has that entry-point or "
+                       f"distribution name (installed: {', '.join(sorted(present)) or 'none'})")
+            if strict:
+                raise PluginError(message)
+            log.warning(message)
+        for ep in installed:
             if not _selected(ep):
                 continue
             dist = ep.dist.name if ep.dist is not None else "(unknown distribution)"
@@ -232,14 +248,18 @@ def build_registry(
             _check_unknown_hooks(pm, plugin)
             staged = registry._collect(info, plugin)
             registry._commit(info, staged)
-        except Exception as exc:  # a broken plugin must not break the rest
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin must not break the rest (sys.exit() at import included)
             if plugin is not None and pm.is_registered(plugin):
                 pm.unregister(plugin)
             info.error = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, SystemExit):
+                info.error = f"SystemExit({exc.code!r}): the plugin called sys.exit() while loading"
             message = f"{describe(info)} failed to load and was skipped: {info.error}"
             if strict or (info.builtin and not isinstance(exc, PluginError)):
                 registry.plugins.append(info)
-                raise PluginError(message) from exc
+                raise PluginError(message) from None if isinstance(exc, SystemExit) else exc
             log.warning(message)
         registry.plugins.append(info)
     return registry

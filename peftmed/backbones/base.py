@@ -84,6 +84,9 @@ class Backbone:
       component_roles: component -> {role -> pattern(s)}, overriding ``roles`` for that component.
       builder: ``builder(**options) -> nn.Module`` building a fresh model (random init).
       loader: ``loader(path, **options) -> nn.Module`` loading a real checkpoint folder.
+      tokenizer_loader: ``tokenizer_loader(folder) -> tokenizer`` reading a tokenizer the model saved
+        (a run folder's ``tokenizer/``); the builder takes it back as ``tokenizer=``. Files on disk never
+        name the class to load: this registered function is the only reader.
       description: one line for ``peftmed backbones``.
       tasks: tasks the built model serves (``"vqa"``, ``"report"``).
       defaults: options passed to builder unless overridden.
@@ -95,6 +98,7 @@ class Backbone:
     component_roles: Mapping[str, Mapping[str, Pattern | Iterable[Pattern]]] = field(default_factory=dict)
     builder: Callable[..., nn.Module] | None = None
     loader: Callable[..., nn.Module] | None = None
+    tokenizer_loader: Callable[[Any], Any] | None = None
     description: str = ""
     tasks: tuple[str, ...] = ()
     defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -121,6 +125,13 @@ class Backbone:
         if self.loader is None:
             raise PeftmedError(f"backbone {self.name!r} cannot load checkpoints (it has no loader)")
         return self._tag(self.loader(path, **{**self.defaults, **options}))
+
+    def load_tokenizer(self, folder) -> Any:
+        """The tokenizer saved in ``folder`` by a model of this backbone (see ``tokenizer_loader``)."""
+        if self.tokenizer_loader is None:
+            raise PeftmedError(f"backbone {self.name!r} has no tokenizer_loader, so the tokenizer saved in "
+                               f"{str(folder)!r} cannot be read back")
+        return self.tokenizer_loader(folder)
 
     def _tag(self, model: nn.Module) -> nn.Module:
         """Remember the backbone on the model, so peftmed.apply(model, recipe) needs no backbone=."""

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PeftmedError
+from ..files import write_text_atomic
 from .suites import slug
 
 FORMAT = "peftmed-bench"
@@ -42,17 +43,7 @@ class ResultsError(PeftmedError):
 
 def write_atomic(path: Path, text: str) -> None:
     """Temp file in the same folder + rename: a reader (or a resumed run) never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _json_default(value):

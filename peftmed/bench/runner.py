@@ -262,16 +262,31 @@ def _prepare_folder(folder: Path, config: BenchConfig) -> None:
     elif folder.exists() and any(p for p in folder.iterdir() if p.name not in ("runs", "predictions", ".cache",
                                                                                "source")):
         raise ConfigError(f"output folder {str(folder)!r} exists and is not a bench results folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".peftmed-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the results to --output {str(folder)!r}: {exc.strerror or exc}; choose a "
+                          f"folder you can write to") from None
 
 
 def _shared_options(config: BenchConfig, backbone, registry) -> dict:
     """Builder options shared by every job of the suite (see task.shared_build_options)."""
     from ..data import load_records
 
-    train_split, _ = task.dataset_splits(registry, config.dataset)
+    from ..data.images import verify_images
+
+    train_split, test_split = task.dataset_splits(registry, config.dataset)
     options = {**config.dataset_options, **(config.transfer[0] if config.transfer else {})}
     records = load_records(config.dataset, train_split, data_dir=config.data_dir, registry=registry, **options)
+    # every image is decoded once before any job starts: a bad file fails the suite here, named
+    target = {**config.dataset_options, **(config.transfer[1] if config.transfer else {})}
+    verify_images(records + load_records(config.dataset, train_split, data_dir=config.data_dir, registry=registry,
+                                         **target)
+                  + load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **target),
+                  where=f"{config.dataset} (bench data)")
     return task.shared_build_options(backbone, dict(config.backbone_options), records)
 
 

@@ -54,7 +54,18 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM outside a training loop (which handles it itself): stop with a message, not silently."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     from ..errors import PluginError
     from ..plugins import default_registry
 
@@ -70,14 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_command", None):
         parser.print_help()
         return 2
+    owns_signals = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if owns_signals else None
     try:
         return int(args._command.run(args) or 0)
     except PeftmedError as exc:
         print(f"peftmed {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
         print(f"peftmed {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"peftmed {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        if owns_signals:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # python -m peftmed.cli

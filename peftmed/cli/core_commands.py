@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..hookspecs import hookimpl
-from . import Command
+from . import Command, str2bool
 
 
 def _registry():
@@ -97,8 +97,8 @@ def _recipe_configure(p: argparse.ArgumentParser) -> None:
     c.add_argument("--backbone", "-b", required=True, help="a registered backbone (see 'peftmed backbones')")
     c.add_argument("--json", action="store_true", help="print the report as JSON")
     c.add_argument("--modules", action="store_true", help="list every module/parameter touched")
-    c.add_argument("--meta", type=lambda s: s.lower() in {"1", "true", "yes"}, default=True,
-                   help="build on the meta device (no memory; default true)")
+    c.add_argument("--meta", nargs="?", const=True, type=str2bool, default=True, metavar="BOOL",
+                   help="build on the meta device (no memory; default true; --meta false builds real weights)")
 
 
 def _recipe_run(args) -> int:

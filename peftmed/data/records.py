@@ -80,16 +80,9 @@ class VQARecord:
         With ``min_size``, a JPEG may be decoded at a reduced scale (1/2, 1/4, 1/8) that still keeps
         both sides >= ``min_size``: several times faster for a 2,000-pixel scan resized to 64-480 px.
         """
-        if callable(self.image):
-            img = self.image()
-        else:
-            path = Path(self.image)
-            if not path.is_file():
-                raise MissingDataError(f"image of question {self.qid!r} not found: {path}")
-            img = Image.open(path)
-            if min_size is not None:
-                img.draft("RGB", (min_size, min_size))  # no-op for formats other than JPEG
-        return img.convert("RGB")
+        from .images import open_image
+
+        return open_image(self.image, what=f"question {self.qid!r}", min_size=min_size)
 
 
 @dataclass

@@ -13,6 +13,7 @@ Layout of ``data_dir``::
 from __future__ import annotations
 
 from ..errors import ConfigError
+from .images import dataset_file
 from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
 from .records import DatasetSpec, VQARecord
 
@@ -32,13 +33,14 @@ def load(split: str, data_dir=None, lang: str = "en", skip_missing: bool = False
         if lang != "all" and q_lang != lang:
             continue
         img_name = field(rec, "img_name", path, i)
+        qid = str(field(rec, "qid", path, i, (str, int)))
         records.append(build_record(
             path, i,
-            qid=str(field(rec, "qid", path, i, (str, int))),
+            qid=qid,
             question=field(rec, "question", path, i),
             answer=str(field(rec, "answer", path, i, (str, int, float))),
             answer_type=field(rec, "answer_type", path, i),
-            image=str(root / "imgs" / img_name),
+            image=str(dataset_file(root / "imgs", img_name, dataset="slake", record=qid)),
             image_id=img_name,
             question_type=str(rec.get("content_type", "")),
             organ=str(rec.get("location", "")),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .images import dataset_file
 from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
 from .records import DataError, DatasetSpec, VQARecord
 
@@ -50,7 +51,7 @@ def load(split: str, data_dir=None, skip_missing: bool = False) -> list[VQARecor
             question=field(full, "question", path, i),
             answer=str(field(full, "answer", path, i, (str, int, float))),
             answer_type=field(full, "answer_type", path, i),
-            image=str(root / "images" / image_name),
+            image=str(dataset_file(root / "images", image_name, dataset="vqa-rad", record=qid)),
             image_id=image_name,
             question_type=str(full.get("question_type", "")).strip().upper(),
             organ=str(full.get("image_organ", "")).strip().upper(),

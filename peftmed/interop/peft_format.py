@@ -20,6 +20,8 @@ models that are not a transformers model inside a peftmed wrapper.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -139,6 +141,73 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
     return out
 
 
+def read_peft_config(path: Path) -> dict:
+    """peft's adapter_config.json, every field peftmed reads checked for type (an AdapterError names it)."""
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(config).__name__}")
+
+    def bad(key, expected):
+        return AdapterError(f"{path}: {key} is {config.get(key)!r}; expected {expected}")
+
+    number = (int, float)
+    if config.get("peft_type") == "LORA":
+        r = config.get("r")
+        if "r" not in config or isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise bad("r", "a positive integer (the LoRA rank)")
+        alpha = config.get("lora_alpha")
+        if "lora_alpha" not in config or isinstance(alpha, bool) or not isinstance(alpha, number) or \
+                not math.isfinite(alpha) or alpha <= 0:
+            raise bad("lora_alpha", "a positive number")
+        for key, kind, what in (("rank_pattern", int, "positive integers"), ("alpha_pattern", number, "positive numbers")):
+            value = config.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, kind)
+                                                      and not isinstance(v, bool) and v > 0 for k, v in value.items()):
+                raise bad(key, f"a mapping of module pattern -> {what}")
+            for pattern in value:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise AdapterError(f"{path}: {key} key {pattern!r} is not a valid regular expression: {exc}") from None
+        dropout = config.get("lora_dropout", 0.0)
+        if isinstance(dropout, bool) or not isinstance(dropout, number) or not 0 <= dropout < 1:
+            raise bad("lora_dropout", "a number in [0, 1)")
+    for key in ("target_modules", "feedforward_modules"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise bad(key, "a list of module names or a regular expression")
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise AdapterError(f"{path}: {key} {value!r} is not a valid regular expression: {exc}") from None
+    return config
+
+
+def peft_targets(spec, name: str) -> bool:
+    """Whether peft's ``target_modules`` / ``feedforward_modules`` value selects module ``name``: a string is a
+    regular expression matched against the whole name, a list names modules by their last dotted parts."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def pattern_value(patterns, name: str, default):
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of ``name``."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registry=None) -> Path:
     """Write the peft adapter folder ``src`` as a peftmed adapter ``out`` for ``backbone``."""
     from safetensors.torch import load_file
@@ -149,13 +218,16 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
     src = Path(src)
     if not (src / PEFT_CONFIG).is_file() or not (src / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{str(src)!r} is not a peft adapter folder ({PEFT_CONFIG} and {PEFT_WEIGHTS} expected)")
-    config = json.loads((src / PEFT_CONFIG).read_text())
+    config = read_peft_config(src / PEFT_CONFIG)
     peft_type = config.get("peft_type")
     method = {v: k for k, v in SUPPORTED.items()}.get(peft_type)
     if method is None:
         raise AdapterError(f"peft adapter type {peft_type!r} has no peftmed equivalent; importable: {', '.join(SUPPORTED.values())}")
     bb = registry.backbone(backbone)
-    weights = load_file(str(src / PEFT_WEIGHTS))
+    try:
+        weights = load_file(str(src / PEFT_WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"{src / PEFT_WEIGHTS} is not a readable safetensors file: {exc}") from exc
     model = bb.build()
     sub = hf_submodule(model, bb.name)
     full = lambda name: f"{sub}.{name}" if sub else name  # noqa: E731
@@ -168,12 +240,12 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
         if peft_type == "LORA":
             base, attr, _ = name.rsplit(".", 2)
             mine[f"{full(base)}.{attr}"] = t
-            modules[full(base)] = {"r": config.get("rank_pattern", {}).get(base, config["r"]),
-                                   "alpha": config.get("alpha_pattern", {}).get(base, config["lora_alpha"])}
+            modules[full(base)] = {"r": pattern_value(config.get("rank_pattern"), base, config["r"]),
+                                   "alpha": pattern_value(config.get("alpha_pattern"), base, config["lora_alpha"])}
         elif peft_type == "IA3":
             base = name.rsplit(".", 1)[0]
             mine[f"{full(base)}.ia3_scale"] = t.reshape(-1)
-            modules[full(base)] = {"feedforward": base in (config.get("feedforward_modules") or [])}
+            modules[full(base)] = {"feedforward": peft_targets(config.get("feedforward_modules"), base)}
         else:
             base, _, attr = name.rsplit(".", 2)
             mine[f"{full(base)}.{attr}"] = t

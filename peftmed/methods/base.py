@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import types
 import typing
 import warnings
@@ -342,12 +343,17 @@ def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
             return value.lower() in {"true", "1", "yes"}
         raise ConfigError(f"method {method!r}: option {key} expects true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise ConfigError(f"method {method!r}: option {key} expects an integer, got {value!r}")
+        # a float (8.0, 1e9) is refused rather than truncated: the user wrote something else than a count
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"method {method!r}: option {key} expects an integer, got {value!r}"
+                              + (" (a float; write it without a decimal point or exponent)"
+                                 if isinstance(value, float) else ""))
         return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"method {method!r}: option {key} expects a number, got {value!r}")
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"method {method!r}: option {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

@@ -65,6 +65,10 @@ class LoraLinear(AdapterLayer):
 
     def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
         base = self.innermost
+        if config.r > min(base.in_features, base.out_features):
+            raise RecipeError(f"LoRA rank r={config.r} exceeds this layer's size ({base.in_features} -> "
+                              f"{base.out_features}): a rank above min(in, out) = "
+                              f"{min(base.in_features, base.out_features)} adds parameters and no expressiveness")
         dev, dtype = base.weight.device, base.weight.dtype
         a = torch.empty(config.r, base.in_features, device=dev, dtype=dtype)
         if config.init == "kaiming":

@@ -47,8 +47,9 @@ class PromptConfig(MethodConfig):
     dropout: float = 0.0  # dropout on the prefix keys/values while training, in [0, 1)
 
     def validate(self) -> None:
-        if self.num_virtual_tokens < 0:
-            raise ConfigError(f"num_virtual_tokens (n) must be >= 0, got {self.num_virtual_tokens}")
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"num_virtual_tokens (n) must be a positive integer (a prefix of {self.num_virtual_tokens} "
+                              f"tokens would train nothing), got n={self.num_virtual_tokens}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got init={self.init!r}")
         if self.init_std <= 0:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import PeftmedError
+from ..files import write_json_atomic
 from ..data.records import VQARecord, check_unique_qids, normalize_answer
 
 POSITIVE_CLASS = "yes"  # closed-question precision/recall/F1 treat "yes" as the positive class
@@ -31,7 +32,15 @@ class MetricError(PeftmedError, ValueError):
 def match_predictions(predictions: Mapping[str, str], records: Sequence[VQARecord]) -> list[tuple[VQARecord, str]]:
     """Pair every record with its prediction by qid; unknown or missing qids are errors."""
     check_unique_qids(records, "scored records")
-    preds = {str(k): v for k, v in predictions.items()}
+    preds: dict[str, str] = {}
+    for k, v in predictions.items():
+        if isinstance(k, bool) or not isinstance(k, (str, int)):
+            raise MetricError(f"prediction keys must be qids (text or integers), got {k!r}")
+        key = str(k)
+        if key in preds:
+            raise MetricError(f"predictions hold the qid {key!r} twice (as {k!r} and as another key that reads the "
+                              f"same, e.g. 680 and '680'); one prediction per question")
+        preds[key] = v
     known = {r.qid for r in records}
     unknown = sorted(set(preds) - known)
     if unknown:
@@ -148,15 +157,4 @@ def write_predictions(path: str | os.PathLike, predictions: Mapping[str, str],
          "answer_type": rec.answer_type, "correct": normalize_answer(pred) == normalize_answer(rec.answer)}
         for rec, pred in match_predictions(predictions, records)
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=1, ensure_ascii=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, rows, indent=1, ensure_ascii=False)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..data import phantom
 from ..data.jsonfiles import data_root
+from ..data.images import dataset_file
 from ..data.records import DataError, DatasetSpec, MissingDataError
 from ..errors import ConfigError
 from .records import ReportRecord
@@ -63,7 +64,7 @@ def load_r2gen(name: str, split: str, data_dir=None, empty_reports: str = "skip"
         if not report.strip():
             empty.append(rid)
             continue
-        files = [root / "images" / v for v in views]
+        files = [dataset_file(root / "images", v, dataset=name, record=rid) for v in views]
         absent = [f for f in files if not f.is_file()]
         if absent:
             missing.append((rid, absent[0]))

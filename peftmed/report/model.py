@@ -164,6 +164,20 @@ class ReportModel(nn.Module):
         with self._answer_limit(self.max_report_tokens):
             return self.model.compute_loss(self._vqa_batch(batch, with_reports=True))
 
+    @property
+    def loss_terms(self):
+        """``loss_terms(batch) -> (sum of the report tokens' cross-entropy, their number)`` when the wrapped
+        model has it (None otherwise: the trainer then averages ``compute_loss`` per micro-batch)."""
+        terms = getattr(self.model, "loss_terms", None)
+        if not callable(terms):
+            return None
+
+        def loss_terms(batch) -> tuple[torch.Tensor, int]:
+            with self._answer_limit(self.max_report_tokens):
+                return terms(self._vqa_batch(batch, with_reports=True))
+
+        return loss_terms
+
     def forward(self, batch) -> torch.Tensor:
         """The training loss (DDP/FSDP wrappers call forward)."""
         return self.compute_loss(batch)

@@ -66,16 +66,9 @@ class ReportRecord:
 
     def load_image(self, min_size: int | None = None) -> Image.Image:
         """The first view as an RGB PIL image (a missing file names the record and the path)."""
-        first = self.views[0]
-        if callable(first):
-            return first().convert("RGB")
-        path = Path(first)
-        if not path.is_file():
-            raise MissingDataError(f"image of report {self.id!r} not found: {path}")
-        img = Image.open(path)
-        if min_size is not None:
-            img.draft("RGB", (min_size, min_size))  # JPEG: decode at a reduced scale that still fits
-        return img.convert("RGB")
+        from ..data.images import open_image
+
+        return open_image(self.views[0], what=f"report {self.id!r}", min_size=min_size)
 
 
 class ReportDataset(VQADataset):

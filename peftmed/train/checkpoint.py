@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import files
 from ..errors import PeftmedError
 
 LATEST = "latest"
@@ -68,31 +69,9 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ---- writing -----------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (``peftmed.files``)."""
+    files.write_json_atomic(path, data)
 
 
 def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, torch.Tensor],
@@ -101,15 +80,29 @@ def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, to
 
     ``model`` is saved as an adapter folder when it is a PeftModel (else ``trainable`` goes to
     weights.safetensors); ``state`` (optimizer, scheduler, RNG) goes through torch.save; ``meta``
-    to JSON.
+    to JSON. A failed write (disk full...) raises CheckpointError and leaves the previous checkpoint
+    in place.
     """
+    root = Path(root)
+    name = f"step-{step:08d}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        final = _write_checkpoint(root, name, model=model, trainable=trainable, state=state, meta=meta)
+    except (OSError, RuntimeError) as exc:  # disk full, read-only folder; safetensors raises its own type
+        previous = latest_checkpoint(root) if root.is_dir() else None
+        kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(
+            f"could not write checkpoint {name} under {str(root)!r}: {type(exc).__name__}: {exc}; {kept}. "
+            f"Free some disk space (or choose another --output) and continue with --resume") from exc
+    prune(root, keep)
+    return final
+
+
+def _write_checkpoint(root: Path, name: str, *, model, trainable, state, meta) -> Path:
     from safetensors.torch import save_file
 
     from ..model import PeftModel
 
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:08d}"
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
     try:
@@ -122,42 +115,51 @@ def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, to
             fh.flush()
             os.fsync(fh.fileno())
         (tmp / META).write_text(json.dumps({"format": FORMAT, **meta}, indent=2))
-        _fsync_dir(tmp)
+        files.fsync_dir(tmp)
         if final.exists():  # left by a crash after the rename but before `latest` named it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        files.fsync_dir(root)
         (root / LATEST).parent.mkdir(parents=True, exist_ok=True)
-        _write_text_atomic(root / LATEST, name + "\n")
+        files.write_text_atomic(root / LATEST, name + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    prune(root, keep)
     return final
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """Remove what an interrupted checkpoint write left behind (``.tmp-step-*`` folders, ``.latest.*``
+    files): only names this module creates, so nothing else in the folder is touched."""
+    root = Path(root)
+    removed = []
+    if not root.is_dir():
+        return removed
+    for stale in [*root.glob(".tmp-step-*"), *root.glob(f".{LATEST}.*{files.TMP_SUFFIX}")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 def prune(root: Path, keep: int) -> None:
     """Keep the newest ``keep`` checkpoints (never the one ``latest`` names); drop stale temp folders."""
     latest = latest_checkpoint(root)
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
+    steps = sorted(p for p in root.glob("step-*") if is_checkpoint(p))
     for old in steps[:-keep] if keep > 0 else steps:
         if latest is None or old.resolve() != latest.resolve():
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint folder this module wrote (its trainer.json says so)."""
+    try:
+        return Path(path).is_dir() and json.loads((Path(path) / META).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---- reading -----------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 import logging
@@ -28,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from ..cli import Command, str2bool
-from ..errors import ConfigError
+from ..data.images import verify_images
+from ..errors import ConfigError, PeftmedError
 from ..hookspecs import hookimpl
 from .config import TrainConfig, coerce, field_names, field_type, read_config_file
 
@@ -50,6 +50,8 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "eval_split": (str, "test", "split to evaluate on (during and after training)"),
     "output": (str, None, "output folder (default runs/<backbone>-<dataset>)"),
     "resume": (bool, False, "continue from the latest checkpoint in --output"),
+    "overwrite": (bool, False, "train a new run into a non-empty --output: peftmed's files of the earlier run "
+                               "(adapter, checkpoints, tokenizer, metrics) are replaced, nothing else is touched"),
     "evaluate": (bool, True, "evaluate on --eval-split after training"),
     "task": (str, None, "vqa or report (image -> report: iu-xray, mimic-cxr, phantom-report); default: the dataset's"),
 }
@@ -191,30 +193,89 @@ def build_model(backbone, opts: dict[str, Any], *, texts: list[str] | None = Non
     """The base model of a run, built the same way by ``train`` and ``eval``.
 
     The random init is seeded with the run's seed, so the frozen weights of an adapter's base model
-    can be rebuilt exactly; a tokenizer saved by the run is reused (else one is trained on ``texts``).
+    can be rebuilt exactly; a tokenizer saved by the run is read back by the backbone's registered
+    tokenizer loader (else one is trained on ``texts``).
     """
+    from ..backbones.tokenizer_files import load_tokenizer
     from .trainer import seed_everything
 
     options = dict(opts.get("backbone_options") or {})
     seed_everything(int(opts.get("seed", 0)))
     if opts.get("pretrained"):  # a checkpoint folder brings its own weights and vocabulary
         return backbone.from_pretrained(opts["pretrained"], **options)
-    if tokenizer_dir is not None and (tokenizer_dir / "class.txt").is_file():
-        module, _, qualname = (tokenizer_dir / "class.txt").read_text().strip().partition(":")
-        cls = getattr(importlib.import_module(module), qualname)
-        options.setdefault("tokenizer", cls.load(tokenizer_dir))
+    if tokenizer_dir is not None and tokenizer_dir.is_dir() and backbone.tokenizer_loader is not None \
+            and any(tokenizer_dir.iterdir()):
+        options.setdefault("tokenizer", load_tokenizer(backbone, tokenizer_dir))
     elif texts is not None and backbone.builder is not None and _accepts(backbone.builder, "texts"):
         options.setdefault("texts", texts)
     return backbone.build(**options)
 
 
-def save_tokenizer(model, folder: Path) -> None:
+def save_tokenizer(model, folder: Path, backbone) -> None:
     """Keep the model's tokenizer (e.g. a WordPiece vocabulary trained on the data) beside the adapter."""
-    tok = getattr(model, "tokenizer", None)
-    if tok is None or not hasattr(tok, "save") or not hasattr(type(tok), "load"):
+    from ..backbones.tokenizer_files import save_tokenizer as save
+
+    if backbone.tokenizer_loader is not None:  # only what the backbone can read back is worth keeping
+        save(getattr(model, "tokenizer", None), folder, backbone.name)
+
+
+# What a training run writes into its output folder (``--overwrite`` replaces exactly these).
+RUN_FILES = (RUN_CONFIG, "metrics.json", "predictions.json")
+
+
+def check_output(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """A non-empty output folder is refused unless the run continues (--resume) or replaces (--overwrite)
+    what an earlier peftmed run wrote there; files a user put there are never deleted."""
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other: --resume continues the run in --output, "
+                          "--overwrite starts a new one there")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output {str(out)!r} is a file; pass a folder")
+    if resume or not out.is_dir():
         return
-    tok.save(folder)
-    (folder / "class.txt").write_text(f"{type(tok).__module__}:{type(tok).__qualname__}\n")
+    content = sorted(p.name for p in out.iterdir())
+    if content and not overwrite:
+        shown = ", ".join(content[:6]) + (" ..." if len(content) > 6 else "")
+        raise ConfigError(
+            f"output folder {str(out)!r} is not empty (it holds {shown}); pass --resume to continue the run saved "
+            f"there, --overwrite to train a new run there (peftmed's files of the earlier run are replaced, nothing "
+            f"else is touched), or choose another --output")
+
+
+def clear_run_outputs(out: Path) -> list[str]:
+    """Remove what an earlier peftmed run wrote into ``out`` (and only that); returns what was removed."""
+    import shutil
+
+    from ..backbones.tokenizer_files import IDENTITY_FILE
+    from .checkpoint import LATEST, is_checkpoint, remove_stale_temporaries
+
+    removed = []
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+            removed.append(name)
+    ckpts = out / "checkpoints"
+    if ckpts.is_dir():
+        for step in ckpts.glob("step-*"):
+            if is_checkpoint(step):
+                shutil.rmtree(step)
+                removed.append(f"checkpoints/{step.name}")
+        if (ckpts / LATEST).is_file():
+            (ckpts / LATEST).unlink()
+        remove_stale_temporaries(ckpts)
+    adapter = out / "adapter"
+    for name in ("adapter.json", "adapter.safetensors"):
+        if (adapter / name).is_file():
+            (adapter / name).unlink()
+            removed.append(f"adapter/{name}")
+    tok = out / TOKENIZER_DIR
+    if (tok / IDENTITY_FILE).is_file() or (tok / "class.txt").is_file():  # a tokenizer peftmed saved
+        for name in (IDENTITY_FILE, "class.txt", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                     "special_tokens_map.json"):
+            if (tok / name).is_file():
+                (tok / name).unlink()
+                removed.append(f"{TOKENIZER_DIR}/{name}")
+    return removed
 
 
 def _load(spec_name: str, split: str, opts: dict[str, Any], registry):
@@ -265,27 +326,33 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
     from ..model import apply
     from . import distributed
     from .checkpoint import latest_checkpoint, write_json_atomic
-    from .trainer import Trainer
+    from .trainer import Trainer, TrainingInterrupted
 
     out = Path(opts["output"] or f"runs/{backbone.name}-{spec.name}")
     opts["output"] = str(out)
-    if not opts["resume"] and latest_checkpoint(out / "checkpoints") is not None:
-        raise ConfigError(f"{str(out)!r} already holds a checkpoint; pass --resume to continue it or choose "
-                          f"another --output")
     main = int(os.environ.get("RANK", "0")) == 0
+    check_output(out, resume=opts["resume"], overwrite=opts.get("overwrite", False))
+    if opts["resume"]:
+        _check_resumable(out, backbone)
 
     train = _load(spec.name, opts["train_split"], opts, registry)
     test = _load(spec.name, opts["eval_split"], opts, registry)
+    verify_images(train + test, where=f"{spec.name} ({opts['train_split']} and {opts['eval_split']})")
     tokenizer_dir = out / TOKENIZER_DIR
     model = build_model(backbone, opts, texts=flow.texts(train),
-                        tokenizer_dir=tokenizer_dir if opts["resume"] and tokenizer_dir.is_dir() else None)
+                        tokenizer_dir=tokenizer_dir if opts["resume"] else None)
     pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
     task_model = flow.wrap(pm)
     if main:
         out.mkdir(parents=True, exist_ok=True)
+        if opts.get("overwrite") and not opts["resume"]:
+            removed = clear_run_outputs(out)
+            if removed:
+                log.warning("--overwrite: replaced the earlier run's %s in %s", ", ".join(removed[:8])
+                            + (" ..." if len(removed) > 8 else ""), out)
         write_json_atomic(out / RUN_CONFIG, opts)
-        if not tokenizer_dir.is_dir():
-            save_tokenizer(model, tokenizer_dir)
+        if not opts["resume"]:
+            save_tokenizer(model, tokenizer_dir, backbone)
         print(pm.trainable_report(), file=sys.stderr)
         print(f"train: {len(train)} {flow.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
               file=sys.stderr)
@@ -305,7 +372,12 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
     extra = {"collate_fn": flow.collate_fn} if flow.collate_fn is not None else {}
     trainer = Trainer(task_model, flow.dataset(train, image_size), config, output_dir=out, eval_fn=eval_fn,
                       run_info={**run_info, **task_info}, **extra)
-    result = trainer.train(resume=opts["resume"])
+    try:
+        result = trainer.train(resume=opts["resume"])
+    except TrainingInterrupted as exc:
+        if exc.checkpoint is not None:
+            exc.args = (f"{exc.args[0]}\n  resume: {resume_command()}",)
+        raise
     if not main or distributed.is_fsdp(trainer.wrapped):
         return 0
     summary: dict[str, Any] = {**task_info, "backbone": backbone.name, "recipe": recipe.to_text(),
@@ -324,6 +396,31 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
     return 0
+
+
+def _check_resumable(out: Path, backbone) -> None:
+    """Before anything is built: the run in ``out`` exists and used this backbone."""
+    from .checkpoint import find_checkpoint, read_meta
+
+    try:
+        found = find_checkpoint(out)
+    except ConfigError:
+        raise
+    except PeftmedError as exc:
+        raise ConfigError(f"{exc} (or --overwrite to start a new run in this folder)") from None
+    before = read_meta(found).get("backbone")
+    if before is not None and before != backbone.name:
+        raise ConfigError(f"cannot resume {str(out)!r}: its run trained backbone {before!r}, this command asks for "
+                          f"{backbone.name!r}; resume with --backbone {before} or train into another --output")
+
+
+def resume_command() -> str:
+    """The command line that continues this run (the one typed, plus --resume)."""
+    import shlex
+
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    prog = "peftmed" if not sys.argv[0].endswith("__main__.py") else "python -m peftmed"
+    return " ".join(shlex.quote(a) for a in [prog, *argv, "--resume"])
 
 
 def _summary(scores: dict) -> str:
@@ -391,6 +488,7 @@ def run_eval(args: argparse.Namespace) -> int:
     task = resolve_task(args.task or (opts.get("task") if same_data else None), spec)
     flow = report_flow() if task == "report" else vqa_flow()
     test = _load(spec.name, args.split, opts, registry)
+    verify_images(test, where=f"{spec.name} ({args.split})")
     train_split = opts.get("train_split") or spec.splits[0]
     # the baseline needs the training records: only known when evaluating on the run's dataset
     train = _load(spec.name, train_split, opts, registry) if same_data else None

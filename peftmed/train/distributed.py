@@ -54,6 +54,14 @@ class Dist:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value / self.world_size
 
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum of a scalar over ranks (each rank gets it)."""
+        if not self.enabled:
+            return value
+        value = value.detach().clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        return value
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on any (e.g. rank 0's clock says stop)."""
         if not self.enabled:
@@ -110,14 +118,19 @@ def setup(device: str = "auto") -> Dist:
 
 
 class LossModule(nn.Module):
-    """``forward(batch) = model.compute_loss(batch)``: DDP/FSDP synchronise gradients only for what runs
-    through a wrapper's forward, and VQA models train through compute_loss."""
+    """``forward(batch)``: the model's ``loss_terms(batch)`` (sum of token losses, token count) when it
+    has one, else ``compute_loss(batch)``. DDP/FSDP synchronise gradients only for what runs through a
+    wrapper's forward, and VQA models train through these methods."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.by_tokens = callable(getattr(model, "loss_terms", None))
 
     def forward(self, batch):
+        if self.by_tokens:
+            loss, count = self.model.loss_terms(batch)
+            return loss, count
         return self.model.compute_loss(batch)
 
 

@@ -6,9 +6,21 @@ periodic evaluation and atomic, exactly-resumable checkpoints; the same code und
     result = trainer.train()            # or train(resume=True) to continue the latest checkpoint
 
 Exact resume: the data order of epoch e is a permutation drawn from a generator seeded with
-(seed, e); a checkpoint stores the position in it (epoch, global batch), the optimizer and
-scheduler states and every RNG state, so a resumed run computes the same losses as one never
-interrupted.
+(seed, e); a checkpoint stores the position in it (epoch and the number of samples of that epoch
+already trained on), the optimizer and scheduler states and every RNG state, so a resumed run
+computes the same losses as one never interrupted. A resume with another global batch (batch size,
+accumulation or number of processes) continues from the same sample of the same epoch; a changed
+dataset size continues at the same sample count of the new epoch order (both are logged).
+
+Loss normalisation: a model with ``loss_terms(batch) -> (sum of token losses, number of target
+tokens)`` is trained on the sum over every micro-batch and process divided by the global number of
+target tokens, so 1 process x batch 8, 2 processes x batch 4 and batch 4 x 2 accumulation steps give
+the same gradient (up to summation order). A model with only ``compute_loss`` is averaged per
+micro-batch.
+
+Signals: SIGINT (Ctrl-C) and SIGTERM (what schedulers send) stop training at the next step boundary
+with a checkpoint written (``TrainingInterrupted`` says where and how to resume); a second signal
+aborts at once.
 """
 
 from __future__ import annotations
@@ -16,6 +28,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +51,21 @@ log = logging.getLogger("peftmed.train")
 
 class NonFiniteLossError(PeftmedError, RuntimeError):
     """The loss (or gradient norm) became NaN or infinite; training stopped before the update."""
+
+
+class TrainingInterrupted(PeftmedError, RuntimeError):
+    """SIGINT or SIGTERM stopped training at a step boundary; a checkpoint was written when it could be.
+
+    ``exit_code`` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM), as shells report it.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        where = (f"checkpoint written: {checkpoint}; continue it with the same command and --resume"
+                 if checkpoint is not None else "no output folder, so no checkpoint was written")
+        super().__init__(f"training interrupted by {name} after step {step}: {where}")
 
 
 @dataclass
@@ -185,12 +215,17 @@ class Trainer:
         g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
         return torch.randperm(len(self.data), generator=g)
 
-    def _micro_batches(self, epoch: int, start: int) -> Iterator[list[int]]:
-        """This rank's micro-batches (lists of sample indices) from global batch ``start`` of ``epoch``."""
+    def _steps_left(self, offset: int) -> int:
+        """Whole global batches left in an epoch once ``offset`` of its samples were trained on."""
+        return max(0, (len(self.data) - offset) // self.global_batch)
+
+    def _micro_batches(self, epoch: int, offset: int) -> Iterator[list[int]]:
+        """This rank's micro-batches (lists of sample indices) of ``epoch``, from its sample ``offset`` on."""
         order = self._order(epoch).tolist()
-        bs, lo = self.config.batch_size, self.dist.rank * self.per_rank
-        for b in range(start, self.steps_per_epoch):
-            mine = order[b * self.global_batch:(b + 1) * self.global_batch][lo:lo + self.per_rank]
+        bs, lo, gb = self.config.batch_size, self.dist.rank * self.per_rank, self.global_batch
+        for b in range(self._steps_left(offset)):
+            start = offset + b * gb
+            mine = order[start:start + gb][lo:lo + self.per_rank]
             for k in range(self.config.grad_accum):
                 yield mine[k * bs:(k + 1) * bs]
 
@@ -220,8 +255,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(self.warmup, self.horizon, c.min_lr_ratio))
         self.autocast_dtype = self._autocast_dtype()
-        self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
+        self.state = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
                       "losses": [], "lrs": [], "evals": []}
+        if self.dist.is_main and self.checkpoint_root is not None:
+            ckpt.remove_stale_temporaries(self.checkpoint_root)
 
     def _autocast_dtype(self) -> torch.dtype | None:
         p, dev = self.config.precision, self.dist.device
@@ -240,7 +277,8 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         return {**self.run_info, "step": self.state["step"], "epoch": self.state["epoch"],
-                "batch_in_epoch": self.state["batch_in_epoch"], "samples": self.state["samples"],
+                "sample_in_epoch": self.state["sample_in_epoch"],
+                "batch_in_epoch": self.state["sample_in_epoch"] // self.global_batch, "samples": self.state["samples"],
                 "train_seconds": self.state["train_seconds"], "losses": self.state["losses"],
                 "lrs": self.state["lrs"], "evals": self.state["evals"], "config": self.config.to_dict(),
                 "world_size": self.dist.world_size, "global_batch": self.global_batch,
@@ -304,18 +342,41 @@ class Trainer:
             log.warning("checkpoint was written by %d processes, this run has %d: RNG states reseeded, so "
                         "dropout masks differ from an uninterrupted run", len(rngs), self.dist.world_size)
             seed_everything(self.config.seed + 7919 * self.dist.rank + meta["step"])
-        for key in ("step", "epoch", "batch_in_epoch", "samples", "train_seconds", "losses", "lrs", "evals"):
+        for key in ("step", "epoch", "samples", "train_seconds", "losses", "lrs", "evals"):
             self.state[key] = meta[key]
-        changed = [f"{k} {meta[k]} -> {v}" for k, v in (("global_batch", self.global_batch),
-                                                         ("dataset_size", len(self.data)))
-                   if meta.get(k) != v]
-        changed += [f"{k} {meta['config'].get(k)!r} -> {v!r}" for k, v in self.config.to_dict().items()
-                    if k in ("seed",) and meta["config"].get(k) != v]
-        if changed and self.dist.is_main:
-            log.warning("resuming with %s: the run continues but will not equal an uninterrupted one",
-                        ", ".join(changed))
+        self._resume_position(meta)
         self._last_saved = self.state["step"]
         return found
+
+    def _resume_position(self, meta: Mapping[str, Any]) -> None:
+        """Where in the data a resumed run continues: the same sample of the same epoch.
+
+        The position is kept in samples, not batches, so a new global batch (batch size, accumulation,
+        number of processes) continues exactly where the checkpoint stopped; when fewer samples than one
+        global batch are left in that epoch, the next epoch starts. Changes are logged, never silent.
+        """
+        old_batch = int(meta.get("global_batch") or self.global_batch)
+        offset = meta.get("sample_in_epoch")
+        if offset is None:  # checkpoints written before positions were kept in samples
+            offset = int(meta.get("batch_in_epoch", 0)) * old_batch
+        offset, n = int(offset), len(self.data)
+        changed = [f"{k} {meta.get(k)} -> {v}" for k, v in (("global_batch", self.global_batch),
+                                                             ("world_size", self.dist.world_size),
+                                                             ("dataset_size", n))
+                   if meta.get(k) is not None and meta.get(k) != v]
+        changed += [f"{k} {meta['config'].get(k)!r} -> {v!r}" for k, v in self.config.to_dict().items()
+                    if k in ("seed",) and meta["config"].get(k) != v]
+        note = f"continuing epoch {meta['epoch']} at sample {offset} of {n}"
+        if offset >= n or self._steps_left(offset) == 0:
+            note = (f"epoch {meta['epoch']} had {offset} of its samples trained on, leaving less than one "
+                    f"global batch of {self.global_batch} of {n}; continuing with epoch {meta['epoch'] + 1}")
+            self.state["epoch"] = meta["epoch"] + 1
+            offset = 0
+        self.state["sample_in_epoch"] = offset
+        if changed and self.dist.is_main:
+            exact = {c.split()[0] for c in changed} <= {"global_batch", "world_size"}
+            log.warning("resuming with %s: %s%s", ", ".join(changed), note,
+                        "" if exact else "; the data order differs from an uninterrupted run from here on")
 
     # ---- the loop ----------------------------------------------------------------------------------
     def _budget_reached(self) -> str | None:
@@ -327,23 +388,46 @@ class Trainer:
         return None
 
     def _step(self, micro: list) -> tuple[float, float]:
-        """One optimizer step over ``grad_accum`` micro-batches; returns (loss (mean over ranks), lr)."""
+        """One optimizer step over ``grad_accum`` micro-batches; returns (loss, lr).
+
+        With ``loss_terms`` the loss is the sum of token losses over every micro-batch and rank divided by
+        the global number of target tokens (the gradients are scaled once, after the all-reduce); otherwise
+        each micro-batch's mean loss counts 1 / grad_accum and ranks are averaged.
+        """
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.dist.device)
+        total = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        tokens = torch.zeros((), device=self.dist.device, dtype=torch.float64)
+        by_tokens = None
         for i, batch in enumerate(micro):
             batch = _move(batch, self.dist.device)
             with distributed.no_sync(self.wrapped, skip=i < len(micro) - 1), \
                     torch.autocast(self.dist.device.type, dtype=self.autocast_dtype or torch.float32,
                                    enabled=self.autocast_dtype is not None):
-                loss = self.wrapped(batch)
+                out = self.wrapped(batch)
+                terms = isinstance(out, tuple)
+                if by_tokens is None:
+                    by_tokens = terms
+                loss, count = (out if terms else (out, None))
                 if loss.dim() != 0:
-                    raise PeftmedError(f"compute_loss must return a scalar tensor, got shape {tuple(loss.shape)}")
-                loss = loss.float() / len(micro)
+                    raise PeftmedError(f"the model's loss must be a scalar tensor, got shape {tuple(loss.shape)}")
+                loss = loss.float() if terms else loss.float() / len(micro)
             loss.backward()
-            total += loss.detach()
-        total = self.dist.mean(total)
-        value = float(total)
+            total += loss.detach().double()
+            if terms:
+                tokens += float(count)
+        if by_tokens:
+            total, tokens = self.dist.sum(total), self.dist.sum(tokens)
+            if float(tokens) <= 0:
+                raise PeftmedError(f"step {self.state['step'] + 1}: the batch has no target token to learn from")
+            # DDP averaged the per-rank sums over ranks: x world_size / global tokens = sum / tokens
+            scale = self.dist.world_size / float(tokens)
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            value = float(total / tokens)
+        else:
+            value = float(self.dist.mean(total))
         grad_norm = distributed.clip_grad_norm(self.wrapped, list(self.params.values()), c.max_grad_norm)
         bad = None if math.isfinite(value) else f"loss is {value}"
         if bad is None and not math.isfinite(float(grad_norm)):
@@ -356,6 +440,7 @@ class Trainer:
             raise NonFiniteLossError(
                 f"training stopped at step {self.state['step'] + 1}: the {bad}; the update was not applied and "
                 f"{where}. Lower --lr, raise --warmup-steps or --max-grad-norm, or check the data")
+        self.last_grad_norm = float(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -389,36 +474,49 @@ class Trainer:
         bar = self._progress_bar()
         stopped = self._budget_reached()
         window_samples, window_start = 0, time.perf_counter()
+        n = len(self.data)
         try:
-            while stopped is None:
-                loader = iter(self._loader(s["epoch"], s["batch_in_epoch"]))
-                for _ in range(s["batch_in_epoch"], self.steps_per_epoch):
-                    t0 = time.perf_counter()
-                    micro = [next(loader) for _ in range(c.grad_accum)]
-                    loss, lr = self._step(micro)
-                    s["step"] += 1
-                    s["batch_in_epoch"] += 1
-                    s["samples"] += self.global_batch
-                    s["losses"].append(loss)
-                    s["lrs"].append(lr)
-                    s["train_seconds"] += time.perf_counter() - t0
-                    window_samples += self.global_batch
-                    rate = window_samples / max(1e-9, time.perf_counter() - window_start)
-                    if s["batch_in_epoch"] == self.steps_per_epoch:
+            with self._signals() as caught:
+                while stopped is None:
+                    left = self._steps_left(s["sample_in_epoch"])
+                    if left == 0:
                         s["epoch"] += 1
-                        s["batch_in_epoch"] = 0
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
-                    if d.is_main and s["step"] % c.log_every == 0:
-                        log.info("step %d  loss %.4f  lr %.3e  %.1f samples/s", s["step"], loss, lr, rate)
-                    stopped = self._budget_reached()
-                    if c.eval_every and s["step"] % c.eval_every == 0 and stopped is None:
-                        self._evaluate(c.eval_samples)
-                    if c.save_every and s["step"] % c.save_every == 0 and stopped is None:
-                        self.save_checkpoint()
-                    if stopped is not None:
-                        break
+                        s["sample_in_epoch"] = 0
+                        continue
+                    loader = iter(self._loader(s["epoch"], s["sample_in_epoch"]))
+                    for _ in range(left):
+                        t0 = time.perf_counter()
+                        micro = [next(loader) for _ in range(c.grad_accum)]
+                        loss, lr = self._step(micro)
+                        s["step"] += 1
+                        s["sample_in_epoch"] += self.global_batch
+                        s["samples"] += self.global_batch
+                        s["losses"].append(loss)
+                        s["lrs"].append(lr)
+                        s["train_seconds"] += time.perf_counter() - t0
+                        window_samples += self.global_batch
+                        rate = window_samples / max(1e-9, time.perf_counter() - window_start)
+                        if self._steps_left(s["sample_in_epoch"]) == 0:
+                            s["epoch"] += 1
+                            s["sample_in_epoch"] = 0
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}",
+                                            refresh=False)
+                        if d.is_main and s["step"] % c.log_every == 0:
+                            log.info("step %d  loss %.4f  lr %.3e  %.1f samples/s", s["step"], loss, lr, rate)
+                        signum = self._signal_received(caught)
+                        if signum is not None:
+                            path = self.save_checkpoint() if self._last_saved != s["step"] else \
+                                (ckpt.latest_checkpoint(self.checkpoint_root) if self.checkpoint_root else None)
+                            raise TrainingInterrupted(signum, s["step"], path if self.checkpoint_root else None)
+                        stopped = self._budget_reached()
+                        if c.eval_every and s["step"] % c.eval_every == 0 and stopped is None:
+                            self._evaluate(c.eval_samples)
+                        if c.save_every and s["step"] % c.save_every == 0 and stopped is None:
+                            self.save_checkpoint()
+                        if stopped is not None:
+                            break
         finally:
             if bar is not None:
                 bar.close()
@@ -432,10 +530,51 @@ class Trainer:
                 if d.is_main:
                     self.model.save_adapter(self.output_dir / "adapter")
         return TrainResult(
-            step=s["step"], epoch=s["epoch"] + s["batch_in_epoch"] / self.steps_per_epoch,
+            step=s["step"], epoch=s["epoch"] + s["sample_in_epoch"] / n,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
             checkpoint=path, samples_per_second=s["samples"] / max(1e-9, s["train_seconds"]),
             train_seconds=s["train_seconds"])
+
+    # ---- signals -----------------------------------------------------------------------------------
+    def _signals(self):
+        """Inside the block, SIGINT and SIGTERM set a flag the loop reads at each step boundary; a second
+        signal aborts at once (KeyboardInterrupt). Only the main thread can own signal handlers."""
+        trainer = self
+
+        class _Guard:
+            def __enter__(self):
+                self.caught: list[int] = []
+                self.previous = {}
+                if threading.current_thread() is not threading.main_thread():
+                    return self.caught
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    self.previous[sig] = signal.signal(sig, self.handle)
+                return self.caught
+
+            def handle(self, signum, frame):
+                if self.caught:
+                    raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborted without a checkpoint")
+                self.caught.append(signum)
+                if trainer.dist.is_main:
+                    print(f"\npeftmed: {signal.Signals(signum).name} received: stopping after the current step "
+                          f"and writing a checkpoint ({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again "
+                          f"aborts at once)", file=sys.stderr, flush=True)
+
+            def __exit__(self, *exc):
+                for sig, handler in self.previous.items():
+                    signal.signal(sig, handler)
+                return False
+
+        return _Guard()
+
+    def _signal_received(self, caught: list[int]) -> int | None:
+        """The signal that asks this run to stop, agreed by every rank (any rank's signal stops all)."""
+        local = caught[0] if caught else None
+        if not self.dist.enabled:
+            return local
+        if self.dist.any(local is not None):
+            return local if local is not None else signal.SIGTERM
+        return None
 
     def _evaluate(self, limit: int | None) -> dict | None:
         if self.eval_fn is None:

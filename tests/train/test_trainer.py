@@ -124,7 +124,8 @@ def test_interrupted_checkpoint_write_keeps_the_previous_one(fake_registry, reco
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint step-00000008 .*No space left on device; "
+                                              r"the previous checkpoint .*step-00000004 is kept"):
         run(build_fake(registry=fake_registry), records, tmp_path, resume=True, steps=8)
     monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
 

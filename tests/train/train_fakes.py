@@ -37,6 +37,7 @@ class FakeVQA(nn.Module):
         self.vocab = vocab
         self.fail_at_call: int | None = None  # compute_loss call that raises KeyboardInterrupt (a "kill")
         self.nan_at_call: int | None = None  # compute_loss call that returns NaN
+        self.signals_at_call: dict[int, list[int]] = {}  # compute_loss call -> signals this process sends itself
         self.calls = 0
         self.seen: list[str] = []  # qids trained on, in order (checks data sharding)
 
@@ -55,6 +56,8 @@ class FakeVQA(nn.Module):
         self.seen.extend(batch["qids"])
         if self.fail_at_call is not None and self.calls == self.fail_at_call:
             raise KeyboardInterrupt("simulated kill")
+        for signum in self.signals_at_call.get(self.calls, ()):
+            os.kill(os.getpid(), signum)
         target = torch.tensor([ANSWERS.index(a) for a in batch["answers"]])
         loss = F.cross_entropy(self.logits(batch), target)
         if self.nan_at_call is not None and self.calls >= self.nan_at_call:

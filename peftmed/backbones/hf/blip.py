@@ -17,7 +17,8 @@ import torch
 from ...errors import ConfigError
 from ..base import Backbone
 from .common import (
-    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model,
+    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
+    seeded_model,
 )
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
@@ -102,15 +103,24 @@ class HFBlipVQA(VQAModule):
         """Answer cross-entropy (the text config's label smoothing), teacher-forced after ``[DEC]``."""
         return self(batch)["loss"]
 
+    def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
+        """(sum of the answer tokens' cross-entropy, number of answer tokens), for token-normalised training."""
+        out = self._decode(batch, "sum")
+        return out["loss"], out["tokens"]
+
     def forward(self, batch) -> dict[str, torch.Tensor]:
         """``{"loss": scalar, "logits": (B, T, vocab)}`` of the teacher-forced answers."""
+        out = self._decode(batch, "mean")
+        return {"loss": out["loss"], "logits": out["logits"]}
+
+    def _decode(self, batch, reduction: str) -> dict:
         if len(batch.get("answers") or ()) != len(batch["questions"]):
             raise ConfigError("the loss needs one answer per question in batch['answers']")
         question, q_mask = self.encode(batch)
         ids, mask, labels = self._answers(batch["answers"])
         out = self.model.text_decoder(input_ids=ids, attention_mask=mask, encoder_hidden_states=question,
-                                      encoder_attention_mask=q_mask, labels=labels, reduction="mean")
-        return {"loss": out.loss, "logits": out.logits}
+                                      encoder_attention_mask=q_mask, labels=labels, reduction=reduction)
+        return {"loss": out.loss, "logits": out.logits, "tokens": int((labels[:, 1:] != -100).sum())}
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:
@@ -214,6 +224,7 @@ BACKBONE = Backbone(
     component_roles={"vision": VISION_ROLES, "fusion": _text_roles(False), "decoder": _text_roles(True)},
     builder=build,
     loader=load,
+    tokenizer_loader=saved_tokenizer,
     description="transformers BlipForQuestionAnswering (vision | question encoder | answer decoder)",
     tasks=("vqa",),
     defaults={"max_question_tokens": 35},

@@ -72,6 +72,20 @@ def load_tokenizer(folder: Path, what: str):
                            f"the folder needs the tokenizer files written by tokenizer.save_pretrained") from exc
 
 
+def saved_tokenizer(folder) -> object:
+    """A fast tokenizer written by ``save_pretrained`` into a run folder, read as the generic
+    ``PreTrainedTokenizerFast`` (no class named in the folder is looked up)."""
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise PeftmedError(f"no tokenizer.json in {str(folder)!r} (expected a tokenizer written by save_pretrained)")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises several types for broken tokenizer files
+        raise PeftmedError(f"cannot read the tokenizer in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+
+
 def seeded_model(model_class, config, seed: int | None):
     """``model_class(config)`` with weights drawn from ``seed`` (the same model every build), leaving the
     caller's global random state as it was."""

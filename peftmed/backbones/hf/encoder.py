@@ -21,7 +21,8 @@ from ...errors import ConfigError, PeftmedError
 from ..base import Backbone
 from ..images import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from .common import (
-    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model, write_image_stats,
+    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer, seeded_model,
+    write_image_stats,
 )
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
@@ -208,6 +209,6 @@ DESCRIPTIONS = {
 
 BACKBONES = tuple(
     Backbone(name=name, components=COMPONENTS[name], roles=ROLES, builder=_builder(name), loader=_loader(name),
-             description=DESCRIPTIONS[name], tiny=name == "hf-encoder")  # the kit runs on the dual encoder
+             tokenizer_loader=saved_tokenizer, description=DESCRIPTIONS[name], tiny=name == "hf-encoder")  # the kit runs on the dual encoder
     for name in KIND_OF
 )

@@ -21,7 +21,8 @@ import torch
 from ...errors import ConfigError
 from ..base import Backbone
 from .common import (
-    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, seeded_model,
+    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
+    seeded_model,
 )
 from .tokenizer import bpe_tokenizer, check_vocab
 
@@ -112,8 +113,20 @@ class HFLlava(VQAModule):
         """Cross-entropy of the answer tokens (and ``</s>``) given the image and the prompt."""
         return self(batch)["loss"]
 
+    def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
+        """(sum of the answer tokens' cross-entropy, number of answer tokens), for token-normalised training."""
+        out = self._decode(batch, with_loss=False)
+        logits, labels = out["logits"][:, :-1].float(), out["labels"][:, 1:]
+        total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                  reduction="sum")
+        return total, int((labels != -100).sum())
+
     def forward(self, batch) -> dict[str, torch.Tensor]:
         """``{"loss": scalar, "logits": (B, T, vocab)}`` over prompt + answer (loss on the answer only)."""
+        out = self._decode(batch, with_loss=True)
+        return {"loss": out["loss"], "logits": out["logits"]}
+
+    def _decode(self, batch, with_loss: bool) -> dict:
         self._check(batch)
         if len(batch.get("answers") or ()) != len(batch["questions"]):
             raise ConfigError("compute_loss needs one answer per question in batch['answers']")
@@ -125,8 +138,8 @@ class HFLlava(VQAModule):
         labels = self._pad(targets, left=False, fill=-100)
         mask = self._pad([[1] * len(s) for s in seqs], left=False, fill=0)
         out = self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixel_values(batch["images"]),
-                         labels=labels)
-        return {"loss": out.loss, "logits": out.logits}
+                         labels=labels if with_loss else None)
+        return {"loss": out.loss, "logits": out.logits, "labels": labels}
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:
@@ -224,6 +237,7 @@ BACKBONE = Backbone(
     component_roles={"projector": {"mlp.up": r"linear_1$", "mlp.down": r"linear_2$"}},
     builder=build,
     loader=load,
+    tokenizer_loader=saved_tokenizer,
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa",),
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)

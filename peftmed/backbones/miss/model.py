@@ -93,6 +93,13 @@ class MissForVQA(nn.Module):
 
     # ---- task protocol ------------------------------------------------------------------------------
     def compute_loss(self, batch) -> torch.Tensor:
+        """Mean answer cross-entropy over the batch's answer tokens (label smoothing 0.1)."""
+        total, count = self.loss_terms(batch)
+        return total / max(count, 1)
+
+    def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
+        """(sum of the answer tokens' cross-entropy, number of answer tokens): what the trainer needs to
+        normalise by every token of a global batch, whatever its split into micro-batches and processes."""
         answers = _texts(batch, "answers")
         states, mask = self.encode(batch)
         ids, amask, cut = self.tokenizer.encode(answers, self.config.max_answer_tokens, first=self.tokenizer.dec_id)
@@ -103,8 +110,9 @@ class MissForVQA(nn.Module):
         ids, amask = ids.to(self.device), amask.to(self.device)
         logits = self.text_decoder(ids[:, :-1], amask[:, :-1], states, mask)
         target = ids[:, 1:].masked_fill(~amask[:, 1:], -100)  # predict "answer [SEP]" after [DEC]; skip padding
-        return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
-                               label_smoothing=self.config.label_smoothing)
+        total = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
+                                label_smoothing=self.config.label_smoothing, reduction="sum")
+        return total, int(amask[:, 1:].sum())
 
     def forward(self, batch) -> torch.Tensor:
         """The training loss (so DDP/FSDP wrappers, which call forward, work)."""

@@ -75,7 +75,8 @@ MISS_COMPONENTS = {"vision": "visual_encoder", "fusion": "text_encoder", "decode
 
 def _backbone(name: str, size: str, description: str) -> Backbone:
     return Backbone(name=name, components=MISS_COMPONENTS, roles=MISS_ROLES, builder=build_miss, loader=load_miss,
-                    description=description, tasks=("vqa",), defaults={"size": size})
+                    tokenizer_loader=MissTokenizer.load, description=description, tasks=("vqa",),
+                    defaults={"size": size})
 
 
 MISS_BACKBONES = (

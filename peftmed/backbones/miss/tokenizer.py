@@ -155,6 +155,9 @@ class MissTokenizer:
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
+    def get_vocab(self, with_added_tokens: bool = True) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=with_added_tokens)
+
     def encode(self, texts: Sequence[str], max_tokens: int, first: int | None = None):
         """Token ids ``[CLS] text [SEP]`` padded to the longest, with ``[CLS]`` replaced by ``first``.
 
