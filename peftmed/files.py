@@ -33,14 +33,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+def _replace_atomic(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -49,6 +49,11 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
+    return _replace_atomic(path, lambda fh: fh.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
@@ -63,21 +68,12 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options) -> Pat
 
 def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     """Copy a file (streamed, so large weights do not sit in memory) and rename it into place."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=TMP_SUFFIX, dir=dst.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+    def copy(out):
+        with open(src, "rb") as inp:
             while chunk := inp.read(1 << 22):
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-        fsync_dir(dst.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return dst
+
+    return _replace_atomic(dst, copy)
 
 
 def remove_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:

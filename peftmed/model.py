@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import warnings
@@ -536,12 +535,19 @@ class PeftModel(nn.Module):
         name = check_adapter_name(name or manifest.get("adapter_name") or "default")
         if name in self.adapters:
             raise AdapterError(f"adapter {name!r} already exists on this model; pass another name")
-        recipe = Recipe.from_dict(manifest["recipe_json"])
         try:
-            configs = {c: [m["config"] for m in ms] for c, ms in manifest["methods"].items()}
-            plan = self._plan(recipe, lenient=True, configs=configs)
-        except (KeyError, TypeError) as exc:
-            raise AdapterError(f"{path / MANIFEST}: recipe and methods do not agree ({exc})") from exc
+            recipe = Recipe.from_dict(manifest["recipe_json"])
+            resolved = recipe.resolve(self.backbone.components)
+        except PeftmedError as exc:
+            raise AdapterError(f"{path / MANIFEST}: recipe_json cannot be used: {exc}") from None
+        methods = manifest["methods"]
+        for comp, calls in resolved.items():
+            saved = [m["method"] for m in methods.get(comp, [])]
+            if [c.name for c in calls] != saved:
+                raise AdapterError(f"{path / MANIFEST}: recipe and methods do not agree on component {comp!r} "
+                                   f"(recipe {[c.name for c in calls]}, methods {saved})")
+        configs = {c: [m.get("config", {}) for m in ms] for c, ms in methods.items()}
+        plan = self._plan(recipe, lenient=True, configs=configs)
         state = self._apply_plan(name, recipe, plan, activate=True)
         try:
             own = self.adapter_tensors(name)
@@ -694,7 +700,7 @@ def _check_manifest(m: dict, mpath: Path) -> None:
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
             raise bad(f"tensors[{name!r}].shape", shape, "a list of non-negative integers")
-        if "dtype" in meta and meta["dtype"] not in DTYPES:
+        if "dtype" in meta and not (isinstance(meta["dtype"], str) and meta["dtype"] in DTYPES):
             raise bad(f"tensors[{name!r}].dtype", meta["dtype"], f"one of {sorted(DTYPES)}")
     digest = m.get("weights_sha256")
     if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):

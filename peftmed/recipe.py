@@ -112,10 +112,17 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: Mapping) -> Recipe:
         """From the JSON form: ``{"fusion": [{"method": "lora", "options": {"r": 8}}], ...}``."""
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"a recipe in JSON form is a mapping of component -> methods, got {data!r}")
         entries: dict[str, tuple[MethodCall, ...]] = {}
         for target, calls in data.items():
+            if not isinstance(target, str) or not (target == WILDCARD or _BARE.match(target)):
+                raise RecipeError(f"recipe target {target!r} is not a component name (or '*')")
             if isinstance(calls, (str, Mapping)):
                 calls = [calls]
+            if not isinstance(calls, (list, tuple)) or not calls:
+                raise RecipeError(f"recipe entry for {target!r} must be a method or a non-empty list of methods, "
+                                  f"got {calls!r}")
             parsed = []
             for call in calls:
                 if isinstance(call, str):
@@ -123,14 +130,21 @@ class Recipe:
                 elif isinstance(call, Mapping) and "method" in call:
                     unknown = set(call) - {"method", "options"}
                     if unknown:
-                        raise RecipeError(f"recipe entry for {target!r} has unknown keys {sorted(unknown)}")
-                    parsed.append(MethodCall(str(call["method"]), dict(call.get("options") or {})))
+                        raise RecipeError(f"recipe entry for {target!r} has unknown keys {sorted(map(str, unknown))}")
+                    name, options = call["method"], call.get("options") or {}
+                    if not isinstance(name, str) or not _BARE.match(name):
+                        raise RecipeError(f"recipe entry for {target!r}: method {name!r} is not a method name")
+                    if not isinstance(options, Mapping) or not all(isinstance(k, str) and _BARE.match(k)
+                                                                   for k in options):
+                        raise RecipeError(f"recipe entry for {target!r}: options {options!r} must map option names "
+                                          f"to values")
+                    parsed.append(MethodCall(name, dict(options)))
                 else:
                     raise RecipeError(
                         f"recipe entry for {target!r} must be 'method(...)' text or "
                         f"{{'method': ..., 'options': {{...}}}}, got {call!r}"
                     )
-            entries[str(target)] = tuple(parsed)
+            entries[target] = tuple(parsed)
         return cls(entries)
 
     # ---- output ------------------------------------------------------------------------------------

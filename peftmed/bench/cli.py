@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from ..errors import ConfigError
 from ..hookspecs import hookimpl

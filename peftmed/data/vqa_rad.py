@@ -13,7 +13,6 @@ official release. Questions are answered about shared images, so ``image_id`` is
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from .images import dataset_file
 from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records

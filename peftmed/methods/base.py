@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
+from ..errors import ConfigError, NoMatchError, PeftmedError, UnknownNameError
 
 log = logging.getLogger("peftmed.methods")
 
@@ -335,6 +335,9 @@ def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
             value = [v for v in value.replace("+", ",").split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"method {method!r}: option {key} expects a list, got {value!r}")
+        inner = [a for a in args if a is not Ellipsis]
+        if len(inner) == 1:  # tuple[str, ...]: every item of that type
+            return tuple(_coerce(method, f"{key}[{i}]", v, inner[0]) for i, v in enumerate(value))
         return tuple(value)
     if hint is bool:
         if isinstance(value, bool):

@@ -9,11 +9,9 @@ All scores are fractions in [0, 1]; a score over an empty group (e.g. no OPEN qu
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path

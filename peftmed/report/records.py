@@ -15,13 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 from PIL import Image
 
 from ..data.dataset import VQADataset
-from ..data.records import DataError, ImageSource, MissingDataError
+from ..data.records import DataError, ImageSource
 from ..errors import ConfigError
 
 

@@ -325,7 +325,7 @@ def run_train(args: argparse.Namespace) -> int:
 def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, spec, recipe, config) -> int:
     from ..model import apply
     from . import distributed
-    from .checkpoint import latest_checkpoint, write_json_atomic
+    from .checkpoint import write_json_atomic
     from .trainer import Trainer, TrainingInterrupted
 
     out = Path(opts["output"] or f"runs/{backbone.name}-{spec.name}")

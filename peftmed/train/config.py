@@ -175,7 +175,10 @@ def read_config_file(path: str | Path, known: Iterable[str], mappings: Iterable[
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
     suffix = path.suffix.lower()
     try:
         if suffix in (".yaml", ".yml"):

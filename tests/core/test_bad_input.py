@@ -113,6 +113,10 @@ def test_truncated_or_corrupt_safetensors(tmp_path):
     f = tmp_path / "a" / "adapter.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AdapterError, match="do not match the digest"):  # the manifest's SHA-256 sees it first
+        peftmed.load_adapter(toy()[0], tmp_path / "a")
+    mpath = tmp_path / "a" / "adapter.json"  # an adapter without a digest (written by an older peftmed)
+    mpath.write_text(json.dumps({k: v for k, v in json.loads(mpath.read_text()).items() if k != "weights_sha256"}))
     with pytest.raises(AdapterError, match="truncated or corrupt"):
         peftmed.load_adapter(toy()[0], tmp_path / "a")
     f.write_bytes(b"\x00" * 64)
@@ -164,6 +168,7 @@ def test_unexpected_tensor_in_file_is_named(tmp_path):
     mpath = tmp_path / "a" / "adapter.json"
     manifest = json.loads(mpath.read_text())
     manifest["tensors"]["fusion.bogus.weight"] = {"shape": [2], "dtype": "float32"}
+    del manifest["weights_sha256"]  # as an adapter without a digest: the tensor check itself must name it
     mpath.write_text(json.dumps(manifest))
     with pytest.raises(AdapterError, match="unexpected tensors.*fusion.bogus.weight"):
         peftmed.load_adapter(toy()[0], tmp_path / "a")

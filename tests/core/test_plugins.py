@@ -8,7 +8,6 @@ import textwrap
 import types
 
 import pytest
-import torch
 
 import peftmed
 from peftmed import PluginError

@@ -1,6 +1,7 @@
 """Adapters exported for huggingface/peft load with the real peft library and compute what peftmed
 computes on the same transformers model (and peft adapters import back)."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,3 +90,31 @@ def test_model_peft_does_not_know_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="toy-vlm.*not a transformers model"):
         export_to_peft(tmp_path / "a", tmp_path / "out", registry=reg)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("as_regex", [True, False])
+def test_ia3_trained_in_peft_imports_with_regex_or_list_targets(registry, tmp_path, as_regex):
+    """peft writes target_modules / feedforward_modules as a list or as one regular expression."""
+    wrapper = _model(registry)
+    if as_regex:
+        targets = r"text_encoder\.encoder\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)"
+        feedforward = r"text_encoder\.encoder\.layer\.\d+\.output\.dense"
+    else:
+        targets = ["key", "value", "output.dense"]  # peft matches list entries by their last dotted parts
+        feedforward = ["output.dense"]
+    config = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward, init_ia3_weights=True)
+    pmodel = peft.get_peft_model(wrapper.model, config)
+    with torch.no_grad():
+        for n, p in pmodel.named_parameters():
+            if "ia3_l" in n:
+                p.uniform_(0.5, 1.5)
+    inputs = h.example_inputs(wrapper, registry.backbone(BACKBONE), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        theirs = h.run(wrapper, inputs)
+    pmodel.save_pretrained(str(tmp_path / "peft"))
+    saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert isinstance(saved["feedforward_modules"], str if as_regex else list)
+    import_from_peft(tmp_path / "peft", tmp_path / "mine", backbone=BACKBONE, registry=registry)
+    ours = peftmed.load_adapter(_model(registry), tmp_path / "mine", registry=registry)
+    with torch.no_grad():
+        h.assert_close(h.run(ours, inputs), theirs, "peftmed vs peft output (IA3)")

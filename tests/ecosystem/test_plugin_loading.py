@@ -36,6 +36,17 @@ def register_methods(register, device):  # the hookspec has no 'device'
 '''
 
 
+def _fake_dist(folder, dist, source, version="1.0", entry_name=None):
+    """A module and the dist-info folder importlib.metadata reads for an installed distribution."""
+    module = f"mod_{dist.replace('-', '_')}"
+    (folder / f"{module}.py").write_text(textwrap.dedent(source))
+    info = folder / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[peftmed]\n{entry_name or dist} = {module}\n")
+    return module
+
+
 @pytest.fixture
 def install(tmp_path, monkeypatch):
     """install(dist, version, entry_name, source): a fake installed distribution."""
@@ -43,13 +54,7 @@ def install(tmp_path, monkeypatch):
     made = []
 
     def _install(dist, version, entry_name, source):
-        module = f"mod_{dist.replace('-', '_')}"
-        (tmp_path / f"{module}.py").write_text(textwrap.dedent(source))
-        info = tmp_path / f"{dist.replace('-', '_')}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[peftmed]\n{entry_name} = {module}\n")
-        made.append(module)
+        made.append(_fake_dist(tmp_path, dist, source, version, entry_name))
         return dist
 
     yield _install
@@ -109,3 +114,50 @@ def test_example_plugins_listed_only_when_selected(dist, method, monkeypatch):
     assert method in peftmed.build_registry().names("method")
     monkeypatch.setenv("PEFTMED_PLUGINS", "")
     assert method not in peftmed.build_registry().names("method")
+
+
+EXITING_PLUGIN = '''
+import sys
+sys.exit(3)  # a plugin that ends the process while being imported
+'''
+
+EXITING_HOOK_PLUGIN = '''
+import sys
+import peftmed
+
+@peftmed.hookimpl
+def register_methods(register):
+    raise SystemExit("bye")
+'''
+
+
+
+
+@pytest.mark.parametrize("source, needle", [(EXITING_PLUGIN, "SystemExit(3)"), (EXITING_HOOK_PLUGIN, "SystemExit('bye')")])
+def test_a_plugin_calling_sys_exit_is_reported_and_every_command_still_runs(tmp_path, source, needle):
+    import os
+    import subprocess
+
+    _fake_dist(tmp_path, "peftmed-plugin-exits", source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "PEFTMED_PLUGINS": "peftmed-plugin-exits"}
+    env.pop("PEFTMED_STRICT_PLUGINS", None)
+    plugins = subprocess.run([sys.executable, "-m", "peftmed", "plugins"], capture_output=True, text=True, env=env)
+    assert plugins.returncode == 0, plugins.stderr
+    line = next(x for x in plugins.stdout.splitlines() if x.startswith("peftmed-plugin-exits"))
+    assert "FAILED" in line and needle in line
+    methods = subprocess.run([sys.executable, "-m", "peftmed", "methods"], capture_output=True, text=True, env=env)
+    assert methods.returncode == 0 and "layernorm" in methods.stdout
+    assert "peftmed-plugin-exits" in methods.stderr and "failed to load" in methods.stderr
+    imported = subprocess.run([sys.executable, "-c", "import peftmed; peftmed.default_registry(); print('alive')"],
+                              capture_output=True, text=True, env=env)
+    assert imported.returncode == 0 and "alive" in imported.stdout
+
+
+def test_peftmed_plugins_naming_no_installed_plugin_warns(monkeypatch, caplog):
+    monkeypatch.setenv("PEFTMED_PLUGINS", "nonexistent")
+    reg = peftmed.build_registry(strict=False)
+    assert "layernorm" in reg.names("method")
+    assert "PEFTMED_PLUGINS names 'nonexistent', but no installed peftmed plugin has that" in caplog.text
+    with pytest.raises(PluginError, match="'nonexistent'"):
+        peftmed.build_registry(strict=True)

@@ -39,15 +39,24 @@ def randomise_(pm, seed=3):
 
 
 @pytest.mark.parametrize("recipe", [
-    "*=prefix(n=0,cross=true)", "*=ptuning-v2(n=0,cross=true)", "decoder=prefix(n=0,shared=true)",
+    "*=prefix(n=3,cross=true)", "*=ptuning-v2(n=3,cross=true)", "decoder=prefix(n=3,shared=true)",
 ])
-def test_zero_virtual_tokens_leave_the_model_unchanged(recipe):
+def test_a_disabled_prompt_adapter_leaves_the_model_unchanged(recipe):
     model = toy()
     x = inputs(model)
     expected = model(*x)
     pm = peftmed.apply(model, recipe)
     randomise_(pm)
-    assert torch.equal(pm(*x), expected)
+    assert not torch.equal(pm(*x), expected)
+    with pm.disable_adapter():  # the hooks stay in the attention modules, the prefix is not used
+        assert torch.equal(pm(*x), expected)
+
+
+@pytest.mark.parametrize("method", ["prefix", "ptuning-v2"])
+def test_zero_virtual_tokens_are_refused(method):
+    """A prefix of no tokens trains nothing: the silently inert prefix of the reference code."""
+    with pytest.raises(peftmed.ConfigError, match="would train nothing"):
+        peftmed.apply(toy(), f"*={method}(n=0)")
 
 
 def explicit_attention(attn, x, pk, pv, causal):
@@ -329,10 +338,10 @@ def test_miss_prefix_on_every_component_trains_and_generates_deterministically()
     batch = model.example_batch(batch_size=3, seed=0)
     with torch.no_grad():
         base_loss = model.compute_loss(batch)
-    zero = peftmed.apply(model, "*=prefix(n=0,cross=true)")
-    with torch.no_grad():
-        assert torch.equal(zero.compute_loss(batch), base_loss)
-    zero.remove_adapter("default")
+    off = peftmed.apply(model, "*=prefix(n=2,cross=true)")
+    with torch.no_grad(), off.disable_adapter():
+        assert torch.equal(off.compute_loss(batch), base_loss)
+    off.remove_adapter("default")
 
     pm = peftmed.apply(model, "vision=prefix(n=4) fusion=prefix(n=4,cross=true) decoder=ptuning-v2(n=4,init_std=0.5)")
     opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)

@@ -51,7 +51,7 @@ def blip_batch(seed=0):
 
 
 def tiny_llava(seed=0):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -120,21 +120,24 @@ def test_blip_prefix_tuning_trains_all_three_components_where_peft_fails():
 # ---- identity and the explicit reference ----------------------------------------------------------------
 
 
-def test_zero_virtual_tokens_leave_blip_and_llava_unchanged():
+def test_disabled_prompt_adapters_leave_blip_and_llava_unchanged():
     model, batch = tiny_blip(), blip_batch()
     with torch.no_grad():
         expected = model(**batch).loss
         gen = model.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=4)
-    pm = peftmed.apply(model, "*=ptuning-v2(n=0,cross=true)", backbone=BLIP_BACKBONE)
+    pm = peftmed.apply(model, "*=ptuning-v2(n=2,cross=true)", backbone=BLIP_BACKBONE)
     randomise_(pm)
     with torch.no_grad():
-        assert torch.equal(pm(**batch).loss, expected)
-        assert torch.equal(pm.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=4), gen)
+        assert not torch.equal(pm(**batch).loss, expected)
+        with pm.disable_adapter():
+            assert torch.equal(pm(**batch).loss, expected)
+            assert torch.equal(pm.generate(batch["input_ids"], batch["pixel_values"], max_new_tokens=4), gen)
     model, batch = tiny_llava(), llava_batch()
     with torch.no_grad():
         expected = model(**batch).logits
-    pm = peftmed.apply(model, "vision=prefix(n=0) llm=prefix(n=0)", backbone=LLAVA_BACKBONE)
-    with torch.no_grad():
+    pm = peftmed.apply(model, "vision=prefix(n=2) llm=prefix(n=2)", backbone=LLAVA_BACKBONE)
+    randomise_(pm)
+    with torch.no_grad(), pm.disable_adapter():
         assert torch.equal(pm(**batch).logits, expected)
 
 

@@ -7,7 +7,6 @@ import pytest
 
 from peftmed.data import VQARecord
 from peftmed.metrics import MetricError, bleu1, token_f1, vqa_scores, write_predictions
-from peftmed.metrics import vqa as vqa_module
 from peftmed.plugins import build_registry
 
 
@@ -87,11 +86,14 @@ def test_write_predictions_rows_and_atomic_replace(tmp_path, monkeypatch):
                        "prediction": "  Left   Lung!", "answer_type": "OPEN", "correct": True}
     before = path.read_text()
 
-    def broken_dump(obj, f, **kw):
-        f.write("[{\"qid\": ")
+
+    from peftmed import files
+
+
+    def broken_fsync(fd):  # the data is half on disk when the disk fills up
         raise OSError("disk full")
 
-    monkeypatch.setattr(vqa_module.json, "dump", broken_dump)
+    monkeypatch.setattr(files.os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
         write_predictions(path, PREDICTIONS, RECORDS)
     assert path.read_text() == before
