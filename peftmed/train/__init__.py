@@ -16,10 +16,11 @@
 from .checkpoint import CheckpointError, find_checkpoint, latest_checkpoint
 from .config import TrainConfig
 from .evaluate import EvalResult, baseline_scores, evaluate
-from .trainer import NonFiniteLossError, Trainer, TrainResult, seed_everything, trainable_parameters
+from .trainer import (NonFiniteLossError, Trainer, TrainingInterrupted, TrainResult, seed_everything,
+                      trainable_parameters)
 
 __all__ = [
-    "CheckpointError", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer",
+    "CheckpointError", "EvalResult", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "TrainingInterrupted",
     "baseline_scores", "evaluate", "find_checkpoint", "latest_checkpoint", "seed_everything",
     "trainable_parameters",
 ]

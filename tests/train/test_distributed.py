@@ -3,6 +3,7 @@ global batch; each rank sees its own half of every global batch; only rank 0 wri
 
 import json
 import os
+import signal
 import socket
 
 import pytest
@@ -12,6 +13,7 @@ from train_fakes import FakePlugin, build_fake, make_records
 
 from peftmed.data import VQADataset
 from peftmed.train import TrainConfig, Trainer
+from peftmed.train.trainer import TrainingInterrupted
 
 RECIPE = "vision=lora(r=4,kernel=torch)+layernorm decoder=ffn"
 STEPS = 4
@@ -72,3 +74,43 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(fake_regi
     assert len(seen0) == len(seen1) == STEPS * 4 and not set(seen0) & set(seen1)
     assert sorted(seen0 + seen1) == sorted(single.base_model.seen)  # the same global batches
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000004"]
+
+
+def _resume_worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import peftmed.plugins as plugins
+
+    reg = plugins.build_registry(extra_plugins=[FakePlugin()], load_entrypoints=False)
+    plugins.set_default_registry(reg)
+    pm = build_fake(RECIPE, registry=reg, dropout=0.0)
+    config = TrainConfig(steps=2 * STEPS, batch_size=4, lr=1e-3, adam_eps=1e-3, warmup_steps=1, progress=False,
+                         seed=1, save_every=2)
+    Trainer(pm, VQADataset(make_records(), 8), config, output_dir=out).train(resume=True)
+
+
+@pytest.mark.slow
+def test_a_one_process_run_resumes_under_two_processes(fake_registry, tmp_path):
+    """Moving from 1 to 2 processes with the same global batch continues the same run."""
+    def config(steps):
+        return TrainConfig(steps=steps, batch_size=8, lr=1e-3, adam_eps=1e-3, warmup_steps=1, progress=False, seed=1,
+                           save_every=2)
+
+    whole = build_fake(RECIPE, registry=fake_registry, dropout=0.0)
+    Trainer(whole, VQADataset(make_records(), 8), config(2 * STEPS), output_dir=tmp_path / "whole").train()
+
+    out = tmp_path / "moved"
+    first = build_fake(RECIPE, registry=fake_registry, dropout=0.0)
+    first.base_model.signals_at_call = {STEPS: [signal.SIGTERM]}  # stopped after step 4 of 8, checkpointed
+    with pytest.raises(TrainingInterrupted):
+        Trainer(first, VQADataset(make_records(), 8), config(2 * STEPS), output_dir=out).train()
+    mp.spawn(_resume_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+
+    from safetensors.torch import load_file
+
+    moved = load_file(str(out / "adapter" / "adapter.safetensors"))
+    meta = json.loads((out / "checkpoints" / f"step-{2 * STEPS:08d}" / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and meta["step"] == 2 * STEPS
+    for k, v in whole.adapter_tensors().items():
+        torch.testing.assert_close(moved[k], v.detach(), atol=1e-5, rtol=0, msg=lambda m, k=k: f"{k}: {m}")
