@@ -68,6 +68,17 @@ def register_metrics(register):
 
 
 @hookspec
+def register_tasks(register):
+    """Add tasks (what a model is trained and scored on: Med-VQA, report generation...).
+
+    register(task: peftmed.tasks.Task) -> None
+        ``task.name`` is what ``--task`` and a dataset's ``task`` name (e.g. ``"report"``); the task
+        supplies its torch Dataset, batches, tokenizer texts, model wrapper, generation, metric (by
+        registered name), baseline and bench columns. train, eval and bench never branch on a task.
+    """
+
+
+@hookspec
 def register_commands(register):
     """Add ``peftmed`` CLI sub-commands.
 

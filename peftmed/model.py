@@ -149,7 +149,7 @@ class PeftModel(nn.Module):
                 f"adapter {name!r} already exists on this model; name a new adapter "
                 f"(add_adapter('other', recipe)) or remove it first"
             )
-        recipe = Recipe.parse(recipe, components=list(self.backbone.components))
+        recipe = Recipe.parse(recipe, components=list(self.backbone.components)).canonical(self.registry)
         plan = self._plan(recipe)
         return self._apply_plan(name, recipe, plan, activate=activate)
 
@@ -160,7 +160,7 @@ class PeftModel(nn.Module):
         Each step is (component, method, config, from_wildcard); a ``*`` entry skips components the
         method finds nothing to act on (e.g. LayerNorm-tuning on a projector without norms)."""
         plan = []
-        resolved = recipe.resolve(self.backbone.components)
+        resolved = recipe.trained(self.backbone.components, self.registry)
         for component, calls in resolved.items():
             families = {}
             from_wildcard = component not in recipe.entries
@@ -375,6 +375,20 @@ class PeftModel(nn.Module):
                 out.setdefault(k, p)
         return out
 
+    def optimizer_options(self, name: str | None = None, *, lr: float, weight_decay: float,
+                          method_lr: bool = False) -> dict[str, dict[str, float]]:
+        """Learning rate and weight decay of each adapter tensor (canonical name): the recipe call's ``lr=`` /
+        ``weight_decay=``, else the method's ``default_lr`` when ``method_lr``, else ``lr`` / ``weight_decay``."""
+        name = name or self._require_active()
+        out: dict[str, dict[str, float]] = {}
+        for applied in self.adapters[name].applied:
+            cfg, method = applied.config, applied.method
+            rate = cfg.lr if cfg.lr is not None else (method.default_lr if method_lr and method.default_lr else lr)
+            decay = cfg.weight_decay if cfg.weight_decay is not None else weight_decay
+            for k in applied.tensors(self, name):
+                out.setdefault(k, {"lr": float(rate), "weight_decay": float(decay)})
+        return out
+
     def _require_active(self) -> str:
         if self.active_adapter is None:
             raise PeftmedError("no active adapter; call set_adapter(name)")
@@ -537,7 +551,7 @@ class PeftModel(nn.Module):
             raise AdapterError(f"adapter {name!r} already exists on this model; pass another name")
         try:
             recipe = Recipe.from_dict(manifest["recipe_json"])
-            resolved = recipe.resolve(self.backbone.components)
+            resolved = recipe.trained(self.backbone.components, self.registry)
         except PeftmedError as exc:
             raise AdapterError(f"{path / MANIFEST}: recipe_json cannot be used: {exc}") from None
         methods = manifest["methods"]
@@ -759,6 +773,16 @@ def read_tensors(path: Path, manifest: dict, *, allow_nonfinite: bool = False) -
             raise AdapterError(f"tensor {k!r} in {wpath} holds {bad} NaN or infinite value(s); refusing to load it "
                                f"(pass allow_nonfinite=True to inspect such an adapter)")
     return tensors
+
+
+def find_peft_model(model: nn.Module) -> PeftModel | None:
+    """The PeftModel ``model`` is or wraps (a task's wrapper such as ReportModel holds one), else None."""
+    if isinstance(model, PeftModel):
+        return model
+    for module in model.modules():
+        if isinstance(module, PeftModel):
+            return module
+    return None
 
 
 def resolve_backbone(model: nn.Module, backbone: Backbone | str | None, registry: Registry) -> Backbone:

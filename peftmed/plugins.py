@@ -37,7 +37,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.backbones.custom", "peftmed.backbones.miss.plugin",
     "peftmed.cli.core_commands",
     "peftmed.kernels.plugin",
-    "peftmed.data.plugin", "peftmed.metrics.plugin",
+    "peftmed.data.plugin", "peftmed.metrics.plugin", "peftmed.tasks.vqa",
     "peftmed.bench.cli",
     "peftmed.backbones.hf.plugin",
     "peftmed.scaffold.commands",
@@ -54,6 +54,7 @@ HOOK_KINDS = {
     "register_kernels": "kernel",
     "register_datasets": "dataset",
     "register_metrics": "metric",
+    "register_tasks": "task",
     "register_commands": "command",
 }
 

@@ -6,9 +6,12 @@ Text form (items separated by spaces, ';' or newlines)::
     *=layernorm
     fusion=lora(r=8,roles=[attn.q,attn.v])+layernorm decoder=prefix(n=10)
 
-``*`` gives every component not named elsewhere; components not named are frozen. A component may
+``*`` gives every component not named elsewhere; components not named are frozen. A bare method
+(``layernorm``, ``frozen``) is the same as ``*=`` that method. A component may
 combine methods with ``+``. The papers' row form ``T|LoRA|LoRA`` is read positionally against the
-backbone's components (``T`` = full, ``F`` = frozen). A recipe round-trips text -> object -> text.
+backbone's components (``T``, ``F``, ``PTV2`` are aliases of the methods ``full``, ``frozen``,
+``ptuning-v2``). A method that trains nothing (``frozen``) is kept in the recipe and skipped when it is
+applied. A recipe round-trips text -> object -> text.
 """
 
 from __future__ import annotations
@@ -20,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RecipeError
+from .options import parse_scalar
 
 WILDCARD = "*"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _BARE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
-_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*([eE][+-]?\d+)?|\.\d+([eE][+-]?\d+)?)$")
 
-# Row-form tokens of the papers, mapped to method names.
-ROW_ALIASES = {"t": "full", "f": "frozen", "ptv2": "ptuning-v2", "p-tuning": "ptuning-v2"}
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,11 @@ class Recipe:
                 return cls.from_dict(json.loads(stripped))
             except json.JSONDecodeError as exc:
                 raise RecipeError(f"recipe looks like JSON but does not parse: {exc}") from exc
-        if "=" not in stripped.split("(")[0] and "|" in stripped:
+        head = stripped.split("(")[0]
+        if "=" not in head and "|" in stripped:
             return cls._parse_row(stripped, components)
+        if "=" not in head and _BARE.match(head.split("+")[0].strip()):
+            return cls({WILDCARD: _Parser(stripped).methods()})  # a bare method: every component ('frozen')
         if "=" not in stripped:
             raise RecipeError(
                 f"cannot read recipe {text!r}: expected items 'component=method(...)' (e.g. "
@@ -102,11 +106,7 @@ class Recipe:
         for comp, cell in zip(components, cells):
             if not cell:
                 raise RecipeError(f"row {text!r}: empty cell for component {comp!r}")
-            calls = _Parser(cell).methods()
-            calls = tuple(MethodCall(ROW_ALIASES.get(c.name.lower(), c.name.lower()), c.options) for c in calls)
-            if all(c.name == "frozen" for c in calls):
-                continue
-            entries[comp] = calls
+            entries[comp] = _Parser(cell).methods()  # T, F, LoRA, PTV2...: method names or aliases
         return cls(entries)
 
     @classmethod
@@ -172,14 +172,29 @@ class Recipe:
         out: dict[str, tuple[MethodCall, ...]] = {}
         for comp in components:
             calls = self.entries.get(comp, self.entries.get(WILDCARD, ()))
-            calls = tuple(c for c in calls if c.name != "frozen")
             if calls:
                 out[comp] = calls
         return out
 
+    def canonical(self, registry) -> Recipe:
+        """The same recipe with every method written by its registered name (``T`` -> ``full``, ``LoRA`` ->
+        ``lora``, ``PTV2`` -> ``ptuning-v2``); unknown names raise UnknownNameError."""
+        return Recipe({target: tuple(MethodCall(registry.method(c.name).name, dict(c.options)) for c in calls)
+                       for target, calls in self.entries.items()})
+
+    def trained(self, components: Iterable[str], registry) -> dict[str, tuple[MethodCall, ...]]:
+        """Like ``resolve``, without the calls of methods that train nothing (``frozen`` and its aliases
+        ``F``, ``none``); every name is looked up in ``registry`` (unknown names raise)."""
+        out: dict[str, tuple[MethodCall, ...]] = {}
+        for comp, calls in self.resolve(components).items():
+            kept = tuple(c for c in calls if not registry.method(c.name).trains_nothing)
+            if kept:
+                out[comp] = kept
+        return out
+
     def row(self, components: Sequence[str], registry=None) -> str:
         """The papers' row form, e.g. ``F|LoRA|LoRA`` (display only; options are dropped)."""
-        resolved = self.resolve(components)
+        resolved = self.trained(components, registry) if registry is not None else self.resolve(components)
         cells = []
         for comp in components:
             calls = resolved.get(comp, ())
@@ -209,7 +224,7 @@ def _render(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_render(v) for v in value) + "]"
     text = str(value)
-    if _BARE.match(text) and text.lower() not in {"true", "false", "none"}:
+    if _BARE.match(text) and isinstance(parse_scalar(text), str):  # would read back as this text
         return text
     return json.dumps(text)
 
@@ -325,12 +340,4 @@ class _Parser:
         if not m:
             raise self.fail(f"expected a value, found {ch or 'end of text'!r}")
         self.pos = m.end()
-        token = m.group(0)
-        low = token.lower()
-        if low in {"true", "false"}:
-            return low == "true"
-        if low == "none":
-            return None
-        if _NUMBER.match(token):
-            return float(token) if any(c in token for c in ".eE") else int(token)
-        return token
+        return parse_scalar(m.group(0))

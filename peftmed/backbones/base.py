@@ -55,6 +55,23 @@ ROLES: dict[str, str] = {
 Pattern = Union[str, Callable[[str, nn.Module], bool]]
 
 
+@dataclass
+class TextLimits:
+    """How long a generated text a VQA model can take: what a task generating long texts (report
+    generation) needs to know. Models return it from ``text_limits(prompt)``.
+
+    ``owner.attr`` is the model's answer-length setting (in tokens, ``specials`` of which are special
+    tokens such as [DEC] and [SEP]); ``room`` is the most text tokens its position embeddings hold after
+    ``prompt`` (None: unknown); ``hint`` says how to get more room.
+    """
+
+    owner: Any
+    attr: str
+    specials: int
+    room: int | None
+    hint: str
+
+
 def _is_norm(name: str, module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(
         ("LayerNorm", "RMSNorm", "Norm")
@@ -88,7 +105,9 @@ class Backbone:
         (a run folder's ``tokenizer/``); the builder takes it back as ``tokenizer=``. Files on disk never
         name the class to load: this registered function is the only reader.
       description: one line for ``peftmed backbones``.
-      tasks: tasks the built model serves (``"vqa"``, ``"report"``).
+      tasks: tasks the built model serves (``"vqa"``, ``"report"``): the capability a task asks for.
+      task_options: task -> builder options the backbone needs for that task unless the user sets them
+        (e.g. more text positions to hold a whole report).
       defaults: options passed to builder unless overridden.
     """
 
@@ -101,6 +120,7 @@ class Backbone:
     tokenizer_loader: Callable[[Any], Any] | None = None
     description: str = ""
     tasks: tuple[str, ...] = ()
+    task_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     tiny: bool = False  # its default build is small enough for CPU tests (the conformance kit runs on it)

@@ -43,7 +43,7 @@ def _canonical(registry, name: str) -> str:
 
 def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
     """Why peft has no equivalent of ``recipe`` (None when it has one)."""
-    resolved = recipe.resolve(backbone.components)
+    resolved = recipe.trained(backbone.components, registry)
     if not resolved:
         return "nothing is trained"
     tuned = set()
@@ -93,7 +93,7 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     reason = peft_equivalent(recipe, backbone, registry)
     if reason:
         raise PeftUnavailable(reason)
-    resolved = recipe.resolve(backbone.components)
+    resolved = recipe.trained(backbone.components, registry)
     full = [path for c, calls in resolved.items() if _canonical(registry, calls[0].name) == "full"
             for path in backbone.component_paths(c)]
     tuned = {c: calls[0] for c, calls in resolved.items() if _canonical(registry, calls[0].name) != "full"}
@@ -101,7 +101,7 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     options = [dict(c.options) for c in tuned.values()]
     if any(o != options[0] for o in options):
         raise PeftUnavailable(f"peft takes one {method} config per model; this recipe gives {options}")
-    opts = {k: v for k, v in options[0].items() if k not in ("roles", "kernel", "fused")}
+    opts = {k: v for k, v in options[0].items() if k not in ("roles", "kernel", "fused", "lr", "weight_decay")}
     if "" in full:  # the whole model is one component: nothing left for peft to do
         raise PeftUnavailable("the fully trained component is the whole model")
     for p in model.parameters():

@@ -27,38 +27,19 @@ examples:
 """
 
 
-def _value(text: str):
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_options(items, what: str) -> dict:
-    """``["k=v", "a=1,b=2"]`` -> ``{"k": "v", "a": 1, "b": 2}``."""
-    out = {}
-    for item in items or ():
-        for part in str(item).split(","):
-            if not part.strip():
-                continue
-            if "=" not in part:
-                raise ConfigError(f"{what}: expected KEY=VALUE, got {part!r}")
-            key, value = part.split("=", 1)
-            out[key.strip()] = _value(value.strip())
-    return out
+    """``["k=v", "a=1,b=2"]`` -> ``{"k": "v", "a": 1, "b": 2}`` (``peftmed.options.parse_key_values``)."""
+    from ..options import parse_key_values
+
+    return parse_key_values(items, what, split_commas=True)
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to run")
     what.add_argument("--backbone", "-b", default="miss-tiny", help="registered backbone (default miss-tiny)")
-    what.add_argument("--dataset", "-d", help="registered dataset (default phantom; phantom-report for --suite irg)")
+    what.add_argument("--dataset", "-d", help="registered dataset (default: the task's: phantom for Med-VQA, "
+                                              "phantom-report for --suite irg)")
+    what.add_argument("--task", help="a registered task (default: the suite's, else the dataset's)")
     what.add_argument("--data-dir", help="dataset folder, for datasets read from files (e.g. vqa-rad)")
     what.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     pick = what.add_mutually_exclusive_group()
@@ -72,14 +53,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     what.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                       help="import MODULE as a peftmed plugin (e.g. your own backbone); repeatable")
     budget = p.add_argument_group("budget and training")
-    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default 40)")
+    budget.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the task's, "
+                                                                "300 with the transfer protocol)")
     budget.add_argument("--time-budget", type=float, help="seconds of training per recipe (stops at steps or "
                                                          "time, whichever comes first)")
     budget.add_argument("--batch-size", type=int, help="training batch size (default 16 with the transfer "
                                                               "protocol, else 8)")
-    budget.add_argument("--lr", type=float, help="one learning rate for every method (default: a rate per method)")
+    budget.add_argument("--lr", type=float, help="one learning rate for every method (default: each method's usual "
+                                                 "rate, e.g. LoRA 1e-3, full 1e-4)")
     budget.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
-    budget.add_argument("--eval-samples", type=int, help="score the first N test questions (default 200)")
+    budget.add_argument("--eval-samples", type=int, help="score the first N test records (default: the task's)")
     budget.add_argument("--num-beams", type=int, default=1, help="beams of answer generation (default 1: greedy)")
     budget.add_argument("--backbone-option", action="append", metavar="K=V", help="builder option, repeatable")
     budget.add_argument("--dataset-option", action="append", metavar="K=V",
@@ -91,8 +74,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--source-lr", type=float, default=1e-3, help="learning rate of source training (default 1e-3)")
     budget.add_argument("--source-batch-size", type=int, default=32, help="batch size of source training (default 32)")
     budget.add_argument("--no-transfer", action="store_true",
-                        help="on phantom, adapt the randomly initialised backbone directly instead of the default "
-                             "transfer protocol (train fully on domain=ct, adapt to domain=mr)")
+                        help="adapt the randomly initialised backbone directly instead of the dataset's default "
+                             "transfer protocol (phantom: train fully on domain=ct, adapt to domain=mr)")
     out = p.add_argument_group("output")
     out.add_argument("--no-peft", action="store_true", help="skip the huggingface/peft baseline rows")
     out.add_argument("--output", "-o", help="results folder (default bench-results/<timestamp>)")
@@ -105,37 +88,40 @@ def configure(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="print the results document as JSON at the end")
 
 
-def build_config(args):
-    """The BenchConfig (and task) a parsed ``peftmed bench`` command line asks for."""
+def build_config(args, registry=None):
+    """The BenchConfig a parsed ``peftmed bench`` command line asks for (defaults from the task and dataset)."""
+    from ..plugins import default_registry
     from .runner import BenchConfig
     from .suites import SUITE_TASKS, read_suite_file
 
+    registry = registry or default_registry()
     recipes = list(args.recipes or [])
     if args.suite_file:
         recipes = list(read_suite_file(args.suite_file))
-    task = SUITE_TASKS.get(args.suite or "", "vqa")
-    dataset = args.dataset or ("phantom-report" if task == "report" else "phantom")
+    task_name = args.task or SUITE_TASKS.get(args.suite or "")
+    dataset = args.dataset or registry.get("task", task_name or "vqa").default_dataset
+    spec = registry.get("dataset", dataset)
+    task = registry.get("task", task_name or getattr(spec, "task", "vqa"))
     transfer = tuple(parse_options([t], "--transfer") for t in args.transfer) if args.transfer else None
-    if transfer is None and dataset == "phantom" and task == "vqa" and not args.no_transfer:
-        # A tiny backbone from random weights learns little in a short budget, so accuracies would say
-        # nothing about the methods: by default, pretrain it on one phantom domain and adapt to the other.
-        transfer = ({"domain": "ct"}, {"domain": "mr"})
-    # the transfer protocol and report generation need a real budget to say anything (docs/bench.md)
-    default_steps, default_batch = (300, 16) if transfer or task == "report" else (40, 8)
+    if transfer is None and not args.no_transfer and spec.transfer is not None and task.name == spec.task:
+        transfer = tuple(dict(t) for t in spec.transfer)  # the dataset's default protocol (docs/bench.md)
+    # the transfer protocol needs a real budget to say anything (docs/bench.md)
+    default_steps, default_batch = (300, 16) if transfer else (task.bench_steps, task.bench_batch_size)
     config = BenchConfig(
-        backbone=args.backbone, dataset=dataset, data_dir=args.data_dir, device=args.device,
+        backbone=args.backbone, dataset=dataset, task=task_name, data_dir=args.data_dir, device=args.device,
         threads=args.threads,
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else default_steps),
         time_budget=args.time_budget, batch_size=args.batch_size or default_batch, lr=args.lr, seed=args.seed,
-        eval_samples=args.eval_samples if args.eval_samples is not None else (64 if task == "report" else 200), num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
+        eval_samples=args.eval_samples if args.eval_samples is not None else task.bench_eval_samples,
+        num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
         resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),
         dataset_options=parse_options(args.dataset_option, "--dataset-option"),
         transfer=transfer, source_steps=args.source_steps, source_lr=args.source_lr,
         source_batch_size=args.source_batch_size, isolate=not args.no_isolate, plugins=tuple(args.plugin),
         progress=not args.no_progress,
     )
-    return config, task
+    return config
 
 
 def run(args) -> int:
@@ -151,15 +137,15 @@ def run(args) -> int:
                 print(f"  {e.name:<22} {e.recipe}")
         return 0
     if args.compare:
+        from ..plugins import default_registry
+
         a, b = (read_results(path) for path in args.compare)
-        print(report.compare_text(a, b, *args.compare))
+        task = default_registry().get("task", a["meta"].get("config", {}).get("task") or "vqa")
+        print(report.compare_text(a, b, *args.compare, task))
         return 0
     if args.resume and not args.output:
         raise ConfigError("--resume continues a results folder: name it with --output FOLDER")
-    config, task = build_config(args)
-    if task == "report":
-        from ..report.bench import run_report_bench as run_bench  # the same runner, with report columns
-    data = run_bench(config)
+    data = run_bench(build_config(args))
     if args.json:
         print(dumps(data))
     failed = [r for r in data["rows"] if r["provider"] == "peftmed" and r["status"] != "ok"]

@@ -42,30 +42,38 @@ def _ratio(a, b) -> float:
         return math.nan
 
 
-# (header, width) of the terminal / Markdown table
-COLUMNS = (("recipe", 24), ("row", 14), ("trainable", 11), ("%", 8), ("peak MiB", 9), ("samples/s", 9),
-           ("time s", 7), ("closed", 6), ("open", 6), ("overall", 7), ("peft step x", 11),
-           ("peft mem x", 10), ("peft overall", 12))
+# (header, width) of the terminal / Markdown table: the bench's own columns, then the task's scores,
+# then the peft baseline's ratios and its primary score
+BASE_COLUMNS = (("recipe", 24), ("row", 14), ("trainable", 11), ("%", 8), ("peak MiB", 9), ("samples/s", 9),
+                ("time s", 7))
 
 
-def table_header() -> str:
-    head = " ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(COLUMNS))
+def columns(task) -> tuple[tuple[str, int], ...]:
+    scores = tuple((c.header, max(6, len(c.header))) for c in task.columns)
+    primary = next(c.header for c in task.columns if c.key == task.primary)
+    return BASE_COLUMNS + scores + (("peft step x", 11), ("peft mem x", 10), (f"peft {primary}", 6 + len(primary)))
+
+
+def table_header(task) -> str:
+    cols = columns(task)
+    head = " ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(cols))
     return head + "\n" + "-" * len(head)
 
 
-def _cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], str]:
+def _cells(rows: Sequence[dict[str, Any]], task) -> tuple[list[str], str]:
     """Table cells of one recipe (its peftmed row and, if any, its peft row), and a note."""
+    cols = columns(task)
     own = next(r for r in rows if r["provider"] == "peftmed")
     peft = next((r for r in rows if r["provider"] == "peft"), None)
     cells = [own["label"], str(own.get("row") or "")]
     note = ""
     if own["status"] != "ok":
-        cells += [""] * (len(COLUMNS) - 2)
+        cells += [""] * (len(cols) - 2)
         note = f"{own['status'].upper()}: {own.get('error')}"
         return cells, note
     cells += [f"{own['trainable']:,}", f"{own['trainable_percent']:.3f}", _num(own["peak_memory_mib"], ".0f", 0),
-              _num(own["throughput"], ".1f", 0), _num(own["train_time_s"], ".1f", 0),
-              _num(own["acc_closed"], ".3f", 0), _num(own["acc_open"], ".3f", 0), _num(own["acc_overall"], ".3f", 0)]
+              _num(own["throughput"], ".1f", 0), _num(own["train_time_s"], ".1f", 0)]
+    cells += [_num(own.get(c.key), c.fmt, 0) for c in task.columns]
     if peft is None:
         cells += ["-", "-", "-"]
         if own.get("peft_note"):
@@ -77,13 +85,14 @@ def _cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], str]:
         # step time, not wall time: the warm-up steps may include one-time kernel builds
         cells += [_num(_ratio(own["step_time_median_s"], peft["step_time_median_s"]), ".2f", 0),
                   _num(_ratio(own["peak_memory_mib"], peft["peak_memory_mib"]), ".2f", 0),
-                  _num(peft["acc_overall"], ".3f", 0)]
+                  _num(peft.get(task.primary), ".3f", 0)]
     return cells, note
 
 
-def table_line(rows: Sequence[dict[str, Any]]) -> str:
-    cells, note = _cells(rows)
-    line = " ".join(c[:w].ljust(w) if i < 2 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
+def table_line(rows: Sequence[dict[str, Any]], task) -> str:
+    cells, note = _cells(rows, task)
+    line = " ".join(c[:w].ljust(w) if i < 2 else c.rjust(w)
+                    for i, (c, (_, w)) in enumerate(zip(cells, columns(task))))
     return line + (f"\n    {note[:300]}" if note else "")
 
 
@@ -95,16 +104,17 @@ def group_rows(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def text_table(rows: Sequence[dict[str, Any]]) -> str:
-    return "\n".join([table_header()] + [table_line(g) for g in group_rows(rows)])
+def text_table(rows: Sequence[dict[str, Any]], task) -> str:
+    return "\n".join([table_header(task)] + [table_line(g, task) for g in group_rows(rows)])
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(h for h, _ in COLUMNS) + " |",
-             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+def markdown_table(rows: Sequence[dict[str, Any]], task) -> str:
+    cols = columns(task)
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |",
+             "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
     notes = []
     for group in group_rows(rows):
-        cells, note = _cells(group)
+        cells, note = _cells(group, task)
         cells[0] = cells[0].replace("|", "\\|")
         cells[1] = f"`{cells[1]}`" if cells[1] else ""
         lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 0 else c for i, c in enumerate(cells)) + " |")
@@ -113,24 +123,29 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
-def winner_text(rows: Sequence[dict[str, Any]]) -> str:
-    """The method with the best accuracy per trainable parameter, and the most accurate one."""
-    ok = [r for r in rows if r["provider"] == "peftmed" and r["status"] == "ok"
-          and r.get("trainable") and not math.isnan(r.get("acc_overall", math.nan))]
+def winner_text(rows: Sequence[dict[str, Any]], task) -> str:
+    """The method with the best primary score per trainable parameter, and the best one."""
+    key = task.primary
+    name = next(c.header for c in task.columns if c.key == key)
+
+    def value(r):
+        v = r.get(key)
+        return math.nan if v is None else v
+
+    done = [r for r in rows if r["provider"] == "peftmed" and r["status"] == "ok" and not math.isnan(value(r))]
+    ok = [r for r in done if r.get("trainable")]
     if not ok:
-        return "no recipe finished with an accuracy figure"
-    best = max(ok, key=lambda r: r["acc_overall"])
-    # accuracy gained over the untrained/frozen model per million trainable parameters
-    floor = min((r["acc_overall"] for r in rows if r["provider"] == "peftmed" and r["status"] == "ok"
-                 and not math.isnan(r.get("acc_overall", math.nan))), default=0.0)
-    frozen = [r for r in rows if r["provider"] == "peftmed" and r["status"] == "ok" and r.get("trainable") == 0]
-    if frozen and not math.isnan(frozen[0]["acc_overall"]):
-        floor = frozen[0]["acc_overall"]
-    per_param = max(ok, key=lambda r: (r["acc_overall"] - floor) / r["trainable"])
-    return (f"most accurate: {best['label']} (ACC {best['acc_overall']:.3f}, {best['trainable_percent']:.3f}% "
-            f"trained); best accuracy per trainable parameter: {per_param['label']} (ACC "
-            f"{per_param['acc_overall']:.3f} with {per_param['trainable']:,} parameters, "
-            f"{per_param['trainable_percent']:.3f}%)")
+        return f"no recipe finished with a {name} figure"
+    best = max(ok, key=value)
+    # the score gained over the untrained/frozen model per trainable parameter
+    floor = min((value(r) for r in done), default=0.0)
+    frozen = [r for r in done if r.get("trainable") == 0]
+    if frozen:
+        floor = value(frozen[0])
+    per_param = max(ok, key=lambda r: (value(r) - floor) / r["trainable"])
+    return (f"best {name}: {best['label']} ({value(best):.3f}, {best['trainable_percent']:.3f}% trained); best "
+            f"{name} per trainable parameter: {per_param['label']} ({value(per_param):.3f} with "
+            f"{per_param['trainable']:,} parameters, {per_param['trainable_percent']:.3f}%)")
 
 
 # ---- plots -------------------------------------------------------------------------------------------
@@ -143,8 +158,10 @@ def _pyplot():
     return plt
 
 
-def plot_all(folder: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Path]:
-    """Accuracy vs trainable %, throughput and peak memory per recipe (peft bars beside)."""
+def plot_all(folder: Path, rows: Sequence[dict[str, Any]], task) -> dict[str, Path]:
+    """The primary score vs trainable %, throughput and peak memory per recipe (peft bars beside)."""
+    key = task.primary
+    name = next(c.header for c in task.columns if c.key == key)
     plt = _pyplot()
     out = folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
@@ -153,18 +170,18 @@ def plot_all(folder: Path, rows: Sequence[dict[str, Any]]) -> dict[str, Path]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for provider, marker, color in (("peftmed", "o", "tab:blue"), ("peft", "s", "tab:orange")):
-        pts = [r for r in ok if r["provider"] == provider and not math.isnan(r["acc_overall"])]
+        pts = [r for r in ok if r["provider"] == provider and not math.isnan(r.get(key, math.nan))]
         if not pts:
             continue
         xs = [max(r["trainable_percent"], 1e-4) for r in pts]  # frozen (0 %) drawn at the axis floor
-        ax.scatter(xs, [r["acc_overall"] for r in pts], marker=marker, color=color, label=provider, zorder=3)
+        ax.scatter(xs, [r[key] for r in pts], marker=marker, color=color, label=provider, zorder=3)
         if provider == "peftmed":
             for x, r in zip(xs, pts):
-                ax.annotate(r["label"], (x, r["acc_overall"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                ax.annotate(r["label"], (x, r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    ax.set_ylabel("ACC overall")
-    ax.set_title("Accuracy vs trainable parameters")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} vs trainable parameters")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -201,13 +218,14 @@ def _bars(plt, path: Path, rows, metric: str, ylabel: str, title: str) -> Path:
 
 
 # ---- the Markdown report -----------------------------------------------------------------------------
-def write_report(folder: Path, data: dict[str, Any]) -> Path:
+def write_report(folder: Path, data: dict[str, Any], task) -> Path:
     meta, rows = data["meta"], data["rows"]
-    plots = plot_all(folder, rows)
+    plots = plot_all(folder, rows, task)
+    primary = next(c.header for c in task.columns if c.key == task.primary)
     cfg = meta.get("config", {})
     memory = next((r.get("memory_method") for r in rows if r.get("memory_method")), "n/a")
     lines = [
-        f"# peftmed bench: {cfg.get('backbone')} on {cfg.get('dataset')}",
+        f"# peftmed bench: {cfg.get('backbone')} on {cfg.get('dataset')} ({task.name})",
         "",
         f"- suite `{meta.get('suite')}`, {len({r['label'] for r in rows})} recipes; budget "
         f"{cfg.get('steps') or '-'} steps / {cfg.get('time_budget') or '-'} s at batch {cfg.get('batch_size')}; "
@@ -216,16 +234,16 @@ def write_report(folder: Path, data: dict[str, Any]) -> Path:
         f"- versions: peftmed {meta.get('peftmed')}, torch {meta.get('torch')}, transformers "
         f"{meta.get('transformers')}, peft {meta.get('peft')}; git {meta.get('git_sha')}",
         f"- peak memory: {memory}",
-        f"- throughput: median of timed training steps after warm-up; time: wall time to the end of the budget",
-        f"- peft step x / mem x: peftmed / peft median step time and peak memory on the same model, seed and "
-        f"budget (below 1: peftmed faster / smaller); peft overall: peft's ACC",
+        "- throughput: median of timed training steps after warm-up; time: wall time to the end of the budget",
+        "- peft step x / mem x: peftmed / peft median step time and peak memory on the same model, seed and "
+        "budget (below 1: peftmed faster / smaller); peft overall: peft's ACC",
         f"- elapsed: {meta.get('elapsed_s', math.nan):.0f} s",
         "",
-        markdown_table(rows),
+        markdown_table(rows, task),
         "",
-        winner_text(rows),
+        winner_text(rows, task),
         "",
-        f"![accuracy vs trainable parameters](plots/{plots['accuracy'].name})",
+        f"![{primary} vs trainable parameters](plots/{plots['accuracy'].name})",
         "",
         f"![throughput](plots/{plots['throughput'].name})",
         "",
@@ -238,9 +256,10 @@ def write_report(folder: Path, data: dict[str, Any]) -> Path:
 
 
 # ---- compare -----------------------------------------------------------------------------------------
-def compare_text(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str) -> str:
+def compare_text(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str, task) -> str:
     """Two results folders side by side: per recipe (peftmed rows), A's and B's key figures."""
-    figures = (("overall", "acc_overall", ".3f"), ("samples/s", "throughput", ".1f"),
+    primary = next(c for c in task.columns if c.key == task.primary)
+    figures = ((primary.header, primary.key, primary.fmt), ("samples/s", "throughput", ".1f"),
                ("peak MiB", "peak_memory_mib", ".0f"), ("time s", "train_time_s", ".1f"))
     rows_a = {r["label"]: r for r in a["rows"] if r["provider"] == "peftmed"}
     rows_b = {r["label"]: r for r in b["rows"] if r["provider"] == "peftmed"}

@@ -30,10 +30,19 @@ from .suites import slug
 FORMAT = "peftmed-bench"
 FORMAT_VERSION = 1
 
-# The figures of a row, in table order; each becomes one tidy CSV row per (recipe, provider).
+# The figures of a row, in table order; each becomes one tidy CSV row per (recipe, provider), followed by
+# the task's scores (any other number in the row).
 METRICS = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", "throughput",
-           "step_time_median_s", "train_time_s", "steps_done", "final_loss", "acc_closed", "acc_open",
-           "acc_overall", "closed_f1", "open_token_f1", "eval_time_s")
+           "step_time_median_s", "train_time_s", "steps_done", "final_loss", "eval_time_s")
+NOT_FIGURES = {"label", "recipe", "provider", "status", "error", "traceback", "row", "memory_method", "device",
+               "peft_note", "resumed", "metrics_version", "n_train", "n_test"}
+
+
+def figures(row: dict[str, Any]) -> list[str]:
+    """The numeric keys of a row: the bench's METRICS first, then the task's scores in row order."""
+    rest = [k for k, v in row.items() if k not in METRICS and k not in NOT_FIGURES
+            and isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return [k for k in METRICS if k in row] + rest
 
 
 class ResultsError(PeftmedError):
@@ -176,7 +185,7 @@ def tidy_csv(rows: list[dict[str, Any]]) -> str:
         writer.writerow([row["label"], row["provider"], "status", row["status"]])
         if row.get("error"):
             writer.writerow([row["label"], row["provider"], "error", row["error"]])
-        for metric in METRICS:
+        for metric in figures(row):
             if metric in row:
                 value = row[metric]
                 writer.writerow([row["label"], row["provider"], metric,
@@ -186,5 +195,6 @@ def tidy_csv(rows: list[dict[str, Any]]) -> str:
 
 def read_results(folder: str | os.PathLike) -> dict[str, Any]:
     data = check_compatible(Path(folder))
-    data["rows"] = [{k: (math.nan if v is None and k in METRICS else v) for k, v in r.items()} for r in data["rows"]]
+    data["rows"] = [{k: (math.nan if v is None and k not in NOT_FIGURES else v) for k, v in r.items()}
+                    for r in data["rows"]]
     return data

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from . import report, results, task
-from .suites import FROZEN, SuiteEntry, builtin_suite, check_suite
+from . import report, results
+from . import task as glue
+from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
 from .worker import Job, run_job
 
 DEFAULT_BACKBONE = "miss-tiny"
@@ -40,6 +41,7 @@ class BenchConfig:
 
     backbone: str = DEFAULT_BACKBONE
     dataset: str = DEFAULT_DATASET
+    task: str | None = None  # the dataset's task unless given (a suite names its own)
     data_dir: str | None = None
     device: str = "auto"
     suite: str | None = None  # a built-in suite name ("default" when no recipes are given)
@@ -50,8 +52,8 @@ class BenchConfig:
     eval_batch_size: int = 32
     eval_samples: int | None = 200  # score the first N test questions (None: the whole test split)
     num_beams: int = 1  # 1: greedy answers (the bench compares methods, not decoders)
-    max_new_tokens: int = 10
-    lr: float | None = None  # None: a rate per method (worker.DEFAULT_LR)
+    max_new_tokens: int | None = None  # None: the task's
+    lr: float | None = None  # None: each method's default_lr
     seed: int = 0
     peft: bool = True  # also run the huggingface/peft baseline where it has the method
     output: str | None = None  # results folder (default bench-results/<timestamp>)
@@ -82,7 +84,7 @@ class BenchConfig:
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
-        keys = ("backbone", "dataset", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
+        keys = ("backbone", "dataset", "task", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
                 "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
                 "source_steps", "source_lr", "source_batch_size")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
@@ -94,9 +96,15 @@ def default_output() -> str:
 
 def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
     """Check everything the user typed; raises before any training with what exists."""
+    from ..tasks import build_options, check_backbone, resolve_task
+
     config.validate()
     backbone = registry.backbone(config.backbone)
-    registry.get("dataset", config.dataset)
+    spec = registry.get("dataset", config.dataset)
+    task = resolve_task(registry, config.task or SUITE_TASKS.get(config.suite or ""), spec)
+    check_backbone(task, backbone)
+    config.task = task.name
+    config.backbone_options = build_options(task, backbone, config.backbone_options)
     entries = [e if isinstance(e, SuiteEntry) else SuiteEntry(e) for e in config.recipes]
     builtin = not entries
     if builtin:
@@ -107,29 +115,33 @@ def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
 
 
 def _missing_methods(entry: SuiteEntry, backbone, registry) -> list[str]:
+    from ..errors import UnknownNameError
     from ..recipe import Recipe
 
-    if entry.recipe == FROZEN:
-        return []
     try:
         recipe = Recipe.parse(entry.recipe, components=list(backbone.components))
         calls = [c for cs in recipe.resolve(backbone.components).values() for c in cs]
     except Exception:
         return []  # check_suite reports it
-    return [c.name for c in calls if c.name.lower() not in {n.lower() for n in registry.names("method")}
-            and not any(c.name.lower() in {a.lower() for a in getattr(m, "aliases", ())}
-                        for m in registry.all("method").values())]
+    missing = []
+    for call in calls:
+        try:
+            registry.method(call.name)
+        except UnknownNameError:
+            missing.append(call.name)
+    return missing
 
 
 def _peft_reason(entry: SuiteEntry, backbone, registry) -> str | None:
     from ..baselines import peft_equivalent, peft_version
     from ..recipe import Recipe
 
-    if entry.recipe == FROZEN:
+    recipe = Recipe.parse(entry.recipe, list(backbone.components))
+    if not recipe.trained(backbone.components, registry):
         return "nothing is trained"
     if peft_version() is None:
         return "huggingface/peft is not installed"
-    return peft_equivalent(Recipe.parse(entry.recipe, list(backbone.components)), backbone, registry)
+    return peft_equivalent(recipe, backbone, registry)
 
 
 def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Path, source: str | None,
@@ -139,7 +151,7 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
         train_opts.update(config.transfer[1])
         test_opts.update(config.transfer[1])
     return Job(label=entry.name, recipe=entry.recipe, provider=provider, backbone=config.backbone,
-               dataset=config.dataset, data_dir=config.data_dir, backbone_options=dict(config.backbone_options),
+               dataset=config.dataset, task=config.task, data_dir=config.data_dir, backbone_options=dict(config.backbone_options),
                train_options=train_opts, test_options=test_opts, steps=config.steps,
                time_budget=config.time_budget, batch_size=config.batch_size,
                eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
@@ -187,10 +199,11 @@ class _Pool:
 
 def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the suite; returns the results document (also written to ``config.output``)."""
-    registry = registry or task.registry_with(config.plugins)
+    registry = registry or glue.registry_with(config.plugins)
     echo = echo or report.echo
     entries = plan(config, registry)
     backbone = registry.backbone(config.backbone)
+    task = registry.get("task", config.task)
     if config.device == "auto":
         import torch
 
@@ -207,10 +220,10 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     start = time.perf_counter()
     try:
         shared = _shared_options(config, backbone, registry)
-        source = _source_model(config, folder, pool, echo, shared) if config.transfer else None
+        source = _source_model(config, folder, pool, echo, shared, registry) if config.transfer else None
         echo(f"peftmed bench: {len(entries)} recipes on {config.backbone} / {config.dataset}, device "
              f"{config.device}, budget {report.budget_text(config)}, seed {config.seed}; results -> {folder}")
-        echo(report.table_header())
+        echo(report.table_header(task))
         for entry in entries:
             providers = ["peftmed"]
             reason = _peft_reason(entry, backbone, registry) if config.peft else "disabled (--no-peft)"
@@ -230,7 +243,7 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
             if len(done) == 1:
                 done[0]["peft_note"] = reason
             rows.extend(done)
-            echo(report.table_line(done))
+            echo(report.table_line(done, task))
             meta["elapsed_s"] = time.perf_counter() - start
             results.write_results(folder, meta, rows)
     finally:
@@ -239,8 +252,8 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results.write_results(folder, meta, rows)
     data = results.read_results(folder)
-    report.write_report(folder, data)
-    echo(f"\n{report.winner_text(data['rows'])}")
+    report.write_report(folder, data, task)
+    echo(f"\n{report.winner_text(data['rows'], task)}")
     echo(f"wrote {folder / 'results.json'}, results.csv, report.md and plots/ in {meta['elapsed_s']:.0f} s")
     return data
 
@@ -273,24 +286,26 @@ def _prepare_folder(folder: Path, config: BenchConfig) -> None:
 
 
 def _shared_options(config: BenchConfig, backbone, registry) -> dict:
-    """Builder options shared by every job of the suite (see task.shared_build_options)."""
+    """Builder options shared by every job of the suite (see glue.shared_build_options); every image of the
+    suite's data is decoded once here, so a bad file fails the suite before any job starts, named."""
     from ..data import load_records
-
     from ..data.images import verify_images
 
-    train_split, test_split = task.dataset_splits(registry, config.dataset)
-    options = {**config.dataset_options, **(config.transfer[0] if config.transfer else {})}
-    records = load_records(config.dataset, train_split, data_dir=config.data_dir, registry=registry, **options)
-    # every image is decoded once before any job starts: a bad file fails the suite here, named
+    task = registry.get("task", config.task)
+    train_split, test_split = glue.dataset_splits(registry, config.dataset)
+    source = {**config.dataset_options, **(config.transfer[0] if config.transfer else {})}
     target = {**config.dataset_options, **(config.transfer[1] if config.transfer else {})}
-    verify_images(records + load_records(config.dataset, train_split, data_dir=config.data_dir, registry=registry,
-                                         **target)
-                  + load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **target),
+
+    def load(split, options):
+        return load_records(config.dataset, split, data_dir=config.data_dir, registry=registry, **options)
+
+    records = load(train_split, source)
+    verify_images(records + load(train_split, target) + load(test_split, target),
                   where=f"{config.dataset} (bench data)")
-    return task.shared_build_options(backbone, dict(config.backbone_options), records)
+    return glue.shared_build_options(task, backbone, dict(config.backbone_options), records)
 
 
-def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: dict) -> str:
+def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: dict, registry) -> str:
     """Transfer protocol: train the backbone fully on the source domain once; every recipe starts there."""
     path = folder / "source" / "model.safetensors"
     job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None, shared)
@@ -308,7 +323,10 @@ def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: 
     row = pool.run(job)
     if row["status"] != "ok":
         raise ConfigError(f"transfer: training the source model failed: {row['error']}")
-    acc = row.get("acc_overall", math.nan)
-    echo(f"transfer: source model ACC {acc:.3f} on the source domain; adapting to {config.transfer[1]}")
-    results.write_atomic(marker, results.dumps({"fingerprint": fingerprint(job), "acc_overall": acc}))
+    task = registry.get("task", config.task)
+    primary = next(c for c in task.columns if c.key == task.primary)
+    value = row.get(task.primary, math.nan)
+    echo(f"transfer: source model {primary.header} {value:.3f} on the source domain; adapting to "
+         f"{config.transfer[1]}")
+    results.write_atomic(marker, results.dumps({"fingerprint": fingerprint(job), task.primary: value}))
     return str(path)

@@ -15,7 +15,6 @@ Suite file (YAML shown; TOML and JSON hold the same keys)::
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from ..errors import ConfigError, RecipeError, UnknownNameError
 from ..recipe import Recipe
 
-FROZEN = "frozen"  # the recipe that trains nothing: evaluated as is (the papers' F|F|F)
+FROZEN = "*=frozen"  # the recipe that trains nothing: evaluated as is (the papers' F|F|F)
 
 
 @dataclass(frozen=True)
@@ -97,9 +96,8 @@ BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
     ),
 }
 
-# Suites of another task than Med-VQA: the task's runner (peftmed.<task>.bench) runs them, on the task's
-# default dataset unless --dataset is given.
-SUITE_TASKS = {"irg": "report"}
+# The task each built-in suite compares methods on (its default dataset is the task's, unless --dataset).
+SUITE_TASKS = {"default": "vqa", "mile": "vqa", "layernorm": "vqa", "irg": "report"}
 
 
 def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:
@@ -110,28 +108,10 @@ def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:
 
 def read_suite_file(path: str | Path) -> tuple[SuiteEntry, ...]:
     """Read a suite from YAML (.yaml/.yml), TOML (.toml) or JSON (.json)."""
+    from ..options import read_structured_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"suite file {str(path)!r} does not exist")
-    text = path.read_text()
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"suite file {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
-    except ConfigError:
-        raise
-    except Exception as exc:  # the parsers raise their own error types
-        raise ConfigError(f"suite file {str(path)!r} does not parse: {exc}") from exc
+    data = read_structured_file(path, "suite file")
     if isinstance(data, dict):
         data = data.get("recipes")
     if not isinstance(data, list) or not data:
@@ -166,12 +146,9 @@ def check_suite(entries, backbone, registry) -> list[SuiteEntry]:
         if entry.name in seen:
             raise ConfigError(f"two recipes in the suite share the label {entry.name!r}; give them distinct labels")
         seen[entry.name] = entry.recipe
-        if entry.recipe.strip() == FROZEN:
-            out.append(entry)
-            continue
         try:
             recipe = Recipe.parse(entry.recipe, components=list(backbone.components))
-            for calls in recipe.resolve(backbone.components).values():
+            for calls in recipe.trained(backbone.components, registry).values():
                 for call in calls:
                     registry.method(call.name).make_config(call.options)
         except (RecipeError, UnknownNameError, ConfigError) as exc:

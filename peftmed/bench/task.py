@@ -1,15 +1,16 @@
-"""Where the bench meets the rest of peftmed: data, models, batches, evaluation.
+"""Where the bench meets the rest of peftmed: the registry, data, models, evaluation.
 
-Everything the bench needs from the data, backbone and metrics packages goes through the functions
-here, so the worker reads as the measurement it is and an API change is absorbed in one place.
+Everything task-specific comes from the job's registered task (``peftmed.tasks.Task``): its dataset,
+batches, tokenizer texts, model wrapper, generation length, metric and score columns. Nothing here
+names a task.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
-import itertools
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -58,29 +59,7 @@ def _builder_params(backbone) -> set[str]:
         return set()
 
 
-def _report(records) -> bool:
-    """Whether the records are report-generation records (``peftmed.report``), not questions."""
-    return bool(records) and getattr(records[0], "task", "vqa") == "report"
-
-
-def _texts(records) -> list[str]:
-    if _report(records):
-        from ..report.commands import training_texts
-
-        return training_texts(records)
-    return [t for r in records for t in (r.question, r.answer)]
-
-
-def task_model(model, records):
-    """The model that serves the records' task: report records get the (adapted) model in a ReportModel."""
-    if _report(records):
-        from ..report import ReportModel
-
-        return ReportModel(model)
-    return model
-
-
-def shared_build_options(backbone, options: dict, train_records) -> dict:
+def shared_build_options(task, backbone, options: dict, train_records) -> dict:
     """Builder options computed once per suite and given to every job.
 
     A backbone that trains its tokenizer on the dataset text (``texts=``) gets one tokenizer, trained
@@ -91,16 +70,16 @@ def shared_build_options(backbone, options: dict, train_records) -> dict:
     if not {"texts", "tokenizer"} <= params or {"tokenizer", "vocab_file"} & set(options):
         return {}
     meta = {"device": "meta"} if "device" in params else {}  # only the tokenizer is wanted
-    model = backbone.build(**{**options, **meta, "texts": _texts(train_records)})
+    model = backbone.build(**{**options, **meta, "texts": task.texts(train_records)})
     tokenizer = getattr(model, "tokenizer", None)
     return {"tokenizer": tokenizer} if tokenizer is not None else {}
 
 
-def build_model(job, backbone, train_records) -> torch.nn.Module:
-    """A fresh model; a backbone whose builder takes ``texts`` gets the training text (tokenizer)."""
+def build_model(job, task, backbone, train_records) -> torch.nn.Module:
+    """A fresh model; a backbone whose builder takes ``texts`` gets the task's training text (tokenizer)."""
     options = {**job.backbone_options, **job.shared_options}
     if "texts" in _builder_params(backbone) and "texts" not in options and "tokenizer" not in options:
-        options["texts"] = _texts(train_records)
+        options["texts"] = task.texts(train_records)
     return backbone.build(**options)
 
 
@@ -126,63 +105,28 @@ def load_source(model: torch.nn.Module, path) -> None:
                            f"unexpected {sorted(unexpected)[:5]}")
 
 
-def _image_size(model) -> int:
+def image_size(model) -> int:
     size = getattr(model, "image_size", None)
     if not isinstance(size, int):
-        raise ConfigError(f"the model ({type(model).__name__}) has no integer image_size; bench needs a VQA model")
+        raise ConfigError(f"the model ({type(model).__name__}) has no integer image_size; bench needs a model that "
+                          f"reads images")
     return size
 
 
-def _dataset(records, model, job):
-    from ..data import VQADataset
+def evaluate(task, model, records, job, registry) -> dict[str, Any]:
+    """Predictions for the test records and the task's scores (floats; NaN where the metric gives none)."""
+    from ..tasks import evaluate as run
 
-    if _report(records):
-        from ..report import ReportDataset
-
-        return ReportDataset(records, image_size=_image_size(model), cache_dir=job.cache_dir)
-    return VQADataset(records, image_size=_image_size(model), cache_dir=job.cache_dir)
-
-
-def train_batches(records, model, job) -> Iterator[dict]:
-    """Endless seeded shuffled batches (each epoch reshuffled), the same order for every recipe."""
-    from torch.utils.data import DataLoader
-
-    from ..data import collate
-
-    dataset = _dataset(records, model, job)
-    if _report(records):
-        from ..report import report_collate as collate
-    generator = torch.Generator().manual_seed(job.seed)
-    loader = DataLoader(dataset, batch_size=job.batch_size, shuffle=True, collate_fn=collate,
-                        generator=generator, drop_last=len(dataset) >= job.batch_size)
-    return itertools.chain.from_iterable(itertools.repeat(loader))
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def evaluate(model, records, job, device) -> dict[str, Any]:
-    """Generate an answer per test question (``peftmed.train.evaluate``); scores matched by qid."""
-    from ..train.evaluate import evaluate as run_eval
-
-    if _report(records):
-        from ..report.bench import evaluate_reports_job
-
-        return evaluate_reports_job(model, records, job, _dataset(records, model, job))
-    result = run_eval(model, records, batch_size=job.eval_batch_size, num_beams=job.num_beams,
-                      max_new_tokens=job.max_new_tokens, progress=job.progress, dataset=_dataset(records, model, job))
+    dataset = task.dataset(records, image_size(model), cache_dir=job.cache_dir)
+    result = run(task, model, records, registry=registry, batch_size=job.eval_batch_size, num_beams=job.num_beams,
+                 max_new_tokens=job.max_new_tokens or task.max_new_tokens, progress=job.progress, dataset=dataset)
     scores = result.scores
-    out = {k: (float("nan") if scores.get(k) is None else float(scores[k]))
-           for k in ("acc_closed", "acc_open", "acc_overall", "closed_f1", "open_token_f1")}
+    out: dict[str, Any] = {c.key: (math.nan if scores.get(c.key) is None else float(scores[c.key]))
+                           for c in task.columns}
+    if "metrics_version" in scores:
+        out["metrics_version"] = scores["metrics_version"]
     out["predictions"] = dict(result.predictions)
     return out
-
-
-def progress(total, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def is_oom(exc: BaseException) -> bool:

@@ -97,6 +97,8 @@ class DatasetSpec:
       splits: the split names ``load`` accepts; the first is the training split.
       needs_data_dir: True when files must be supplied (``--data-dir``); False for generated data.
       options: option name -> one-line help, for listings and error messages.
+      transfer: (source options, target options) of the bench's default transfer protocol on this dataset
+        (train fully on the source, adapt each recipe to the target), or None.
     """
 
     name: str
@@ -106,6 +108,7 @@ class DatasetSpec:
     splits: tuple[str, ...] = ("train", "test")
     needs_data_dir: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
+    transfer: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:

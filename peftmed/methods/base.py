@@ -42,6 +42,8 @@ class MethodConfig:
     ``validate`` (called at construction)."""
 
     roles: tuple[str, ...] | None = None  # roles to touch; None = the method's defaults
+    lr: float | None = None  # learning rate of this method's tensors (None: the run's --lr)
+    weight_decay: float | None = None  # AdamW weight decay of its matrices (None: the run's --weight-decay)
 
     def __post_init__(self):
         if self.roles is not None:
@@ -50,6 +52,10 @@ class MethodConfig:
             self.roles = tuple(self.roles)
             if not self.roles:
                 raise ConfigError("roles=[] selects nothing; leave it out to use the method's defaults")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr must be a positive number, got lr={self.lr!r}")
+        if self.weight_decay is not None and not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay must be a non-negative number, got weight_decay={self.weight_decay!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -71,6 +77,8 @@ class Method:
     aliases: ClassVar[tuple[str, ...]] = ()
     short_label: ClassVar[str] = ""  # how the papers' rows write it, e.g. "LoRA"
     mergeable: ClassVar[bool] = False
+    trains_nothing: ClassVar[bool] = False  # the method leaves its component frozen (frozen, F): skipped
+    default_lr: ClassVar[float | None] = None  # its usual learning rate (the bench's default without --lr)
     version: ClassVar[str] = "1"
 
     # inject family

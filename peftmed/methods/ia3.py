@@ -85,6 +85,7 @@ class IA3(Method):
     default_roles = ("attn.k", "attn.v", "mlp.down")
     description = "IA3: learned scaling vectors on keys, values and feed-forward activations"
     short_label = "IA3"
+    default_lr = 3e-3
     mergeable = True
     identity_at_init = True  # scales start at one; the conformance kit checks the promise
     layer_class = IA3Linear

@@ -128,6 +128,7 @@ class Lora(Method):
     default_roles = ("attn.q", "attn.v", "attn.qkv")
     description = "LoRA: trainable low-rank update B A added to frozen linear weights"
     short_label = "LoRA"
+    default_lr = 1e-3
     mergeable = True
     identity_at_init = True  # B starts at zero; the conformance kit checks the promise
     layer_class = LoraLinear

@@ -337,14 +337,16 @@ class Prefix(_PromptMethod):
     aliases = ("prefix-tuning",)
     description = "Prefix-tuning: learned key/value prefixes per attention layer, via a foldable MLP"
     short_label = "Prefix"
+    default_lr = 3e-3
 
 
 class PTuningV2(_PromptMethod):
     name = "ptuning-v2"
     config_class = PromptConfig
-    aliases = ("ptv2", "p-tuning-v2")
+    aliases = ("ptv2", "p-tuning-v2", "p-tuning")
     description = "P-Tuning v2: learned key/value prefixes (deep prompts) per attention layer"
     short_label = "PTV2"
+    default_lr = 3e-3
 
 
 def _word_embeddings(ctx: ApplyContext, cfg: PromptConfig, hidden: int) -> torch.Tensor | None:

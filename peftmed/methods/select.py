@@ -45,6 +45,7 @@ class LayerNormTuning(SelectMethod):
     description = "LayerNorm-tuning: train only the gains and biases of normalisation layers"
     aliases = ("ln", "ln-tuning")
     short_label = "LN"
+    default_lr = 1e-3
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         matched = ctx.matched()
@@ -64,6 +65,7 @@ class FFNTuning(SelectMethod):
     default_roles = ("mlp.up", "mlp.down")
     description = "FFN-tuning: train the feed-forward layers (weights and biases)"
     short_label = "FFN"
+    default_lr = 1e-4
 
 
 @dataclass
@@ -78,6 +80,7 @@ class AttentionTuning(SelectMethod):
     description = "Attention-tuning: train the attention projections (weights and biases)"
     aliases = ("attn",)
     short_label = "Attn"
+    default_lr = 1e-4
 
     def roles_for(self, config: AttentionConfig) -> tuple[str, ...]:
         if config.roles:
@@ -91,6 +94,7 @@ class BitFit(SelectMethod):
     config_class = MethodConfig
     description = "BitFit: train only the bias terms"
     short_label = "BitFit"
+    default_lr = 1e-3
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         if ctx.config.roles:
@@ -104,6 +108,7 @@ class Full(SelectMethod):
     description = "Full fine-tuning of the component (the papers' T)"
     aliases = ("t", "all")
     short_label = "T"
+    default_lr = 1e-4
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         if ctx.config.roles:
@@ -117,6 +122,7 @@ class Frozen(SelectMethod):
     description = "Nothing trained in the component (the papers' F)"
     aliases = ("f", "none")
     short_label = "F"
+    trains_nothing = True
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         return {}

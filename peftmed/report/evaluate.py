@@ -9,34 +9,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import ConfigError
+from ..tasks import EvalResult
 
 
-@dataclass
-class ReportEvalResult:
-    predictions: dict[str, str]  # record id -> generated report
-    scores: dict[str, Any]
-    records: list
+def write_report_predictions(path: str | Path, predictions: dict[str, str], records: Sequence) -> Path:
+    """One row per record, in record order: id, reference report, generated report."""
+    from ..files import write_json_atomic
+    from ..metrics import match_predictions
 
-    def write(self, folder: str | Path, prefix: str = "") -> tuple[Path, Path]:
-        from ..train.checkpoint import write_json_atomic
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        rows = [{"id": r.id, "reference": r.report, "prediction": self.predictions[r.id]} for r in self.records]
-        preds, metrics = folder / f"{prefix}predictions.json", folder / f"{prefix}metrics.json"
-        write_json_atomic(preds, rows)
-        write_json_atomic(metrics, self.scores)
-        return preds, metrics
-
-    def summary(self) -> str:
-        return summary_text(self.scores)
+    rows = [{"id": r.id, "reference": r.report, "prediction": p} for r, p in match_predictions(predictions, records)]
+    return write_json_atomic(path, rows)
 
 
 def summary_text(s: dict[str, Any]) -> str:
@@ -50,51 +36,19 @@ def summary_text(s: dict[str, Any]) -> str:
     return text + f"  (n={s.get('n')})"
 
 
-@torch.no_grad()
 def evaluate_reports(model, records: Sequence, *, batch_size: int = 16, num_beams: int = 3,
-                     max_new_tokens: int = 100, limit: int | None = None, dataset=None,
-                     progress: bool = False) -> ReportEvalResult:
-    """Generate a report for each record (the first ``limit`` ones) and score them by id."""
-    from torch.utils.data import DataLoader, Subset
+                     max_new_tokens: int = 100, limit: int | None = None, dataset=None, progress: bool = False,
+                     registry=None) -> EvalResult:
+    """Generate a report for each record (the first ``limit`` ones) and score them by id: the report task's
+    evaluation (``peftmed.tasks.evaluate``)."""
+    from ..tasks import evaluate
+    from .plugin import REPORT
 
-    from .metrics import report_scores
-    from .records import ReportDataset, report_collate
+    return evaluate(REPORT, model, records, registry=registry, batch_size=batch_size, num_beams=num_beams,
+                    max_new_tokens=max_new_tokens, limit=limit, dataset=dataset, progress=progress)
 
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
-        raise ConfigError(f"batch_size, num_beams and max_new_tokens must be >= 1, got {batch_size}, {num_beams}, "
-                          f"{max_new_tokens}")
-    records = list(records)
-    if not records:
-        raise ConfigError("nothing to evaluate: the record list is empty")
-    if dataset is None:
-        dataset = ReportDataset(records, int(model.image_size))
-    n = len(records) if limit is None else min(limit, len(records))
-    records = records[:n]
-    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=report_collate)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    predictions: dict[str, str] = {}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc="reports", unit="report", dynamic_ncols=True)
-    try:
-        for batch in loader:
-            batch["images"] = batch["images"].to(device)
-            texts = model.generate_report(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
-            if len(texts) != len(batch["ids"]):
-                raise ConfigError(f"{type(model).__name__}.generate_report returned {len(texts)} reports for "
-                                  f"{len(batch['ids'])} images")
-            predictions.update(zip(batch["ids"], texts))
-            if bar is not None:
-                bar.update(len(texts))
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return ReportEvalResult(predictions, report_scores(predictions, records), records)
+ReportEvalResult = EvalResult  # the result every task returns (predictions, scores, records; write, summary)
 
 
 def load_predictions(path: str | Path) -> dict[str, str]:

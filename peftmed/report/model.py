@@ -12,7 +12,8 @@ and restored after. Nothing in the backbones changes, and a recipe applied to th
     texts = rm.generate_report(batch, max_new_tokens=100, num_beams=3)
 
 For MISS the report is decoded by its answer decoder from the JTM states of the image and the
-prompt. Position limits are respected: a ``max_report_tokens`` or ``max_new_tokens`` beyond what the
+prompt. The model says how long a text it takes through ``text_limits(prompt)`` (a
+``peftmed.backbones.base.TextLimits``); position limits are respected: a ``max_report_tokens`` or ``max_new_tokens`` beyond what the
 model's position embeddings hold is clipped, with a logged note saying how to build a longer model.
 ``generate`` is ``generate_report``, so code written for the VQA protocol (evaluators) works.
 """
@@ -22,28 +23,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import sys
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
+from ..backbones.base import TextLimits
 from ..errors import ConfigError, PeftmedError
 
 log = logging.getLogger("peftmed.report")
 
 DEFAULT_PROMPT = "describe the image"
 DEFAULT_MAX_REPORT_TOKENS = 100
-
-
-@dataclass
-class _Limits:
-    owner: Any  # the object holding the answer-length attribute
-    attr: str  # its name
-    specials: int  # special tokens that attribute counts besides the text ([DEC] and [SEP] for MISS)
-    room: int | None  # most report tokens the position embeddings allow (None: unknown)
-    hint: str  # how to get more room
 
 
 def task_model(model: nn.Module) -> nn.Module:
@@ -62,29 +52,17 @@ def task_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _limits(model: nn.Module, prompt: str) -> _Limits:
-    from ..backbones.miss.model import MissForVQA
-
-    # the HF adapters import transformers: look at them only if this process has loaded them already
-    blip, llava = sys.modules.get("peftmed.backbones.hf.blip"), sys.modules.get("peftmed.backbones.hf.llava")
-    if isinstance(model, MissForVQA):
-        # decoder input is [DEC] + report; generation feeds at most max_new_tokens positions
-        return _Limits(model.config, "max_answer_tokens", 2, model.config.max_position_embeddings - 1,
-                       "build it with a larger max_position_embeddings (e.g. --backbone-options "
-                       "max_position_embeddings=128)")
-    if blip is not None and isinstance(model, blip.HFBlipVQA):
-        positions = model.model.config.text_config.max_position_embeddings
-        return _Limits(model, "max_answer_tokens", 0, positions - 2, "use a text config with more positions")
-    if llava is not None and isinstance(model, llava.HFLlava):
-        positions = model.model.config.text_config.max_position_embeddings
-        prompt_len = len(model._prompt(prompt)[0])  # the template, image tokens and the prompt come first
-        return _Limits(model, "max_answer_tokens", 0, positions - prompt_len - 1,
-                       "use a language model with more positions or a shorter prompt")
+def _limits(model: nn.Module, prompt: str) -> TextLimits:
+    """What the model says about its text length (``text_limits``), else its integer ``max_answer_tokens``."""
+    text_limits = getattr(model, "text_limits", None)
+    if callable(text_limits):
+        return text_limits(prompt)
     if isinstance(getattr(model, "max_answer_tokens", None), int):
-        return _Limits(model, "max_answer_tokens", 0, None, "")
+        return TextLimits(model, "max_answer_tokens", 0, None, "")
     raise PeftmedError(
-        f"{type(model).__name__} cannot serve the report task: ReportModel needs a VQA model of peftmed "
-        f"(miss, hf-blip-vqa, hf-llava) or one with an integer max_answer_tokens, compute_loss and generate")
+        f"{type(model).__name__} cannot serve the report task: ReportModel needs a VQA model with text_limits(prompt) "
+        f"(as peftmed's miss, hf-blip-vqa and hf-llava have) or an integer max_answer_tokens, plus compute_loss and "
+        f"generate")
 
 
 def detokenize(text: str) -> str:

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +51,7 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
     "overwrite": (bool, False, "train a new run into a non-empty --output: peftmed's files of the earlier run "
                                "(adapter, checkpoints, tokenizer, metrics) are replaced, nothing else is touched"),
     "evaluate": (bool, True, "evaluate on --eval-split after training"),
-    "task": (str, None, "vqa or report (image -> report: iu-xray, mimic-cxr, phantom-report); default: the dataset's"),
+    "task": (str, None, "a registered task (vqa, report...: 'peftmed tasks'); default: the dataset's"),
 }
 DICT_OPTIONS = tuple(k for k, (t, _, _) in RUN_OPTIONS.items() if t is dict)
 
@@ -69,25 +67,12 @@ def _flag(name: str) -> str:
 
 
 def _key_value(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    return key.strip().replace("-", "_"), _scalar(value.strip())
+    from ..options import parse_key_value
 
-
-def _scalar(text: str) -> Any:
-    """'3' -> 3, '0.5' -> 0.5, 'true' -> True, 'none' -> None; anything else stays text."""
-    low = text.lower()
-    if low in {"true", "false"}:
-        return low == "true"
-    if low in {"none", "null"}:
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    try:
+        return parse_key_value(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_option(group, name: str, kind, help: str, choices=None) -> None:
@@ -152,9 +137,10 @@ def resolve_options(args: argparse.Namespace) -> dict[str, Any]:
     return opts
 
 
-def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, Any, TrainConfig]:
+def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, Any, TrainConfig, Any]:
     """Every name and option is checked here, before data is read or a model is built."""
     from ..recipe import Recipe
+    from ..tasks import build_options, check_backbone, resolve_task
 
     missing = [k for k in ("backbone", "recipe", "dataset") if not opts.get(k)]
     if missing:
@@ -170,14 +156,18 @@ def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, An
         raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], getattr(spec, "options", {}) or {})
     if getattr(spec, "needs_data_dir", False) and not opts.get("data_dir"):
         raise ConfigError(f"dataset {spec.name!r} reads files: pass --data-dir pointing at its folder")
-    recipe = Recipe.parse(opts["recipe"], components=list(backbone.components))
-    for component, calls in recipe.resolve(backbone.components).items():
+    task = resolve_task(registry, opts.get("task"), spec)
+    check_backbone(task, backbone)
+    opts["task"] = task.name
+    opts["backbone_options"] = build_options(task, backbone, opts.get("backbone_options"))
+    recipe = Recipe.parse(opts["recipe"], components=list(backbone.components)).canonical(registry)
+    for component, calls in recipe.trained(backbone.components, registry).items():
         for call in calls:
             registry.method(call.name).make_config(call.options)
-    if not recipe.resolve(backbone.components):
+    if not recipe.trained(backbone.components, registry):
         raise ConfigError(f"recipe {opts['recipe']!r} trains nothing (every component is frozen)")
     config = TrainConfig.from_dict({k: opts[k] for k in field_names(TrainConfig)})
-    return backbone, spec, recipe, config
+    return backbone, spec, recipe, config, task
 
 
 def _accepts(fn, name: str) -> bool:
@@ -285,45 +275,17 @@ def _load(spec_name: str, split: str, opts: dict[str, Any], registry):
                         **(opts.get("data_options") or {}))
 
 
-@dataclass
-class TaskFlow:
-    """What differs between the tasks a training run serves (Med-VQA here; reports in peftmed.report)."""
-
-    name: str  # "vqa" | "report"
-    noun: str  # what a record is, for the log ("questions", "reports")
-    texts: Callable  # train records -> texts a backbone may train its tokenizer on
-    wrap: Callable  # PeftModel -> the model trained and evaluated (the task's protocol)
-    dataset: Callable  # (records, image_size) -> torch Dataset
-    evaluate: Callable  # (model, records, *, batch_size, num_beams, max_new_tokens, limit, progress, dataset)
-    baseline: Callable  # (train records, test records) -> scores of the task's trivial baseline
-    baseline_name: str  # key in metrics.json
-    baseline_label: str  # printed beside the scores
-    summary: Callable  # scores -> one line
-    max_new_tokens: Callable = lambda n: n  # the configured length -> the task's generation length
-    collate_fn: Callable | None = None  # None: the Trainer's default (Med-VQA batches)
-
-
-def vqa_flow() -> TaskFlow:
-    from ..data import VQADataset
-    from .evaluate import baseline_scores, evaluate
-
-    return TaskFlow(name="vqa", noun="questions", texts=lambda rs: [r.question for r in rs] + [r.answer for r in rs],
-                    wrap=lambda pm: pm, dataset=VQADataset, evaluate=evaluate, baseline=baseline_scores,
-                    baseline_name="majority_baseline", baseline_label="majority-answer baseline: ", summary=_summary)
-
-
 def run_train(args: argparse.Namespace) -> int:
     registry = _registry()
     opts = resolve_options(args)
-    backbone, spec, recipe, config = _check_before_training(opts, registry)
-    from ..report.commands import report_flow, resolve_task
-
-    flow = report_flow() if resolve_task(opts.get("task"), spec) == "report" else vqa_flow()
-    return train_with_flow(flow, opts, registry, backbone, spec, recipe, config)
+    backbone, spec, recipe, config, task = _check_before_training(opts, registry)
+    return train_task(task, opts, registry, backbone, spec, recipe, config)
 
 
-def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, spec, recipe, config) -> int:
+def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, config) -> int:
+    """Train ``recipe`` on ``backbone`` for ``task`` (a registered Task) and evaluate; what ``peftmed train`` runs."""
     from ..model import apply
+    from ..tasks import baseline_scores, evaluate
     from . import distributed
     from .checkpoint import write_json_atomic
     from .trainer import Trainer, TrainingInterrupted
@@ -339,10 +301,10 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
     test = _load(spec.name, opts["eval_split"], opts, registry)
     verify_images(train + test, where=f"{spec.name} ({opts['train_split']} and {opts['eval_split']})")
     tokenizer_dir = out / TOKENIZER_DIR
-    model = build_model(backbone, opts, texts=flow.texts(train),
+    model = build_model(backbone, opts, texts=task.texts(train),
                         tokenizer_dir=tokenizer_dir if opts["resume"] else None)
     pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
-    task_model = flow.wrap(pm)
+    task_model = task.wrap(pm)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if opts.get("overwrite") and not opts["resume"]:
@@ -354,24 +316,23 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
         if not opts["resume"]:
             save_tokenizer(model, tokenizer_dir, backbone)
         print(pm.trainable_report(), file=sys.stderr)
-        print(f"train: {len(train)} {flow.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
+        print(f"train: {len(train)} {task.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
               file=sys.stderr)
 
     image_size = int(getattr(task_model, "image_size"))
-    test_set = flow.dataset(test, image_size)
+    test_set = task.dataset(test, image_size)
     eval_batch = config.eval_batch_size or config.batch_size
-    tokens = flow.max_new_tokens(config.max_new_tokens)
+    tokens = config.max_new_tokens or task.max_new_tokens
 
-    def eval_fn(m, limit):
-        return flow.evaluate(m, test, batch_size=eval_batch, num_beams=config.num_beams, max_new_tokens=tokens,
-                             limit=limit, dataset=test_set).scores
+    def evaluate_now(m, limit=None, progress=False):
+        return evaluate(task, m, test, registry=registry, batch_size=eval_batch, num_beams=config.num_beams,
+                        max_new_tokens=tokens, limit=limit, dataset=test_set, progress=progress)
 
     run_info = {"backbone": backbone.name, "recipe_json": recipe.to_dict(), "dataset": spec.name,
-                "data_options": opts["data_options"]}
-    task_info = {} if flow.name == "vqa" else {"task": flow.name}
-    extra = {"collate_fn": flow.collate_fn} if flow.collate_fn is not None else {}
-    trainer = Trainer(task_model, flow.dataset(train, image_size), config, output_dir=out, eval_fn=eval_fn,
-                      run_info={**run_info, **task_info}, **extra)
+                "data_options": opts["data_options"], "task": task.name}
+    trainer = Trainer(task_model, task.dataset(train, image_size), config, output_dir=out,
+                      eval_fn=lambda m, limit: evaluate_now(m, limit).scores, run_info=run_info,
+                      collate_fn=task.collate)
     try:
         result = trainer.train(resume=opts["resume"])
     except TrainingInterrupted as exc:
@@ -380,18 +341,17 @@ def train_with_flow(flow: TaskFlow, opts: dict[str, Any], registry, backbone, sp
         raise
     if not main or distributed.is_fsdp(trainer.wrapped):
         return 0
-    summary: dict[str, Any] = {**task_info, "backbone": backbone.name, "recipe": recipe.to_text(),
+    summary: dict[str, Any] = {"task": task.name, "backbone": backbone.name, "recipe": recipe.to_text(),
                                "dataset": spec.name, "eval_split": opts["eval_split"], "train": result.to_dict(),
                                "trainable": pm.trainable_report().to_dict()}
     if opts["evaluate"]:
-        final = flow.evaluate(task_model, test, batch_size=eval_batch, num_beams=config.num_beams,
-                              max_new_tokens=tokens, progress=config.progress, dataset=test_set)
-        baseline = flow.baseline(train, test)
-        summary.update({"scores": final.scores, flow.baseline_name: baseline})
+        final = evaluate_now(task_model, progress=config.progress)
+        baseline = baseline_scores(task, train, test, registry)
+        summary.update({"scores": final.scores, task.baseline_name: baseline})
         final.write(out)
         write_json_atomic(out / "metrics.json", summary)
         print(f"{spec.name}/{opts['eval_split']} after {result.step} steps: {final.summary()}")
-        print(f"{flow.baseline_label} {flow.summary(baseline)}")
+        print(f"{task.baseline_label} {task.summary(baseline)}")
     else:
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
@@ -423,18 +383,13 @@ def resume_command() -> str:
     return " ".join(shlex.quote(a) for a in [prog, *argv, "--resume"])
 
 
-def _summary(scores: dict) -> str:
-    from .evaluate import EvalResult
-
-    return EvalResult({}, scores, []).summary()
-
-
 # ---- peftmed eval ------------------------------------------------------------------------------------
 def configure_eval(p: argparse.ArgumentParser) -> None:
     p.description = (
         "Evaluate a trained adapter: rebuild its base model (as the training run did: same backbone,\n"
         "options, seed and tokenizer, read from the run's train_config.json), load the adapter, answer\n"
-        "every question of --split and print ACC closed/open/overall beside the majority baseline.")
+        "every record of --split and print the task's scores (Med-VQA: ACC closed/open/overall) beside\n"
+        "the task's baseline (Med-VQA: the majority answer).")
     p.add_argument("--adapter", required=True, help="adapter folder (a run's adapter/ or a checkpoint's adapter/)")
     p.add_argument("--dataset", help="dataset to evaluate on (default: the run's)")
     p.add_argument("--split", default="test", help="split to evaluate [default: test]")
@@ -443,8 +398,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
                    help="a dataset option (repeatable); default: the run's")
     p.add_argument("--batch-size", type=int, default=16, help="questions per batch [default: 16]")
     p.add_argument("--num-beams", type=int, default=3, help="beams of answer generation [default: 3]")
-    p.add_argument("--max-new-tokens", type=int, default=10, help="longest answer in tokens [default: 10]")
-    p.add_argument("--task", help="vqa or report (default: the run's, else the dataset's)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest generated text in tokens [default: the task's: 10 for answers, 100 for reports]")
+    p.add_argument("--task", help="a registered task (default: the run's, else the dataset's)")
     p.add_argument("--output", help="folder for predictions.json and metrics.json (default: print only)")
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
     p.add_argument("--progress", nargs="?", const=True, type=str2bool, default=True, metavar="BOOL",
@@ -461,6 +417,7 @@ def find_run(adapter: Path) -> Path | None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ..model import load_adapter, read_manifest
+    from ..tasks import baseline_scores, evaluate, resolve_task
     from .checkpoint import write_json_atomic
     from .distributed import resolve_device
 
@@ -483,29 +440,26 @@ def run_eval(args: argparse.Namespace) -> int:
     opts["data_options"] = data_options
     spec = registry.get("dataset", dataset)
     spec.check_split(args.split)
-    from ..report.commands import report_flow, resolve_task
-
-    task = resolve_task(args.task or (opts.get("task") if same_data else None), spec)
-    flow = report_flow() if task == "report" else vqa_flow()
+    task = resolve_task(registry, args.task or (opts.get("task") if same_data else None), spec)
     test = _load(spec.name, args.split, opts, registry)
     verify_images(test, where=f"{spec.name} ({args.split})")
     train_split = opts.get("train_split") or spec.splits[0]
     # the baseline needs the training records: only known when evaluating on the run's dataset
     train = _load(spec.name, train_split, opts, registry) if same_data else None
     tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
-    model = build_model(backbone, opts, texts=flow.texts(train) if train is not None else None,
+    model = build_model(backbone, opts, texts=task.texts(train) if train is not None else None,
                         tokenizer_dir=tokenizer_dir)
-    task_model = flow.wrap(load_adapter(model, adapter, backbone=backbone, registry=registry))
+    task_model = task.wrap(load_adapter(model, adapter, backbone=backbone, registry=registry))
     task_model.to(resolve_device(args.device))
-    result = flow.evaluate(task_model, test, batch_size=args.batch_size, num_beams=args.num_beams,
-                           max_new_tokens=flow.max_new_tokens(args.max_new_tokens), progress=args.progress)
+    result = evaluate(task, task_model, test, registry=registry, batch_size=args.batch_size,
+                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+                      progress=args.progress)
     print(f"{spec.name}/{args.split} with {manifest['recipe']}: {result.summary()}")
-    summary: dict[str, Any] = {**({} if flow.name == "vqa" else {"task": flow.name}), "adapter": str(adapter),
-                               "dataset": spec.name, "split": args.split, "recipe": manifest["recipe"],
-                               "scores": result.scores}
+    summary: dict[str, Any] = {"task": task.name, "adapter": str(adapter), "dataset": spec.name, "split": args.split,
+                               "recipe": manifest["recipe"], "scores": result.scores}
     if train is not None:
-        summary[flow.baseline_name] = flow.baseline(train, test)
-        print(f"{flow.baseline_label} {flow.summary(summary[flow.baseline_name])}")
+        summary[task.baseline_name] = baseline_scores(task, train, test, registry)
+        print(f"{task.baseline_label} {task.summary(summary[task.baseline_name])}")
     if args.output:
         out = Path(args.output)
         result.write(out)
@@ -518,5 +472,5 @@ def run_eval(args: argparse.Namespace) -> int:
 def register_commands(register):
     register(Command("train", "fine-tune a backbone with a recipe on a dataset (resumable; DDP under torchrun)",
                      configure_train, run_train))
-    register(Command("eval", "evaluate a trained adapter on a dataset (ACC closed/open/overall)",
+    register(Command("eval", "evaluate a trained adapter on a dataset (its task's scores, e.g. ACC closed/open/overall)",
                      configure_eval, run_eval))

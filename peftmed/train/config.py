@@ -8,7 +8,6 @@ file. ``read_config_file`` reads a file into a flat dict, refusing unknown keys 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -40,7 +39,9 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step (global batch = batch-size x grad-accum x "
                             "processes)")
     # ---- optimiser: AdamW; biases and 1-d tensors (norms, IA3 vectors) get no weight decay ----
-    lr: float = _f(1e-4, "peak learning rate")
+    lr: float = _f(1e-4, "peak learning rate (a recipe call's lr= overrides it for its component)")
+    method_lr: bool = _f(False, "give each method its usual learning rate (its default_lr: LoRA 1e-3, full 1e-4 ...) "
+                                "where the recipe sets none, instead of --lr")
     weight_decay: float = _f(0.01, "AdamW weight decay on matrices (not on biases and norm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -57,7 +58,8 @@ class TrainConfig:
     eval_samples: int | None = _f(None, "evaluate on at most N records during training (all at the end)")
     eval_batch_size: int | None = _f(None, "batch size of evaluation (default: --batch-size)")
     num_beams: int = _f(3, "beams of answer generation")
-    max_new_tokens: int = _f(10, "longest generated answer, in tokens")
+    max_new_tokens: int | None = _f(None, "longest generated text, in tokens (default: the task's: 10 for "
+                                          "answers, 100 for reports)")
     # ---- checkpoints and logging ----
     save_every: int = _f(0, "write a checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep (the newest)")
@@ -77,9 +79,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ConfigError naming the bad value and the valid range."""
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "num_beams": self.num_beams,
-                    "max_new_tokens": self.max_new_tokens, "keep_checkpoints": self.keep_checkpoints,
-                    "log_every": self.log_every}
-        for key in ("steps", "eval_samples", "eval_batch_size"):
+                    "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
+        for key in ("steps", "eval_samples", "eval_batch_size", "max_new_tokens"):
             if getattr(self, key) is not None:
                 positive[key] = getattr(self, key)
         for key, value in positive.items():
@@ -172,31 +173,12 @@ def read_config_file(path: str | Path, known: Iterable[str], mappings: Iterable[
     table/mapping is flattened (``train: {lr: 1e-4}`` -> ``lr``) so files can group options, except
     the keys in ``mappings``, whose values are mappings themselves (e.g. ``data_options``).
     """
+    from ..options import read_structured_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {exc}") from None
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        elif suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"config file {str(path)!r}: expected a .yaml, .yml, .toml or .json file")
-    except ConfigError:
-        raise
-    except Exception as exc:  # yaml, toml and json each raise their own error types
-        raise ConfigError(f"config file {str(path)!r} does not parse: {exc}") from exc
+    data = read_structured_file(path, "config file")
+    if data is None:
+        data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of option: value, got {type(data).__name__}")
     known = set(known)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime import resolve_device
 
 log = logging.getLogger("peftmed.train")
 
@@ -81,21 +82,6 @@ class Dist:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device {name!r} is not a torch device (expected auto, cpu, cuda, cuda:N)") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} asked for, but this torch sees no CUDA device; use --device cpu")
-        if device.index is None:
-            device = torch.device(f"cuda:{local_rank}")
-    return device
 
 
 def setup(device: str = "auto") -> Dist:

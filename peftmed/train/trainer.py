@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import signal
 import sys
 import threading
@@ -37,11 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..errors import ConfigError, PeftmedError
+from ..runtime import seed_everything
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -81,33 +80,31 @@ class TrainResult:
     checkpoint: Path | None
     samples_per_second: float
     train_seconds: float
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step of this process's run
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "losses": self.losses, "lrs": self.lrs,
                 "evals": self.evals, "stopped_by": self.stopped_by,
                 "checkpoint": str(self.checkpoint) if self.checkpoint else None,
-                "samples_per_second": self.samples_per_second, "train_seconds": self.train_seconds, **self.extra}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+                "samples_per_second": self.samples_per_second, "train_seconds": self.train_seconds,
+                "step_seconds": self.step_seconds, **self.extra}
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Stable name -> trainable parameter, sorted by name (the optimizer's parameter order).
 
-    For a PeftModel these are its adapter tensors (canonical names, what an adapter file holds); a
-    parameter that requires grad outside the adapter would be trained but never saved, so it is refused.
+    For a PeftModel (or a task wrapper holding one, e.g. a ReportModel) these are its adapter tensors
+    (canonical names, what an adapter file holds); a parameter that requires grad outside the adapter
+    would be trained but never saved, so it is refused.
     """
-    from ..model import PeftModel
+    from ..model import find_peft_model
 
-    if isinstance(model, PeftModel):
+    peft = find_peft_model(model)
+    if peft is not None and peft.active_adapter is not None:
         tensors: dict[str, nn.Parameter] = {}
         seen: set[int] = set()
-        for name, p in model.adapter_tensors().items():
+        for name, p in peft.adapter_tensors().items():
             if id(p) not in seen:
                 seen.add(id(p))
                 tensors[name] = p
@@ -166,18 +163,20 @@ class Trainer:
         = ``eval_samples``) on rank 0; the CLI passes ``peftmed.train.evaluate``.
       run_info: JSON-able facts stored in each checkpoint (``backbone``, ``recipe_json``, dataset...).
         A resume with another ``backbone`` or ``recipe_json`` is refused.
+      lr_of: ``lr_of(tensor name) -> learning rate`` overriding the rates a PeftModel's recipe gives (a recipe
+        call's ``lr=``, else ``config.lr``, or the method's ``default_lr`` with ``config.method_lr``).
     """
 
     def __init__(self, model: nn.Module, train_data: Sequence, config: TrainConfig, *,
                  output_dir: str | Path | None = None, collate_fn: Callable | None = None,
                  eval_fn: Callable[[nn.Module, int | None], dict] | None = None,
-                 run_info: Mapping[str, Any] | None = None):
+                 run_info: Mapping[str, Any] | None = None, lr_of: Callable[[str], float] | None = None):
         if not hasattr(model, "compute_loss"):
             raise ConfigError(f"{type(model).__name__} has no compute_loss(batch); the trainer needs one")
         if collate_fn is None:
             from ..data import collate as collate_fn
         self.model, self.data, self.config = model, train_data, config
-        self.collate_fn, self.eval_fn = collate_fn, eval_fn
+        self.collate_fn, self.eval_fn, self.lr_of = collate_fn, eval_fn, lr_of
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.run_info = dict(run_info or {})
         self.run_info.setdefault("backbone", getattr(getattr(model, "backbone", None), "name", None))
@@ -247,18 +246,36 @@ class Trainer:
         self.model.to(self.dist.device)
         self.params = trainable_parameters(self.model)
         self.wrapped = distributed.wrap(self.model, self.dist, c.strategy)
-        decay = [p for n, p in self.params.items() if p.ndim >= 2 and not n.endswith("bias")]
-        no_decay = [p for n, p in self.params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
-        groups = [{"params": decay, "weight_decay": c.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=c.lr,
-                                           betas=(c.adam_beta1, c.adam_beta2), eps=c.adam_eps)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+                                           eps=c.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(self.warmup, self.horizon, c.min_lr_ratio))
         self.autocast_dtype = self._autocast_dtype()
         self.state = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
                       "losses": [], "lrs": [], "evals": []}
+        self.step_seconds: list[float] = []
         if self.dist.is_main and self.checkpoint_root is not None:
             ckpt.remove_stale_temporaries(self.checkpoint_root)
+
+    def _param_groups(self) -> list[dict]:
+        """AdamW groups: one per (learning rate, weight decay). Matrices get the weight decay; biases and 1-d
+        tensors (norms, IA3 vectors) none. A PeftModel gives each method's tensors the rate and decay of its
+        recipe call (``lr=``, ``weight_decay=``), else the run's."""
+        from ..model import find_peft_model
+
+        c = self.config
+        options: dict[str, dict] = {}
+        peft = find_peft_model(self.model)
+        if peft is not None and peft.active_adapter is not None:
+            options = peft.optimizer_options(lr=c.lr, weight_decay=c.weight_decay, method_lr=c.method_lr)
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in self.params.items():
+            opt = options.get(name, {})
+            lr = self.lr_of(name) if self.lr_of is not None else opt.get("lr", c.lr)
+            decays = p.ndim >= 2 and not name.endswith("bias")
+            wd = opt.get("weight_decay", c.weight_decay) if decays else 0.0
+            groups.setdefault((float(lr), float(wd)), []).append(p)
+        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
     def _autocast_dtype(self) -> torch.dtype | None:
         p, dev = self.config.precision, self.dist.device
@@ -291,8 +308,11 @@ class Trainer:
         path = None
         with distributed.full_params(self.wrapped):  # a collective under FSDP: every rank enters
             if self.dist.is_main and self.checkpoint_root is not None:
+                from ..model import find_peft_model
+
                 path = ckpt.write_checkpoint(
-                    self.checkpoint_root, self.state["step"], model=self.model, trainable=self.params,
+                    self.checkpoint_root, self.state["step"], model=find_peft_model(self.model) or self.model,
+                    trainable=self.params,
                     state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
                     meta=self._meta(), keep=self.config.keep_checkpoints)
         self.dist.barrier()
@@ -416,6 +436,10 @@ class Trainer:
             total += loss.detach().double()
             if terms:
                 tokens += float(count)
+        if self.state["step"] == 0 and not any(p.grad is not None for p in self.params.values()):
+            # the reference code's trap: a method wired into a path the loss never reaches (e.g. an inert prefix)
+            raise PeftmedError("the trainable parameters received no gradient in the first step: the recipe's "
+                               "methods are not on the path from the inputs to the loss (an inert adapter)")
         if by_tokens:
             total, tokens = self.dist.sum(total), self.dist.sum(tokens)
             if float(tokens) <= 0:
@@ -493,7 +517,9 @@ class Trainer:
                         s["samples"] += self.global_batch
                         s["losses"].append(loss)
                         s["lrs"].append(lr)
-                        s["train_seconds"] += time.perf_counter() - t0
+                        elapsed = time.perf_counter() - t0
+                        s["train_seconds"] += elapsed
+                        self.step_seconds.append(elapsed)
                         window_samples += self.global_batch
                         rate = window_samples / max(1e-9, time.perf_counter() - window_start)
                         if self._steps_left(s["sample_in_epoch"]) == 0:
@@ -533,7 +559,7 @@ class Trainer:
             step=s["step"], epoch=s["epoch"] + s["sample_in_epoch"] / n,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
             checkpoint=path, samples_per_second=s["samples"] / max(1e-9, s["train_seconds"]),
-            train_seconds=s["train_seconds"])
+            train_seconds=s["train_seconds"], step_seconds=list(self.step_seconds))
 
     # ---- signals -----------------------------------------------------------------------------------
     def _signals(self):

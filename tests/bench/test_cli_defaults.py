@@ -7,7 +7,7 @@ from peftmed.cli import build_parser
 
 def config_for(*argv):
     args = build_parser().parse_args(["bench", *argv])
-    return build_config(args)[0]
+    return build_config(args)
 
 
 def test_no_arguments_pretrains_on_ct_and_adapts_to_mr():

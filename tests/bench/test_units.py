@@ -23,8 +23,8 @@ def test_builtin_suites_check_on_miss(registry, name):
 
 def test_mile_rows_mean_what_the_paper_says(registry):
     bb = registry.backbone("miss-tiny")
-    recipe = Recipe.parse("T|T|LoRA", list(bb.components))
-    assert {c: [m.name for m in ms] for c, ms in recipe.resolve(bb.components).items()} == {
+    recipe = Recipe.parse("T|T|LoRA", list(bb.components)).canonical(registry)
+    assert {c: [m.name for m in ms] for c, ms in recipe.trained(bb.components, registry).items()} == {
         "vision": ["full"], "fusion": ["full"], "decoder": ["lora"]}
 
 
@@ -86,7 +86,8 @@ def test_same_seed_same_results(registry):
               train_options={"n_images": 4}, test_options={"n_images": 4}, steps=3, batch_size=4, eval_samples=8,
               eval_batch_size=8, max_new_tokens=3, device="cpu", threads=1, progress=False)
     train, _ = task.load_data(job, registry)
-    job.shared_options = task.shared_build_options(registry.backbone("miss-tiny"), {}, train)
+    job.shared_options = task.shared_build_options(registry.get("task", "vqa"), registry.backbone("miss-tiny"), {},
+                                                   train)
     a, b = run_job(job), run_job(job)
     assert a["status"] == b["status"] == "ok"
     assert a["final_loss"] == b["final_loss"] and a["predictions"] == b["predictions"]

@@ -40,13 +40,18 @@ def test_wildcard_expands_to_unnamed_components_and_unnamed_are_frozen():
 
 
 def test_row_form_maps_cells_positionally():
-    r = Recipe.parse("T|LoRA|LoRA", components=COMPONENTS)
+    import peftmed
+
+    registry = peftmed.build_registry(load_entrypoints=False)
+    r = Recipe.parse("T|LoRA|LoRA", components=COMPONENTS).canonical(registry)
     assert "vision" in r.entries and r.entries["vision"][0].name == "full"
     assert r.entries["fusion"][0].name == "lora"
-    r2 = Recipe.parse("F|PTV2|lora(r=4)", components=COMPONENTS)
-    assert "vision" not in r2.entries and r2.entries["fusion"][0].name == "ptuning-v2"
+    r2 = Recipe.parse("F|PTV2|lora(r=4)", components=COMPONENTS).canonical(registry)
+    assert r2.entries["vision"][0].name == "frozen" and "vision" not in r2.trained(COMPONENTS, registry)
+    assert r2.entries["fusion"][0].name == "ptuning-v2"
     assert r2.entries["decoder"][0].options == {"r": 4}
     assert r.row(COMPONENTS) == "full|lora|lora"
+    assert r2.row(COMPONENTS, registry) == "F|PTV2|LoRA"
 
 
 @pytest.mark.parametrize(

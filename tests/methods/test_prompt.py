@@ -81,7 +81,7 @@ def explicit_attention(attn, x, pk, pv, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_output_equals_explicit_concatenation_reference(method, causal):
     model = toy()
-    pm = peftmed.apply(model, f"decoder=prefix(n=5)".replace("prefix", method))
+    pm = peftmed.apply(model, "decoder=prefix(n=5)".replace("prefix", method))
     randomise_(pm)
     module = prompt_modules(pm)[0]
     attn = model.decoder["blocks"][1].attn

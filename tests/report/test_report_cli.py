@@ -36,3 +36,17 @@ def test_task_and_dataset_must_agree(tmp_path, capsys):
     assert "needs a report dataset" in capsys.readouterr().err
     assert main(["train", *COMMON, "--task", "caption", "--steps", "1", "--output", str(tmp_path / "y")]) == 2
     assert "unknown task 'caption'" in capsys.readouterr().err
+
+
+def test_an_explicit_max_new_tokens_of_10_is_kept_for_reports(tmp_path):
+    """10 used to mean 'unset' and became 100 for reports; now unset is None and 10 means 10."""
+    from peftmed.backbones.miss.tokenizer import MissTokenizer
+
+    out = tmp_path / "run"
+    common = [a if a != "6" else "10" for a in COMMON]  # --max-new-tokens 10
+    assert main(["train", *common, "--task", "report", "--steps", "1", "--output", str(out)]) == 0
+    tok = MissTokenizer.load(out / "tokenizer")
+    preds = [p["prediction"] for p in json.loads((out / "predictions.json").read_text())]
+    lengths = [len(tok.tokenize(p)) for p in preds]  # re-tokenised text: a few pieces more than generated
+    assert 8 <= max(lengths) < 20  # an untrained model runs to the limit: 10 tokens, not 100
+    assert json.loads((out / "train_config.json").read_text())["max_new_tokens"] == 10

@@ -42,7 +42,7 @@ def test_limit_and_bad_input(fake_registry, records):
     with pytest.raises(peftmed.ConfigError, match="nothing to evaluate"):
         evaluate(pm, [])
     pm.base_model.generate = lambda batch, **kw: ["yes"]
-    with pytest.raises(peftmed.ConfigError, match="returned 1 answers for a batch of 4"):
+    with pytest.raises(peftmed.ConfigError, match="returned 1 predictions for a batch of 4 questions"):
         evaluate(pm, records, batch_size=4)
 
 

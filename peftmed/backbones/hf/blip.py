@@ -15,7 +15,7 @@ import os
 import torch
 
 from ...errors import ConfigError
-from ..base import Backbone
+from ..base import Backbone, TextLimits
 from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
     seeded_model,
@@ -65,6 +65,10 @@ class HFBlipVQA(VQAModule):
             if tid is None or not 0 <= tid < text.vocab_size:
                 raise ConfigError(f"hf-blip-vqa: text_config.{label}={tid} is not a token id below "
                                   f"vocab_size={text.vocab_size}")
+
+    def text_limits(self, prompt: str) -> TextLimits:
+        positions = self.model.config.text_config.max_position_embeddings
+        return TextLimits(self, "max_answer_tokens", 0, positions - 2, "use a text config with more positions")
 
     # ---- encoding ---------------------------------------------------------------------------------
     def _questions(self, questions: list[str]):
@@ -226,7 +230,7 @@ BACKBONE = Backbone(
     loader=load,
     tokenizer_loader=saved_tokenizer,
     description="transformers BlipForQuestionAnswering (vision | question encoder | answer decoder)",
-    tasks=("vqa",),
+    tasks=("vqa", "report"),
     defaults={"max_question_tokens": 35},
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )

@@ -19,7 +19,7 @@ import os
 import torch
 
 from ...errors import ConfigError
-from ..base import Backbone
+from ..base import Backbone, TextLimits
 from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
     seeded_model,
@@ -74,6 +74,12 @@ class HFLlava(VQAModule):
                 raise ConfigError(f"hf-llava: the {label} id {tid} is not a token id below vocab_size={vocab}")
         patches = (self.image_size // cfg.vision_config.patch_size) ** 2
         self.num_image_tokens = patches + (1 if cfg.vision_feature_select_strategy == "full" else 0)
+
+    def text_limits(self, prompt: str) -> TextLimits:
+        positions = self.model.config.text_config.max_position_embeddings
+        prompt_len = len(self._prompt(prompt)[0])  # the template, image tokens and the prompt come first
+        return TextLimits(self, "max_answer_tokens", 0, positions - prompt_len - 1,
+                          "use a language model with more positions or a shorter prompt")
 
     # ---- prompts --------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
@@ -239,6 +245,6 @@ BACKBONE = Backbone(
     loader=load,
     tokenizer_loader=saved_tokenizer,
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
-    tasks=("vqa",),
+    tasks=("vqa", "report"),
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, PeftmedError
+from ..base import TextLimits
 from ..images import prepare_images
 from . import generation
 from .config import MissConfig
@@ -65,6 +66,12 @@ class MissForVQA(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.visual_encoder.cls_token.device
+
+    def text_limits(self, prompt: str) -> TextLimits:
+        """Decoder input is [DEC] + text (+ [SEP] as a target); generation feeds max_new_tokens positions."""
+        return TextLimits(self.config, "max_answer_tokens", 2, self.config.max_position_embeddings - 1,
+                          "build it with a larger max_position_embeddings (e.g. --backbone-options "
+                          "max_position_embeddings=128)")
 
     # ---- encoders -----------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -73,10 +73,14 @@ MISS_ROLES = {
 MISS_COMPONENTS = {"vision": "visual_encoder", "fusion": "text_encoder", "decoder": "text_decoder"}
 
 
+# miss-tiny's 64 text positions would clip a report (phantom reports run to ~95 word pieces)
+TASK_OPTIONS = {"tiny": {"report": {"max_position_embeddings": 128}}}
+
+
 def _backbone(name: str, size: str, description: str) -> Backbone:
     return Backbone(name=name, components=MISS_COMPONENTS, roles=MISS_ROLES, builder=build_miss, loader=load_miss,
-                    tokenizer_loader=MissTokenizer.load, description=description, tasks=("vqa",),
-                    defaults={"size": size})
+                    tokenizer_loader=MissTokenizer.load, description=description, tasks=("vqa", "report"),
+                    task_options=TASK_OPTIONS.get(size, {}), defaults={"size": size})
 
 
 MISS_BACKBONES = (

@@ -1,0 +1,235 @@
+"""Tasks: what a model is trained and scored on (Med-VQA, report generation, a plugin's own).
+
+A task is registered through the ``register_tasks`` hook as a :class:`Task`: it names the records it
+reads (a dataset declares its task), turns them into a torch Dataset and batches, says which text a
+backbone may train its tokenizer on, wraps the adapted model in the task's protocol, generates and
+scores predictions through a registered metric, and describes the columns the bench shows. ``peftmed
+train``, ``eval`` and ``bench`` look the task up by name and never branch on it; the built-in ``vqa``
+(``peftmed.tasks.vqa``) and ``report`` (``peftmed.report.plugin``) tasks go through the same hook.
+
+    task = registry.get("task", "vqa")
+    result = evaluate(task, model, test_records, registry=registry, batch_size=16, num_beams=3)
+    print(result.summary()); result.write("runs/x")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, PeftmedError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class ScoreColumn:
+    """One score a task reports, as the bench's tables show it."""
+
+    key: str  # key in the metric's scores
+    header: str  # column header
+    fmt: str = ".3f"
+
+
+def _same(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _generate(model: nn.Module, batch: dict, max_new_tokens: int, num_beams: int) -> list[str]:
+    return model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
+
+
+@dataclass
+class Task:
+    """A registered task. Every callable receives records of the task's dataset kind.
+
+    Fields:
+      name: what ``--task`` and a dataset's ``task`` name.
+      description: one line for listings.
+      noun: what a record is, for messages ("questions", "reports").
+      metric: the registered metric that scores predictions (``registry.get("metric", metric)``).
+      columns: the scores the bench tables show; ``primary`` is the one plots and winners use.
+      primary: key of the main score (higher is better).
+      max_new_tokens: default generation length when none is given.
+      dataset: ``dataset(records, image_size, cache_dir=None) -> torch Dataset`` of model-ready items.
+      collate: batches the dataset's items into what ``compute_loss`` / ``generate`` take.
+      texts: ``texts(train_records) -> list[str]``: what a backbone trains its tokenizer on.
+      baseline: ``baseline(train_records, test_records) -> {record id: prediction}`` of the task's trivial
+        baseline (scored by the same metric).
+      baseline_name: key of the baseline's scores in metrics.json; ``baseline_label`` prints beside them.
+      summary: ``summary(scores) -> str``, one line.
+      write_predictions: ``write_predictions(path, predictions, records)`` (one row per record).
+      wrap: the adapted model -> the model that serves the task (e.g. a ``ReportModel``).
+      generate: ``generate(model, batch, max_new_tokens, num_beams) -> list[str]``.
+      capability: what a backbone must list in its ``tasks`` to serve it.
+      default_dataset: the dataset the bench uses when none is given.
+      bench_steps, bench_batch_size, bench_eval_samples: the bench's default budget for the task on a
+        CPU (steps x batch per recipe, test records scored).
+    """
+
+    name: str
+    description: str
+    noun: str
+    metric: str
+    columns: tuple[ScoreColumn, ...]
+    primary: str
+    max_new_tokens: int
+    dataset: Callable[..., Any]
+    collate: Callable[[Sequence[dict]], dict]
+    texts: Callable[[Sequence], list[str]]
+    baseline: Callable[[Sequence, Sequence], dict[str, str]]
+    baseline_name: str
+    baseline_label: str
+    summary: Callable[[dict], str]
+    write_predictions: Callable[..., Any]
+    wrap: Callable[[nn.Module], nn.Module] = _same
+    generate: Callable[..., list[str]] = _generate
+    default_dataset: str | None = None
+    capability: str = ""
+    bench_steps: int = 40
+    bench_batch_size: int = 8
+    bench_eval_samples: int = 200
+
+    def __post_init__(self):
+        if not self.capability:
+            self.capability = self.name
+        if self.primary not in {c.key for c in self.columns}:
+            raise PeftmedError(f"task {self.name!r}: primary score {self.primary!r} is not one of its columns")
+
+
+@dataclass
+class EvalResult:
+    """Predictions (record id -> text) and the task's scores of them."""
+
+    predictions: dict[str, str]
+    scores: dict[str, Any]
+    records: list
+    task: Task | None = field(default=None, repr=False)
+
+    def write(self, folder: str | Path, prefix: str = "") -> tuple[Path, Path]:
+        """Write ``<prefix>predictions.json`` and ``<prefix>metrics.json`` into ``folder``."""
+        from ..files import write_json_atomic
+
+        folder = Path(folder)
+        preds = folder / f"{prefix}predictions.json"
+        self.task.write_predictions(preds, self.predictions, self.records)
+        metrics = write_json_atomic(folder / f"{prefix}metrics.json", self.scores)
+        return preds, metrics
+
+    def summary(self) -> str:
+        return self.task.summary(self.scores)
+
+
+def resolve_task(registry, name: str | None, dataset_spec) -> Task:
+    """The run's task: as given, else the dataset's; a dataset of another task is refused, naming the
+    datasets that serve the task asked for."""
+    wanted = name or getattr(dataset_spec, "task", "vqa")
+    task = registry.get("task", wanted)
+    have = getattr(dataset_spec, "task", "vqa")
+    if have != task.name:
+        fits = sorted(n for n, d in registry.all("dataset").items() if getattr(d, "task", "vqa") == task.name)
+        raise ConfigError(f"--task {task.name} needs a {task.name} dataset, but {dataset_spec.name!r} is a {have} "
+                          f"dataset ({task.name} datasets: {', '.join(fits) or 'none registered'})")
+    return task
+
+
+def check_backbone(task: Task, backbone) -> None:
+    """A backbone that does not list the task's capability is refused before anything is built."""
+    tasks = tuple(getattr(backbone, "tasks", ()) or ())
+    if tasks and task.capability not in tasks:
+        raise ConfigError(f"backbone {backbone.name!r} serves {', '.join(tasks)}, not the {task.name} task "
+                          f"(it would need the {task.capability!r} capability)")
+
+
+def build_options(task: Task, backbone, options: dict | None = None) -> dict:
+    """Builder options for ``backbone`` serving ``task``: the backbone's own defaults for the task
+    (``Backbone.task_options``), then the user's."""
+    defaults = dict((getattr(backbone, "task_options", {}) or {}).get(task.name, {}))
+    return {**defaults, **dict(options or {})}
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, batch_size: int = 16,
+             num_beams: int = 3, max_new_tokens: int | None = None, image_size: int | None = None,
+             limit: int | None = None, progress: bool = False, dataset=None) -> EvalResult:
+    """Generate a prediction per record and score them with the task's metric (matched by record id).
+
+    ``limit`` evaluates the first ``limit`` records only (periodic evaluation during training);
+    ``dataset`` reuses a dataset built over ``records`` (its image cache) instead of building one.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    if registry is None:
+        from ..plugins import default_registry
+
+        registry = default_registry()
+    max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
+    for key, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    records = list(records)
+    if not records:
+        raise ConfigError("nothing to evaluate: the record list is empty")
+    if dataset is None:
+        size = image_size or getattr(model, "image_size", None)
+        if size is None:
+            raise ConfigError(f"{type(model).__name__} has no image_size; pass image_size=")
+        dataset = task.dataset(records, int(size))
+    n = len(records) if limit is None else min(limit, len(records))
+    records = records[:n]
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=batch_size, collate_fn=task.collate)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    predictions: dict[str, str] = {}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc="eval", unit=task.noun.rstrip("s") or "item", dynamic_ncols=True)
+    try:
+        for batch in loader:
+            batch["images"] = batch["images"].to(device)
+            texts = task.generate(model, batch, max_new_tokens, num_beams)
+            if len(texts) != len(batch["qids"]):
+                raise ConfigError(f"{type(model).__name__} returned {len(texts)} predictions for a batch of "
+                                  f"{len(batch['qids'])} {task.noun}")
+            predictions.update(zip(batch["qids"], texts))
+            if bar is not None:
+                bar.update(len(texts))
+    finally:
+        if bar is not None:
+            bar.close()
+        model.train(was_training)
+    return EvalResult(predictions, score(task, predictions, records, registry), records, task)
+
+
+def score(task: Task, predictions: dict, records: Sequence, registry=None) -> dict[str, Any]:
+    """The task's metric (looked up by name in the registry) over ``predictions``."""
+    if registry is None:
+        from ..plugins import default_registry
+
+        registry = default_registry()
+    try:
+        metric = registry.get("metric", task.metric)
+    except UnknownNameError as exc:
+        raise PeftmedError(f"task {task.name!r} scores with metric {task.metric!r}, which is not registered") from exc
+    return metric.compute(predictions, list(records))
+
+
+def baseline_scores(task: Task, train_records: Sequence, test_records: Sequence, registry=None) -> dict[str, Any]:
+    """Scores of the task's trivial baseline on ``test_records``."""
+    return score(task, task.baseline(train_records, test_records), test_records, registry)
+
+
+__all__ = ["EvalResult", "ScoreColumn", "Task", "baseline_scores", "build_options", "check_backbone", "evaluate",
+           "resolve_task", "score"]
