@@ -1,6 +1,7 @@
-"""Optional ahead-of-time build of the C++ (and, with a CUDA torch, CUDA) kernels in csrc/.
+"""Optional ahead-of-time build of the C++ (and, with a CUDA torch, CUDA) kernels in peftmed/kernels/csrc/.
 
-The kernels are JIT-compiled with ninja on first use, so a plain ``pip install .`` needs no compiler.
+The kernels are JIT-compiled with ninja on first use from the sources the package ships (a wheel
+carries them as package data), so a plain ``pip install .`` needs no compiler until first use.
 To build them ahead of time (against the torch installed now, which must be the one used at run time):
 
     PEFTMED_BUILD_EXT=1 pip install --no-build-isolation -e .

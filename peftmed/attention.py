@@ -8,7 +8,8 @@ it; the backbone's role map names them with the roles ``self_attention`` / ``cro
     module.head_dim: int
     module.prefix_provider: None | Callable[[], tuple[Tensor, Tensor]]
         when set, returns (prefix_k, prefix_v), each (H, P, D) shared by the whole batch (or
-        (B, H, P, D)); the module passes them to ``attend(..., prefix=...)``.
+        (B, H, P, D)); the module passes them to ``attend(..., prefix=...)``. A :class:`PrefixKV` (what
+        the prompt methods return) also carries the kernel registry of the model it belongs to.
 
 ``attend`` sends a shared (H, P, D) prefix to the ``prefix_attention`` kernel op (attend to the
 prefix and to the sequence separately, merge by log-sum-exp: the prefix is never concatenated nor
@@ -27,6 +28,16 @@ from .errors import ShapeError
 
 log = logging.getLogger("peftmed.attention")
 REFERENCE = "reference"  # attend(impl=...) name of the explicit concatenation path
+
+
+class PrefixKV(tuple):
+    """``(prefix_k, prefix_v)`` plus ``registry``, the kernel registry of the model the prefix belongs to,
+    so ``attend`` dispatches ``prefix_attention`` through it (None: the default registry)."""
+
+    def __new__(cls, prefix_k: torch.Tensor, prefix_v: torch.Tensor, registry=None):
+        obj = super().__new__(cls, (prefix_k, prefix_v))
+        obj.registry = registry
+        return obj
 
 
 def check_prefix(q: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor) -> None:
@@ -98,7 +109,7 @@ def attend(q, k, v, *, prefix=None, attn_mask=None, causal=False, dropout_p=0.0,
 
     try:
         return prefix_attention(q, k, v, pk.to(q.dtype), pv.to(q.dtype), attn_mask, causal=causal, scale=scale,
-                                dropout_p=dropout_p, impl=impl)
+                                dropout_p=dropout_p, impl=impl, registry=getattr(prefix, "registry", None))
     except KernelUnavailableError as exc:
         if impl not in (None, "auto"):
             raise

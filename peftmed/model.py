@@ -189,7 +189,8 @@ class PeftModel(nn.Module):
         self.adapters[name] = state
         try:
             for component, method, config, from_wildcard in plan:
-                ctx = ApplyContext(self.base_model, self.backbone, component, method, config, name)
+                ctx = ApplyContext(self.base_model, self.backbone, component, method, config, name,
+                                   registry=self.registry)
                 try:
                     state.applied.append(self._apply_one(ctx))
                 except NoMatchError as exc:
@@ -227,6 +228,7 @@ class PeftModel(nn.Module):
                     except RecipeError as exc:
                         raise RecipeError(f"method {method.name!r} cannot wrap {mod_name!r}: {exc}") from None
                     self.base_model.set_submodule(mod_name, layer)
+                object.__setattr__(layer, "kernel_registry", self.registry)
                 if ctx.adapter_name in layer.configs:
                     raise RecipeError(f"method {method.name!r} applied twice to {mod_name!r} in one adapter")
                 layer.add_adapter(ctx.adapter_name, ctx.config, role)
@@ -826,7 +828,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, backbone: Backbon
         model.load_adapter(path, adapter_name)
         return model
     manifest = read_manifest(Path(path))
-    bb = resolve_backbone(model, backbone or getattr(model, "peftmed_backbone", None) or manifest["backbone"], registry)
+    name = backbone or getattr(model, "peftmed_backbone", None) or manifest["backbone"]
+    if isinstance(name, str) and name not in registry.names("backbone"):
+        raise AdapterError(
+            f"adapter {str(path)!r} was saved for backbone {name!r}, which is not registered: an adapter applied "
+            f"with your own peftmed.Backbone(...) needs it again to load (peftmed.load_adapter(model, path, "
+            f"backbone=my_backbone)); registered backbones: {', '.join(registry.names('backbone'))}")
+    bb = resolve_backbone(model, name, registry)
     pm = PeftModel(model, bb, registry=registry)
     pm.load_adapter(path, adapter_name)
     return pm

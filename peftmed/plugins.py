@@ -35,7 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.methods.select",
     "peftmed.methods.prompt",
     "peftmed.backbones.custom", "peftmed.backbones.miss.plugin",
-    "peftmed.cli.core_commands",
+    "peftmed.cli.core_commands", "peftmed.cli.kernels_command",
     "peftmed.kernels.plugin",
     "peftmed.data.plugin", "peftmed.metrics.plugin", "peftmed.tasks.vqa",
     "peftmed.bench.cli",
@@ -43,7 +43,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.scaffold.commands",
     "peftmed.interop.commands",
     "peftmed.train.commands",
-    "peftmed.kernels.prefix_attention.plugin",
     "peftmed.report.plugin",
 )
 

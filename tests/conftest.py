@@ -1,9 +1,13 @@
 """Test-wide settings. TRITON_INTERPRET must be set before anything imports triton (peft,
-transformers model modules and torch.compile do), so it is set here, before any test module loads."""
+transformers model modules and torch.compile do), so it is set here, before any test module loads,
+and only without a GPU: on a GPU the Triton tests run the compiled kernels."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,6 +30,17 @@ def registry():
     plugins.set_default_registry(reg)
     yield reg
     plugins.set_default_registry(old)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: tiny models on a shared 2-core machine only pay for thread hand-offs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -29,28 +29,7 @@ from typing import Any, Union
 from torch import nn
 
 from ..errors import PeftmedError, UnknownNameError
-
-COMPONENTS = ("vision", "fusion", "decoder", "projector", "llm")
-
-# The roles methods may ask for, with what they mean.
-ROLES: dict[str, str] = {
-    "attn.q": "self-attention query projection",
-    "attn.k": "self-attention key projection",
-    "attn.v": "self-attention value projection",
-    "attn.qkv": "fused self-attention query/key/value projection",
-    "attn.o": "self-attention output projection",
-    "cross.q": "cross-attention query projection",
-    "cross.k": "cross-attention key projection",
-    "cross.v": "cross-attention value projection",
-    "cross.o": "cross-attention output projection",
-    "mlp.up": "feed-forward input projection(s) (incl. gate)",
-    "mlp.down": "feed-forward output projection",
-    "norm": "normalisation layers (LayerNorm, RMSNorm)",
-    "embed": "token / patch / position embeddings",
-    "head": "output heads (LM head, classifier)",
-    "self_attention": "self-attention blocks that can take key/value prefixes",
-    "cross_attention": "cross-attention blocks that can take key/value prefixes",
-}
+from ..roles import COMPONENTS, ROLES  # noqa: F401  (re-exported)
 
 Pattern = Union[str, Callable[[str, nn.Module], bool]]
 
@@ -101,6 +80,10 @@ class Backbone:
       component_roles: component -> {role -> pattern(s)}, overriding ``roles`` for that component.
       builder: ``builder(**options) -> nn.Module`` building a fresh model (random init).
       loader: ``loader(path, **options) -> nn.Module`` loading a real checkpoint folder.
+      prefix_wrapper: ``prefix_wrapper(attention_module) -> module | None``: for an attention module that does
+        not follow the prefix protocol of ``peftmed.attention`` (``num_heads``, ``head_dim``,
+        ``prefix_provider``), a prefix-capable stand-in to put in its place (with ``prefix_users`` and
+        ``restore()``), or None when the backbone cannot wrap it. The prompt-family methods call it.
       tokenizer_loader: ``tokenizer_loader(folder) -> tokenizer`` reading a tokenizer the model saved
         (a run folder's ``tokenizer/``); the builder takes it back as ``tokenizer=``. Files on disk never
         name the class to load: this registered function is the only reader.
@@ -117,6 +100,7 @@ class Backbone:
     component_roles: Mapping[str, Mapping[str, Pattern | Iterable[Pattern]]] = field(default_factory=dict)
     builder: Callable[..., nn.Module] | None = None
     loader: Callable[..., nn.Module] | None = None
+    prefix_wrapper: Callable[[nn.Module], nn.Module | None] | None = None
     tokenizer_loader: Callable[[Any], Any] | None = None
     description: str = ""
     tasks: tuple[str, ...] = ()
@@ -145,6 +129,10 @@ class Backbone:
         if self.loader is None:
             raise PeftmedError(f"backbone {self.name!r} cannot load checkpoints (it has no loader)")
         return self._tag(self.loader(path, **{**self.defaults, **options}))
+
+    def wrap_for_prefix(self, module: nn.Module) -> nn.Module | None:
+        """A prefix-capable stand-in for ``module`` (see ``prefix_wrapper``), or None."""
+        return self.prefix_wrapper(module) if self.prefix_wrapper is not None else None
 
     def load_tokenizer(self, folder) -> Any:
         """The tokenizer saved in ``folder`` by a model of this backbone (see ``tokenizer_loader``)."""

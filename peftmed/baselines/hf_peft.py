@@ -132,6 +132,20 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     return model
 
 
+def parameter_methods(recipe: Recipe, backbone, registry):
+    """``method_of(parameter name of the peft-wrapped model) -> peftmed Method`` it stands for: the fully
+    trained components (peft's ``modules_to_save``) -> the full-tuning method, the rest -> the tuned one."""
+    resolved = recipe.trained(backbone.components, registry)
+    methods = [registry.method(c.name) for calls in resolved.values() for c in calls]
+    full = next((m for m in methods if _canonical(registry, m.name) == "full"), None)
+    tuned = next((m for m in methods if _canonical(registry, m.name) != "full"), full)
+
+    def method_of(name: str):
+        return full if full is not None and "modules_to_save." in name else tuned
+
+    return method_of
+
+
 def _is_peft_trainable(name: str, method: str) -> bool:
     if "modules_to_save." in name:
         return True

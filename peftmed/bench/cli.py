@@ -98,10 +98,12 @@ def build_config(args, registry=None):
     recipes = list(args.recipes or [])
     if args.suite_file:
         recipes = list(read_suite_file(args.suite_file))
+    from .runner import DEFAULT_DATASET
+
     task_name = args.task or SUITE_TASKS.get(args.suite or "")
-    dataset = args.dataset or registry.get("task", task_name or "vqa").default_dataset
+    dataset = args.dataset or (registry.get("task", task_name).default_dataset if task_name else DEFAULT_DATASET)
     spec = registry.get("dataset", dataset)
-    task = registry.get("task", task_name or getattr(spec, "task", "vqa"))
+    task = registry.get("task", task_name or spec.task)
     transfer = tuple(parse_options([t], "--transfer") for t in args.transfer) if args.transfer else None
     if transfer is None and not args.no_transfer and spec.transfer is not None and task.name == spec.task:
         transfer = tuple(dict(t) for t in spec.transfer)  # the dataset's default protocol (docs/bench.md)
@@ -140,7 +142,8 @@ def run(args) -> int:
         from ..plugins import default_registry
 
         a, b = (read_results(path) for path in args.compare)
-        task = default_registry().get("task", a["meta"].get("config", {}).get("task") or "vqa")
+        registry, cfg = default_registry(), a["meta"].get("config", {})
+        task = registry.get("task", cfg.get("task") or registry.get("dataset", cfg.get("dataset")).task)
         print(report.compare_text(a, b, *args.compare, task))
         return 0
     if args.resume and not args.output:

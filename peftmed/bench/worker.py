@@ -38,7 +38,7 @@ class Job:
     provider: str  # "peftmed" | "peft"
     backbone: str
     dataset: str
-    task: str = "vqa"
+    task: str | None = None  # None: the dataset's
     data_dir: str | None = None
     backbone_options: dict = field(default_factory=dict)
     shared_options: dict = field(default_factory=dict)  # built once per suite (a tokenizer); not in results
@@ -87,7 +87,7 @@ def _run(job: Job, registry) -> dict[str, Any]:
     if job.threads:
         torch.set_num_threads(job.threads)
     backbone = registry.backbone(job.backbone)
-    task = registry.get("task", job.task)
+    task = registry.get("task", job.task or registry.get("dataset", job.dataset).task)
     train_records, test_records = glue.load_data(job, registry)
     if job.eval_samples:
         test_records = test_records[: job.eval_samples]
@@ -138,26 +138,17 @@ def _apply(job: Job, model, backbone, registry, total: int):
         rates = {k: (job.lr or o["lr"]) for k, o in options.items()}
         return pm, rates.__getitem__, {"trainable": report.trainable, "trainable_percent": report.percent,
                                        "total_params": report.total_base, "row": row}
-    from ..baselines import apply_peft
+    from ..baselines import apply_peft, parameter_methods
 
     wrapped = apply_peft(model, recipe, backbone, registry)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    method = registry.method(_main_method(recipe, backbone, registry))
-    full_lr = job.lr or registry.method("full").default_lr or FALLBACK_LR
-    method_lr = job.lr or method.default_lr or FALLBACK_LR
+    method_of = parameter_methods(recipe, backbone, registry)
 
-    def lr_of(name: str) -> float:  # components trained fully (T) get the full-training rate, as in peftmed
-        return full_lr if "modules_to_save." in name and method.name != "full" else method_lr
+    def lr_of(name: str) -> float:  # each peft tensor at the rate of the peftmed method it stands for
+        return job.lr or method_of(name).default_lr or FALLBACK_LR
 
     return wrapped, lr_of, {"trainable": trainable, "trainable_percent": 100.0 * trainable / total,
                             "total_params": total, "row": row}
-
-
-def _main_method(recipe, backbone, registry) -> str:
-    names = [registry.method(c.name).name for calls in recipe.trained(backbone.components, registry).values()
-             for c in calls]
-    rest = [n for n in names if n != registry.method("full").name]
-    return rest[0] if rest else names[0]
 
 
 def _train(job: Job, task, model, lr_of, records) -> dict[str, Any]:

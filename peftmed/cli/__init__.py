@@ -23,6 +23,15 @@ class Command:
     description: str = ""
 
 
+def table(rows: list[list], header: list[str]) -> str:
+    """A plain-text table with left-aligned columns (what the listing commands print)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*map(str, r)) for r in rows]
+    return "\n".join(lines)
+
+
 def str2bool(text: str) -> bool:
     """Parse a boolean flag value; '--flag False' means False (the reference code got this wrong)."""
     low = str(text).strip().lower()

@@ -25,19 +25,26 @@ from pathlib import Path
 
 log = logging.getLogger("peftmed.kernels.build")
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"  # repository layout: <root>/peftmed/kernels/build.py
-INCLUDE = Path(__file__).resolve().parent / "include"  # headers shared by the ops' sources
+# the C++/CUDA sources ship inside the package (package data), so an installed wheel builds them too
+CSRC = Path(__file__).resolve().parent / "csrc"
+INCLUDE = CSRC  # peftmed_cuda.cuh, the header the .cu files share
 # -fopenmp, not just -fopenmp-simd: without it ATen's at::parallel_for (a header template) compiles to a
 # serial loop. The extension then uses the libgomp torch has already loaded (same soname).
 CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
-# what each extension is built from (relative to csrc/); the AOT build uses the same table
+# The one table of compiled extensions: what each is built from (relative to csrc/). The JIT build, the
+# AOT build (setup.py, PEFTMED_BUILD_EXT=1) and `peftmed kernels --build` all read it.
 EXTENSIONS: dict[str, dict] = {
-    "lora_linear_cpu": {"sources": ["lora_linear/lora_linear.cpp"], "cuda": False},
-    "layer_norm_cpu": {"sources": ["layer_norm/layer_norm.cpp"], "cuda": False},
-    "lora_linear_cuda": {"sources": ["lora_linear/lora_linear_cuda.cpp", "lora_linear/lora_linear.cu"], "cuda": True},
-    "layer_norm_cuda": {"sources": ["layer_norm/layer_norm_cuda.cpp", "layer_norm/layer_norm.cu"], "cuda": True},
+    "lora_linear_cpu": {"op": "lora_linear", "sources": ["lora_linear/lora_linear.cpp"], "cuda": False},
+    "layer_norm_cpu": {"op": "layer_norm", "sources": ["layer_norm/layer_norm.cpp"], "cuda": False},
+    "lora_linear_cuda": {"op": "lora_linear", "sources": ["lora_linear/lora_linear_cuda.cpp",
+                                                          "lora_linear/lora_linear.cu"], "cuda": True},
+    "layer_norm_cuda": {"op": "layer_norm", "sources": ["layer_norm/layer_norm_cuda.cpp", "layer_norm/layer_norm.cu"],
+                        "cuda": True},
+    "prefix_attention_cuda": {"op": "prefix_attention", "sources": ["prefix_attention/prefix_attention_cuda.cpp",
+                                                                    "prefix_attention/prefix_attention.cu"],
+                              "cuda": True},
 }
 AOT_PACKAGE = "peftmed.kernels._ext"  # setup.py builds peftmed/kernels/_ext/<name>.so
 
@@ -164,7 +171,8 @@ def _jit_build(name: str):
     try:
         module = cpp_ext.load(
             name=f"peftmed_{name}", sources=sources, build_directory=str(build_dir),
-            extra_cflags=CXX_FLAGS, extra_ldflags=[] if spec["cuda"] else ["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
+            extra_cflags=CXX_FLAGS, extra_ldflags=[] if spec["cuda"] else ["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS,
+            extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
         )
     except Exception as exc:  # ninja/compiler failure: keep the whole output, surface the first error
         output = str(exc)
@@ -180,8 +188,8 @@ def setup_extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    root = Path("csrc")  # setup.py runs from the repository root; setuptools wants relative paths
-    include = [str(Path("peftmed") / "kernels" / "include")]
+    root = Path("peftmed") / "kernels" / "csrc"  # setup.py runs from the repository root; setuptools wants
+    include = [str(root)]                          # relative paths
     ext_modules = []
     for name, spec in EXTENSIONS.items():
         sources = [str(root / s) for s in spec["sources"]]

@@ -1,7 +1,8 @@
 """Kernel implementations (:class:`KernelImpl`) and the dispatch that picks one per call.
 
 Every op (``lora_linear``, ``layer_norm``, ...) has several implementations registered through the
-``register_kernels`` hook; the built-in ones are in :mod:`peftmed.kernels.plugin`. A call asks for
+``register_kernels`` hook; the built-in ones are in :mod:`peftmed.kernels.plugin`. Dispatch uses the
+registry a model was applied with (it travels with the adapter layers), else the default one. A call asks for
 ``impl="auto" | "<name>"``:
 
 - ``auto`` (or ``None``) tries the implementations that fit the device, dtype and size in priority
@@ -137,11 +138,15 @@ def clear_cache() -> None:
 
 
 def resolve(op: str, impl: str | None, device: torch.device | str, dtype: torch.dtype,
-            size: int | None = None) -> tuple[KernelImpl, Mapping[str, Callable]]:
-    """Pick the implementation of ``op`` for this call; returns it and its loaded callables."""
+            size: int | None = None, registry=None) -> tuple[KernelImpl, Mapping[str, Callable]]:
+    """Pick the implementation of ``op`` for this call; returns it and its loaded callables.
+
+    ``registry`` is the one the model was built with (``peftmed.apply(..., registry=reg)`` hands it to
+    every adapter layer); None means the process-wide default registry.
+    """
     wanted = requested_impl(op, impl)
     device_type = device.type if isinstance(device, torch.device) else str(device)
-    registry = _registry()
+    registry = registry or _registry()
     key = (id(registry), op, wanted, device_type, dtype, size)
     hit = _cache.get(key)
     if hit is not None:

@@ -148,6 +148,7 @@ class ApplyContext:
     method: Method
     config: MethodConfig
     adapter_name: str
+    registry: Any = None  # the registry the model is applied with (kernels dispatch through it)
     _cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -176,7 +177,7 @@ class ApplyContext:
         """name -> (module, role) over this method's roles; raises if nothing matches."""
         found: dict[str, tuple[nn.Module, str]] = {}
         known = set(self.backbone.declared_roles(self.component))
-        from ..backbones.base import ROLES
+        from ..roles import ROLES
 
         for role in self.roles():
             if role not in known and role not in ROLES:
@@ -200,12 +201,24 @@ class ApplyContext:
 class AdapterLayer(nn.Module):
     """Wraps a base module and holds per-adapter parameters (inject family).
 
-    Subclasses keep per-adapter tensors in ``nn.ParameterDict`` attributes listed in
-    ``adapter_attributes`` and implement ``add_adapter``, ``forward`` and, if mergeable,
-    ``delta_weight``-style ``merge``/``unmerge``. The wrapped module stays at ``.base_layer``.
+    The base class owns the bookkeeping (which adapters exist, which is active, which are merged, removing
+    one); a method's layer implements only what is its own:
+
+    - ``add_adapter(name, config, role)``: create the adapter's tensors in the ``nn.ParameterDict``
+      attributes named in ``adapter_attributes`` (those are what is trained, counted and saved), and
+      record ``self.configs[name] = config`` and ``self.roles[name] = role``;
+    - ``forward(x)``: ``self.uses(name)`` says whether the active adapter applies (active, present, not
+      merged, not disabled); the wrapped module is ``self.base_layer`` (``self.innermost`` below any other
+      wrapper);
+    - merging, when the method is ``mergeable``: ``delta_weight(name)`` for an additive update of the base
+      weight (LoRA, VeRA), or ``merge_into(name, base)`` / ``unmerge_from(name, base)`` for anything else
+      (IA3 scales, DoRA renormalises);
+    - per-adapter values kept outside the ParameterDicts (dicts keyed by adapter name) are listed in
+      ``adapter_side_tables`` so that removing an adapter removes them too.
     """
 
     adapter_attributes: ClassVar[tuple[str, ...]] = ()
+    adapter_side_tables: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()
@@ -215,18 +228,48 @@ class AdapterLayer(nn.Module):
         self.configs: dict[str, MethodConfig] = {}
         self.roles: dict[str, str] = {}
         self.disabled = False
+        # the registry of the PeftModel this layer belongs to: kernel ops dispatch through it
+        object.__setattr__(self, "kernel_registry", None)
 
-    # subclasses implement -----------------------------------------------------------------------
+    # what a method implements ---------------------------------------------------------------------
     def add_adapter(self, name: str, config: MethodConfig, role: str) -> None:
         raise NotImplementedError
 
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The additive update of the base weight (out, in) that merging adds (LoRA: s B A)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge (it has no delta_weight)")
+
+    def merge_into(self, name: str, base: nn.Module) -> None:
+        """Fold adapter ``name`` into ``base``'s weights (default: add ``delta_weight``)."""
+        base.weight += self.delta_weight(name).to(base.weight.dtype)
+
+    def unmerge_from(self, name: str, base: nn.Module) -> None:
+        """Undo ``merge_into`` (default: subtract ``delta_weight``)."""
+        base.weight -= self.delta_weight(name).to(base.weight.dtype)
+
+    # the bookkeeping ------------------------------------------------------------------------------
     def merge(self, name: str | None = None) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot merge")
+        """Fold adapter ``name`` (default: the active one) into the base weights; a no-op when merged."""
+        name = name or self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return
+        if name not in self.configs:
+            raise UnknownNameError("adapter", name, self.configs, where=f"in {type(self).__name__}")
+        base = self.mergeable_base()
+        with torch.no_grad():
+            self.merge_into(name, base)
+        self.merged_adapters.append(name)
 
     def unmerge(self, name: str | None = None) -> None:
-        raise NotImplementedError(f"{type(self).__name__} cannot unmerge")
+        """Take adapter ``name`` (default: the last merged) back out of the base weights."""
+        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
+        if name is None or name not in self.merged_adapters:
+            return
+        base = self.mergeable_base()
+        with torch.no_grad():
+            self.unmerge_from(name, base)
+        self.merged_adapters.remove(name)
 
-    # shared -------------------------------------------------------------------------------------
     @property
     def adapters(self) -> list[str]:
         return list(self.configs)
@@ -242,10 +285,15 @@ class AdapterLayer(nn.Module):
         return {attr: getattr(self, attr)[name] for attr in self.adapter_attributes if name in getattr(self, attr)}
 
     def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``: unmerged first if merged, then its tensors and every side table's entry."""
+        if name in self.merged_adapters:
+            self.unmerge(name)
         for attr in self.adapter_attributes:
             store = getattr(self, attr)
             if name in store:
                 del store[name]
+        for attr in self.adapter_side_tables:
+            getattr(self, attr).pop(name, None)
         self.configs.pop(name, None)
         self.roles.pop(name, None)
         if self.active_adapter == name:

@@ -21,6 +21,7 @@ class IA3Linear(AdapterLayer):
     """y = W (x * l) + b for feed-forward roles; y = (W x + b) * l otherwise. l starts at 1."""
 
     adapter_attributes = ("ia3_scale",)
+    adapter_side_tables = ("on_input",)
 
     def __init__(self, base_layer: nn.Module):
         if not isinstance(unwrap(base_layer), nn.Linear):
@@ -38,35 +39,24 @@ class IA3Linear(AdapterLayer):
         self.configs[name] = config
         self.roles[name] = role
 
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return
+    def merge_into(self, name: str, base: nn.Module) -> None:
+        """Scale the weight's input columns (feed-forward roles) or output rows and bias."""
         scale = self.ia3_scale[name].detach()
-        base = self.mergeable_base()
-        with torch.no_grad():
-            if self.on_input[name]:
-                base.weight.mul_(scale[None, :])
-            else:
-                base.weight.mul_(scale[:, None])
-                if base.bias is not None:
-                    base.bias.mul_(scale)
-        self.merged_adapters.append(name)
+        if self.on_input[name]:
+            base.weight.mul_(scale[None, :])
+        else:
+            base.weight.mul_(scale[:, None])
+            if base.bias is not None:
+                base.bias.mul_(scale)
 
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
-        if name is None or name not in self.merged_adapters:
-            return
+    def unmerge_from(self, name: str, base: nn.Module) -> None:
         scale = self.ia3_scale[name].detach()
-        base = self.mergeable_base()
-        with torch.no_grad():
-            if self.on_input[name]:
-                base.weight.div_(scale[None, :])
-            else:
-                base.weight.div_(scale[:, None])
-                if base.bias is not None:
-                    base.bias.div_(scale)
-        self.merged_adapters.remove(name)
+        if self.on_input[name]:
+            base.weight.div_(scale[None, :])
+        else:
+            base.weight.div_(scale[:, None])
+            if base.bias is not None:
+                base.bias.div_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter

@@ -83,25 +83,8 @@ class LoraLinear(AdapterLayer):
         self.roles[name] = role
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        """s B A (out, in): what merging adds to the base weight (the base class does the bookkeeping)."""
         return (self.lora_B[name] @ self.lora_A[name]) * self.configs[name].scaling
-
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return
-        base = self.mergeable_base()
-        with torch.no_grad():
-            base.weight += self.delta_weight(name).to(base.weight.dtype)
-        self.merged_adapters.append(name)
-
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
-        if name is None or name not in self.merged_adapters:
-            return
-        base = self.mergeable_base()
-        with torch.no_grad():
-            base.weight -= self.delta_weight(name).to(base.weight.dtype)
-        self.merged_adapters.remove(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
@@ -114,7 +97,7 @@ class LoraLinear(AdapterLayer):
             return self.base_layer(x) + cfg.scaling * (h @ a.to(x.dtype).t()) @ b.to(x.dtype).t()
         return kernels.lora_linear(
             x, self.base_layer.weight, self.base_layer.bias, a.to(x.dtype), b.to(x.dtype), cfg.scaling,
-            dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel,
+            dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel, registry=self.kernel_registry,
         )
 
     def extra_repr(self) -> str:

@@ -12,8 +12,9 @@ vectors come from:
 
 The attention modules are the ones the backbone's role map calls ``self_attention`` (and
 ``cross_attention`` with ``cross=true``). A module either follows peftmed's prefix protocol
-(peftmed.attention) or is a transformers attention that :mod:`peftmed.methods.prompt_hf` can wrap;
-anything else is refused at apply time, naming the module, so a prefix is never silently inert.
+(peftmed.attention) or the backbone supplies a prefix-capable stand-in for it
+(``Backbone.prefix_wrapper``: the transformers backbones wrap their attention classes); anything else
+is refused at apply time, naming the module, so a prefix is never silently inert.
 The prefix is held once, (H, n, D), and broadcast over the batch and beams.
 """
 
@@ -27,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention import PrefixKV
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from . import prompt_hf
 from .base import ApplyContext, Method, MethodConfig, PromptModule
 
 INITS = ("normal", "zeros", "text")
@@ -81,19 +82,25 @@ def _capable(module: nn.Module) -> bool:
     return all(hasattr(module, a) for a in ("num_heads", "head_dim", "prefix_provider"))
 
 
-def _prefixable(model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
+def _is_wrapper(module: nn.Module) -> bool:
+    """A stand-in a backbone's prefix_wrapper put in place (it can be taken out again)."""
+    return hasattr(module, "prefix_users") and callable(getattr(module, "restore", None))
+
+
+def _prefixable(backbone, model: nn.Module, name: str, module: nn.Module) -> tuple[str, nn.Module] | None:
     """The (name, module) that takes the prefix for the matched ``module``: itself if it follows the
-    protocol, a PrefixAttention put in its place for a covered transformers type, or that of its one
-    covered child (role maps may name BLIP's BlipTextAttention rather than its ``.self``)."""
+    protocol, the backbone's prefix-capable stand-in put in its place, or that of its one wrappable child
+    (a role map may name an attention block rather than its core, e.g. ``attention`` for ``attention.self``)."""
     if _capable(module):
         return name, module
-    wrapper = prompt_hf.make_prefix_capable(module)
+    wrapper = backbone.wrap_for_prefix(module)
     if wrapper is not None:
         model.set_submodule(name, wrapper)
         return name, wrapper
-    kids = [(f"{name}.{n}", c) for n, c in module.named_children() if _capable(c) or prompt_hf.is_supported(c)]
+    kids = [(f"{name}.{n}", c) for n, c in module.named_children()
+            if _capable(c) or backbone.wrap_for_prefix(c) is not None]
     if len(kids) == 1:
-        return _prefixable(model, *kids[0])
+        return _prefixable(backbone, model, *kids[0])
     return None
 
 
@@ -113,18 +120,18 @@ def find_attention(ctx: ApplyContext) -> list[tuple[str, nn.Module]]:
             f"this component (roles it has: {', '.join(ctx.available_roles()) or 'none'})"
         )
     names = sorted(matched)
-    # a role pattern may hit both BlipTextAttention and its .self child: keep the outer one
+    # a role pattern may hit both an attention block and its core child: keep the outer one
     names = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
     found = []
     for name in names:
         module = matched[name]
-        hit = _prefixable(ctx.model, name, module)
+        hit = _prefixable(ctx.backbone, ctx.model, name, module)
         if hit is None:
             raise RecipeError(
                 f"method {ctx.method.name!r}: attention module {name!r} ({type(module).__name__}) of component "
                 f"{ctx.component!r} cannot take a key/value prefix: it neither follows peftmed's prefix "
-                f"protocol (num_heads, head_dim, prefix_provider; see peftmed.attention) nor is one of the "
-                f"transformers attentions peftmed can wrap ({', '.join(prompt_hf.supported_types())})"
+                f"protocol (num_heads, head_dim, prefix_provider; see peftmed.attention) nor can backbone "
+                f"{ctx.backbone.name!r} wrap it (its prefix_wrapper)"
             )
         found.append(hit)
     return found
@@ -141,7 +148,7 @@ class DeepPrompts(PromptModule):
     """
 
     def __init__(self, config: PromptConfig, targets: list[tuple[str, nn.Module]], model: nn.Module,
-                 heads: int, head_dim: int, *, reparameterise: bool, device=None, dtype=None):
+                 heads: int, head_dim: int, *, reparameterise: bool, device=None, dtype=None, registry=None):
         super().__init__()
         self.config = config
         self.heads, self.head_dim, self.hidden = heads, head_dim, heads * head_dim
@@ -152,6 +159,7 @@ class DeepPrompts(PromptModule):
         object.__setattr__(self, "_targets", [m for _, m in targets])
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_cache", {})
+        object.__setattr__(self, "_registry", registry)
         self.active = False
         factory = {"device": device, "dtype": dtype}
         self.prompts: nn.Parameter | None = None
@@ -168,7 +176,7 @@ class DeepPrompts(PromptModule):
             self.prompts = nn.Parameter(torch.empty(self.layers, 2, self.n, self.hidden, **factory))
         self._providers = [self._provider(i) for i in range(len(targets))]
         for module in self._targets:
-            if isinstance(module, prompt_hf.PrefixAttention):
+            if _is_wrapper(module):
                 module.prefix_users.add(id(self))
 
     # ---- initialisation ------------------------------------------------------------------------
@@ -216,13 +224,13 @@ class DeepPrompts(PromptModule):
         out = F.linear(hid, self.mlp[2].weight[rows], self.mlp[2].bias[rows])  # (n, 2*hidden)
         return out.view(self.n, 2, self.hidden).transpose(0, 1)
 
-    def prefix(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prefix_k, prefix_v) of attention module i, each (H, n, D)."""
+    def prefix(self, i: int) -> PrefixKV:
+        """(prefix_k, prefix_v) of attention module i, each (H, n, D), with the model's kernel registry."""
         kv = self._layer_kv(i)
         if self.config.dropout > 0 and self.training:
             kv = F.dropout(kv, self.config.dropout, training=True)
         kv = kv.view(2, self.n, self.heads, self.head_dim).transpose(1, 2)  # (2, H, n, D)
-        return kv[0], kv[1]
+        return PrefixKV(kv[0], kv[1], self._registry)
 
     def _provider(self, i: int):
         def provide():
@@ -242,7 +250,7 @@ class DeepPrompts(PromptModule):
     def detach(self) -> None:
         self.set_active(False)
         for name, module in zip(self.target_names, self._targets):
-            if isinstance(module, prompt_hf.PrefixAttention):
+            if _is_wrapper(module):
                 module.prefix_users.discard(id(self))
                 if not module.prefix_users and self._model.get_submodule(name) is module:
                     self._model.set_submodule(name, module.restore())
@@ -296,7 +304,7 @@ class _PromptMethod(Method):
             return self._attach(ctx, targets)
         except Exception:  # leave the model as it was: put back the wrappers no adapter uses
             for name, module in targets:
-                if isinstance(module, prompt_hf.PrefixAttention) and not module.prefix_users:
+                if _is_wrapper(module) and not module.prefix_users:
                     ctx.model.set_submodule(name, module.restore())
             raise
 
@@ -321,7 +329,8 @@ class _PromptMethod(Method):
         ref = next(ctx.component_module.parameters(), None)
         module = DeepPrompts(cfg, targets, ctx.model, heads, head_dim, reparameterise=self.reparameterise,
                              device=ref.device if ref is not None else None,
-                             dtype=ref.dtype if ref is not None and ref.is_floating_point() else None)
+                             dtype=ref.dtype if ref is not None and ref.is_floating_point() else None,
+                             registry=ctx.registry)
         try:
             module.initialise(_word_embeddings(ctx, cfg, heads * head_dim) if cfg.init == "text" else None)
         except Exception:

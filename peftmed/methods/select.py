@@ -53,7 +53,7 @@ class LayerNormTuning(SelectMethod):
             # swap module instances in this model only (never patch nn.LayerNorm process-wide)
             for name, (module, _) in matched.items():
                 if type(module) is nn.LayerNorm and module.elementwise_affine:
-                    fused = kernels.FusedLayerNorm.from_module(module, impl=ctx.config.kernel)
+                    fused = kernels.FusedLayerNorm.from_module(module, impl=ctx.config.kernel, registry=ctx.registry)
                     ctx.model.set_submodule(name, fused)
                     matched[name] = (fused, "norm")
         return _params_of(ctx, {n: m for n, (m, _) in matched.items()})

@@ -44,7 +44,7 @@ class MethodConformance:
     method_name: ClassVar[str] = ""
     options: ClassVar[Mapping[str, Any]] = {}
     component: ClassVar[str | None] = None  # None: the first component the method applies to
-    dtypes: ClassVar[tuple[str, ...]] = ("float32",)
+    dtypes: ClassVar[tuple[str | torch.dtype, ...]] = ("float32",)  # names or torch dtypes
     backbones: ClassVar[tuple[str, ...] | None] = None  # None: every registered tiny backbone
     extra_plugins: ClassVar[tuple[object, ...]] = ()  # plugin objects to register in-process
     seed: ClassVar[int] = 0
@@ -59,7 +59,9 @@ class MethodConformance:
             names = list(self.backbones) if self.backbones is not None else h.tiny_backbones(self.registry())
             metafunc.parametrize("conformance_backbone", names, ids=names)
         if "conformance_dtype" in metafunc.fixturenames:
-            metafunc.parametrize("conformance_dtype", list(self.dtypes), ids=list(self.dtypes))
+            # dtypes may be given as names ("float32") or torch dtypes (torch.float32)
+            names = [str(d).replace("torch.", "") for d in self.dtypes]
+            metafunc.parametrize("conformance_dtype", names, ids=names)
 
     # ---- shared setup -------------------------------------------------------------------------------
     def _method(self):
@@ -288,8 +290,9 @@ class DatasetConformance:
 
 
 class KernelConformance:
-    """Checks for a kernel implementation; subclass and set ``op`` and ``impl``. For ``layer_norm``
-    the implementation's forward and backward are compared with the PyTorch reference."""
+    """Checks for a kernel implementation; subclass and set ``op`` and ``impl``. The implementation's
+    forward and backward are compared with the op's PyTorch reference on the inputs its reference module
+    gives (``peftmed.kernels.<op>.reference.conformance_case``), for every op."""
 
     op: ClassVar[str] = ""
     impl: ClassVar[str] = ""
@@ -305,27 +308,31 @@ class KernelConformance:
         assert ok or why, "an unavailable implementation must say why"
         assert impl.devices and impl.dtypes
 
-    def test_layer_norm_matches_reference(self):
+    def test_matches_reference(self):
         import importlib
 
-        if self.op != "layer_norm":
-            pytest.skip(f"no numeric check for op {self.op!r} in the kit")
         impl = self._impl()
         ok, why = impl.available()
         if not ok:
             pytest.skip(f"{self.op}:{self.impl} is not available here: {why}")
-        ref = importlib.import_module("peftmed.kernels.layer_norm.reference")
+        if impl.reject_reason("cpu", torch.float32, None, explicit=True) is not None:
+            pytest.skip(f"{self.op}:{self.impl} does not run on the CPU in float32 here")
+        try:
+            ref = importlib.import_module(f"peftmed.kernels.{self.op}.reference")
+        except ImportError:
+            pytest.skip(f"op {self.op!r} has no reference module in peftmed.kernels (a plugin's own op)")
+        if not hasattr(ref, "conformance_case"):
+            pytest.fail(f"peftmed.kernels.{self.op}.reference has no conformance_case()")
         fns = impl.load()
-        g = torch.Generator().manual_seed(0)
-        x, dy = torch.randn(6, 24, generator=g), torch.randn(6, 24, generator=g)
-        w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
-        y, mean, rstd = fns["forward"](x, w, b, 1e-5)
-        y_ref, mean_ref, rstd_ref = ref.forward(x, w, b, 1e-5)
-        h.assert_close(y, y_ref, "layer_norm forward")
-        grads = fns["backward"](dy, x, w, mean, rstd, (True, True, True))
-        for got, want, what in zip(grads, ref.backward(dy, x, w, mean_ref, rstd_ref, (True, True, True)),
-                                   ("dx", "dw", "db")):
-            h.assert_close(got, want, f"layer_norm backward {what}")
+        fwd, bwd = ref.conformance_case(torch.Generator().manual_seed(0))
+        got, want = fns["forward"](*fwd), ref.forward(*fwd)
+        h.assert_close(got[0], want[0], f"{self.op}:{self.impl} forward")
+        grads, ref_grads = fns["backward"](*bwd(got)), ref.backward(*bwd(want))
+        for i, (g, r) in enumerate(zip(grads, ref_grads)):
+            if r is None:
+                continue
+            assert g is not None, f"{self.op}:{self.impl} backward returned no gradient #{i}"
+            h.assert_close(g, r, f"{self.op}:{self.impl} backward gradient #{i}")
 
 
 def conformance_tests(method_name: str, options: Mapping[str, Any] | None = None, **attributes) -> type:

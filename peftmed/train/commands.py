@@ -276,6 +276,10 @@ def _load(spec_name: str, split: str, opts: dict[str, Any], registry):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    # the step lines of --log-every are what a run without a progress bar shows: print them without -v
+    logger = logging.getLogger("peftmed.train")
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
     registry = _registry()
     opts = resolve_options(args)
     backbone, spec, recipe, config, task = _check_before_training(opts, registry)

@@ -15,12 +15,7 @@ ENCODERS = ("hf-encoder", "hf-encoder-vision", "hf-encoder-text")
 QUESTIONS = ["is there a pleural effusion?", "what organ is shown?"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def inputs(model):

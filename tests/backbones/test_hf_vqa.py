@@ -25,13 +25,7 @@ RECIPES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models on a shared 2-core machine: threads only add contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def build(name, **options):

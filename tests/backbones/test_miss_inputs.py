@@ -9,12 +9,7 @@ from peftmed.backbones.images import check_images, normalize_images, resize_imag
 from peftmed.backbones.miss.tokenizer import SPECIAL_TOKENS, MissTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,7 @@ from peftmed.backbones.miss import MissForVQA
 from peftmed.backbones.miss.generation import beam_search
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids oversubscription on a shared 2-core CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(seed=0, **options) -> MissForVQA:

@@ -12,12 +12,7 @@ from peftmed.backbones.images import load_image
 from peftmed.backbones.miss.tokenizer import MissTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def records(folder, name):

@@ -184,3 +184,26 @@ def test_custom_model_with_user_role_map():
     assert pm.trainable_report().trainable == 2 * 16 + 2 * 2 * (16 + 16)
     torch.testing.assert_close(pm(x), before)
     copy.deepcopy(pm)  # a PeftModel can be copied (e.g. for baselines)
+
+
+def test_removing_an_adapter_removes_its_side_tables_and_unmerges_it():
+    """The base layer owns the bookkeeping: IA3's on_input entry goes with the adapter, and removing a
+    merged adapter restores the base weights."""
+    torch.manual_seed(0)
+    model = peftmed.build_backbone("toy-vlm")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = peftmed.apply(model, "fusion=ia3", adapter_name="a")
+    pm.add_adapter("b", "fusion=ia3")
+    layers = [m for m in pm.modules() if isinstance(m, peftmed.AdapterLayer)]
+    assert layers and all(set(layer.on_input) == {"a", "b"} for layer in layers)
+    with torch.no_grad():
+        for p in pm.adapter_tensors("b").values():
+            p.mul_(1.5)
+    pm.remove_adapter("a")
+    assert all(set(layer.on_input) == {"b"} for layer in layers)
+    pm.set_adapter("b")
+    pm.merge()
+    pm.remove_adapter("b")
+    after = model.state_dict()
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=1e-6, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")

@@ -59,13 +59,6 @@ def test_bad_options_name_the_value():
         load_records("phantom", "train", n_images=-5)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on a shared 2-core machine, thread hand-offs cost more than this tiny model."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_a_small_model_beats_the_majority_answer_by_a_wide_margin(one_thread):

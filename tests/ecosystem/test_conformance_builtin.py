@@ -17,3 +17,17 @@ for _name in _registry.names("method"):
         continue
     _cls = conformance_tests(_name, OPTIONS.get(_name, {}))
     globals()[_cls.__name__] = _cls
+
+# every built-in kernel implementation that runs here goes through the kernel kit (its op's reference)
+from peftmed.testing import kernel_conformance_tests  # noqa: E402
+
+for _key, _impl in _registry.all("kernel").items():
+    _owner = _registry.owner("kernel", _key)
+    if _owner is not None and _owner.builtin:
+        _cls = kernel_conformance_tests(_impl.op, _impl.name)
+        globals()[_cls.__name__] = _cls
+
+# the kit takes dtypes as torch dtypes as well as names (torch.float32 used to break collection)
+import torch  # noqa: E402
+
+TestLoraTorchDtypeConformance = conformance_tests("lora", {"r": 2}, dtypes=(torch.float32,), backbones=("toy-vlm",))

@@ -7,8 +7,11 @@ import os
 import sys
 
 # Triton reads TRITON_INTERPRET when it is first imported: set it before anything imports triton
-# (tests/conftest.py does too; this guards running this folder on its own).
-if "triton" not in sys.modules:
+# (tests/conftest.py does too; this guards running this folder on its own) - without a GPU only: on a
+# GPU the Triton tests must run the compiled kernels.
+import torch  # noqa: E402
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -1,4 +1,5 @@
-"""Helpers of the kernel tests: the ONE per-dtype tolerance table and what can run here."""
+"""Helpers of the kernel tests: comparing with the oracle (the tolerance table is peftmed.testing's
+ORACLE_TOLERANCES, (rtol, atol) like every table there) and what can run here."""
 
 from __future__ import annotations
 
@@ -6,17 +7,12 @@ import os
 
 import torch
 
-# (atol, rtol) against the fp32 oracle, relative to the magnitude of the reference output
-TOLERANCES = {
-    torch.float32: (1e-4, 1e-4),
-    torch.bfloat16: (3e-2, 3e-2),
-    torch.float16: (5e-3, 5e-3),
-}
+from peftmed.testing.helpers import ORACLE_TOLERANCES as TOLERANCES  # (rtol, atol) per dtype
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
     """Compare in fp32 with the dtype's tolerance, atol scaled by the reference's largest value."""
-    atol, rtol = TOLERANCES[dtype]
+    rtol, atol = TOLERANCES[dtype]
     scale = max(1.0, expected.detach().float().abs().max().item())
     torch.testing.assert_close(actual.detach().float(), expected.detach().float(), atol=atol * scale, rtol=rtol,
                                msg=lambda m: f"{what} ({dtype}): {m}")

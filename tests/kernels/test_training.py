@@ -42,6 +42,6 @@ def test_lora_and_layernorm_tuning_losses_match_torch_reference(cpp_built, fresh
     want = _losses(model, batch, "torch")
     got = _losses(model, batch, "auto")
     assert peftmed.kernels.resolve("lora_linear", "auto", "cpu", torch.float32, 4)[0].name == "cpp"
-    atol, rtol = TOLERANCES[torch.float32]
+    rtol, atol = TOLERANCES[torch.float32]
     assert want[-1] < want[0]  # it trains
     assert got == pytest.approx(want, rel=rtol * 10, abs=atol * 10)  # 6 optimiser steps compound rounding

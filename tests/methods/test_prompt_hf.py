@@ -11,7 +11,8 @@ import torch  # noqa: E402
 
 import peftmed  # noqa: E402
 from peftmed.errors import ConfigError  # noqa: E402
-from peftmed.methods.prompt_hf import PrefixAttention  # noqa: E402
+from peftmed.backbones.hf.prefix import PrefixCapableAttention as PrefixAttention  # noqa: E402
+from peftmed.backbones.hf.prefix import make_prefix_capable  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +21,14 @@ BLIP_BACKBONE = peftmed.Backbone(
     components={"vision": "vision_model", "fusion": "text_encoder", "decoder": "text_decoder"},
     roles={"self_attention": (r"self_attn$", r"\.attention\.self$"), "cross_attention": r"crossattention\.self$",
            "attn.q": r"\.attention\.self\.query$", "attn.v": r"\.attention\.self\.value$"},
+    prefix_wrapper=make_prefix_capable,  # how transformers' attention takes a prefix
 )
 LLAVA_BACKBONE = peftmed.Backbone(
     "test-tiny-llava",
     components={"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
                 "llm": "model.language_model"},
     roles={"self_attention": r"self_attn$"},
+    prefix_wrapper=make_prefix_capable,
 )
 IMAGE_TOKEN = 63
 

@@ -20,6 +20,7 @@ from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
     seeded_model,
 )
+from .prefix import make_prefix_capable
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 # Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).
@@ -228,6 +229,7 @@ BACKBONE = Backbone(
     component_roles={"vision": VISION_ROLES, "fusion": _text_roles(False), "decoder": _text_roles(True)},
     builder=build,
     loader=load,
+    prefix_wrapper=make_prefix_capable,
     tokenizer_loader=saved_tokenizer,
     description="transformers BlipForQuestionAnswering (vision | question encoder | answer decoder)",
     tasks=("vqa", "report"),

@@ -24,6 +24,7 @@ from .common import (
     CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer, seeded_model,
     write_image_stats,
 )
+from .prefix import make_prefix_capable
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
@@ -209,6 +210,6 @@ DESCRIPTIONS = {
 
 BACKBONES = tuple(
     Backbone(name=name, components=COMPONENTS[name], roles=ROLES, builder=_builder(name), loader=_loader(name),
-             tokenizer_loader=saved_tokenizer, description=DESCRIPTIONS[name], tiny=name == "hf-encoder")  # the kit runs on the dual encoder
+             prefix_wrapper=make_prefix_capable, tokenizer_loader=saved_tokenizer, description=DESCRIPTIONS[name], tiny=name == "hf-encoder")  # the kit runs on the dual encoder
     for name in KIND_OF
 )

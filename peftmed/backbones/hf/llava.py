@@ -24,6 +24,7 @@ from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
     seeded_model,
 )
+from .prefix import make_prefix_capable
 from .tokenizer import bpe_tokenizer, check_vocab
 
 DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
@@ -243,6 +244,7 @@ BACKBONE = Backbone(
     component_roles={"projector": {"mlp.up": r"linear_1$", "mlp.down": r"linear_2$"}},
     builder=build,
     loader=load,
+    prefix_wrapper=make_prefix_capable,
     tokenizer_loader=saved_tokenizer,
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa", "report"),

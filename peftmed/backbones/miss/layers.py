@@ -22,7 +22,7 @@ from torch import nn
 from ...attention import attend
 
 
-class PrefixAttention(nn.Module):
+class AttentionCore(nn.Module):
     """Multi-head softmax attention core (no projections of its own) following the prefix protocol."""
 
     def __init__(self, num_heads: int, head_dim: int, dropout: float = 0.0):
@@ -48,7 +48,7 @@ class PrefixAttention(nn.Module):
 
 
 # ---- ViT ----------------------------------------------------------------------------------------
-class ViTAttention(PrefixAttention):
+class ViTAttention(AttentionCore):
     def __init__(self, dim: int, heads: int):
         super().__init__(heads, dim // heads)
         self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
@@ -106,7 +106,7 @@ class VisionTransformer(nn.Module):
 
 
 # ---- BERT ---------------------------------------------------------------------------------------
-class BertSelfAttention(PrefixAttention):
+class BertSelfAttention(AttentionCore):
     def __init__(self, width: int, heads: int, kv_width: int, dropout: float):
         super().__init__(heads, width // heads, dropout)
         self.query = nn.Linear(width, width)

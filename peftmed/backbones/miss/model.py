@@ -104,9 +104,9 @@ class MissForVQA(nn.Module):
         total, count = self.loss_terms(batch)
         return total / max(count, 1)
 
-    def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
-        """(sum of the answer tokens' cross-entropy, number of answer tokens): what the trainer needs to
-        normalise by every token of a global batch, whatever its split into micro-batches and processes."""
+    def answer_logits(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder logits (B, T, vocab) of ``[DEC] answer``, the targets (B, T; -100 on padding)
+        and the target mask (B, T)."""
         answers = _texts(batch, "answers")
         states, mask = self.encode(batch)
         ids, amask, cut = self.tokenizer.encode(answers, self.config.max_answer_tokens, first=self.tokenizer.dec_id)
@@ -117,13 +117,27 @@ class MissForVQA(nn.Module):
         ids, amask = ids.to(self.device), amask.to(self.device)
         logits = self.text_decoder(ids[:, :-1], amask[:, :-1], states, mask)
         target = ids[:, 1:].masked_fill(~amask[:, 1:], -100)  # predict "answer [SEP]" after [DEC]; skip padding
+        return logits, target, amask[:, 1:]
+
+    def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
+        """(sum of the answer tokens' cross-entropy, number of answer tokens): what the trainer needs to
+        normalise by every token of a global batch, whatever its split into micro-batches and processes."""
+        logits, target, tokens = self.answer_logits(batch)
         total = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100,
                                 label_smoothing=self.config.label_smoothing, reduction="sum")
-        return total, int(amask[:, 1:].sum())
+        return total, int(tokens.sum())
 
-    def forward(self, batch) -> torch.Tensor:
-        """The training loss (so DDP/FSDP wrappers, which call forward, work)."""
+    def forward(self, batch, return_logits: bool = False) -> torch.Tensor:
+        """The training loss (so DDP/FSDP wrappers, which call forward, work); with ``return_logits`` the
+        teacher-forced answer logits (B, T, vocab) instead (what the conformance kit compares)."""
+        if return_logits:
+            return self.answer_logits(batch)[0]
         return self.compute_loss(batch)
+
+    def example_inputs(self, batch: int = 2, seq: int | None = None, generator: torch.Generator | None = None):
+        """Keyword arguments of one forward pass returning logits (for the plugin conformance kit)."""
+        seed = int(torch.randint(0, 2**31 - 1, (), generator=generator)) if generator is not None else 0
+        return {"batch": self.example_batch(batch_size=batch, seed=seed), "return_logits": True}
 
     @torch.no_grad()
     def generate(self, batch, max_new_tokens: int = 10, num_beams: int = 3) -> list[str]:

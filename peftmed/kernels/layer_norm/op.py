@@ -41,8 +41,9 @@ class _LayerNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def layer_norm(x, weight, bias, eps=1e-5, impl=None):
-    """LayerNorm over the last dimension of x with gain ``weight`` and shift ``bias``."""
+def layer_norm(x, weight, bias, eps=1e-5, impl=None, registry=None):
+    """LayerNorm over the last dimension of x with gain ``weight`` and shift ``bias`` (``registry``: where to
+    find the implementations; None: the default registry)."""
     if weight is None or bias is None:  # no affine parameters: nothing for a fused backward to fuse
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     _check(x, weight, bias)
@@ -51,7 +52,7 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None):
     if torch.compiler.is_compiling():
         y, _, _ = layer_norm_fwd(x2, weight, bias, float(eps), impl or "auto")
         return y.view(x.shape)
-    _, fns = resolve(OP, impl, x.device, x.dtype, n)
+    _, fns = resolve(OP, impl, x.device, x.dtype, n, registry)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y = _LayerNormFunction.apply(x2, weight, bias, float(eps), fns)
     else:

@@ -58,3 +58,14 @@ def backward(dy, x, w, mean, rstd, needs):
     if need_db:
         db = dy32.sum(0).to(w.dtype)
     return dx, dw, db
+
+
+def conformance_case(generator: torch.Generator, dtype: torch.dtype = torch.float32):
+    """Small inputs of this op for the kernel conformance kit (see lora_linear.reference)."""
+    x, dy = torch.randn(6, 24, generator=generator).to(dtype), torch.randn(6, 24, generator=generator).to(dtype)
+    w, b = torch.randn(24, generator=generator).to(dtype), torch.randn(24, generator=generator).to(dtype)
+
+    def bwd(outputs):
+        return (dy, x, w, outputs[1], outputs[2], (True, True, True))
+
+    return (x, w, b, 1e-5), bwd

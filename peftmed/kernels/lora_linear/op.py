@@ -57,8 +57,10 @@ class _LoraLinearFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
-def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False, impl=None):
-    """y = x W^T + b + scaling * (dropout(x) A^T) B^T  (A: (r, in), B: (out, r)); x: (..., in)."""
+def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, training=False, impl=None, registry=None):
+    """y = x W^T + b + scaling * (dropout(x) A^T) B^T  (A: (r, in), B: (out, r)); x: (..., in).
+
+    ``registry``: where to find the implementations (the model's; None: the default registry)."""
     _check(x, weight, bias, lora_a, lora_b)
     p = float(dropout_p) if training else 0.0
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
@@ -68,7 +70,7 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
         y, _ = lora_linear_fwd(x2, w, bias, a, b, float(scaling), p, seed, impl or "auto")
         return y.view(*lead, d_out)
-    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
+    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0], registry)
     seed = new_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         y = _LoraLinearFunction.apply(x2, w, bias, a, b, float(scaling), p, seed, fns)

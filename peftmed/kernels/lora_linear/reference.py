@@ -65,3 +65,19 @@ def backward(dy, x, w, a, b, xa, scaling, p, seed, needs):
     dw = dy.t() @ x if need_dw else None
     dbias = dy.sum(0) if need_dbias else None
     return dx, dw, dbias, da, db
+
+
+def conformance_case(generator: torch.Generator, dtype: torch.dtype = torch.float32):
+    """Small inputs of this op for the kernel conformance kit: (forward arguments, backward arguments
+    given the forward's outputs and an upstream gradient). Every implementation's forward/backward
+    must match this module's on them."""
+    x = torch.randn(6, 24, generator=generator).to(dtype)
+    w, bias = torch.randn(20, 24, generator=generator).to(dtype), torch.randn(20, generator=generator).to(dtype)
+    a, b = torch.randn(4, 24, generator=generator).to(dtype), torch.randn(20, 4, generator=generator).to(dtype)
+    dy = torch.randn(6, 20, generator=generator).to(dtype)
+    fwd = (x, w, bias, a, b, 0.5, 0.0, 0)
+
+    def bwd(outputs):
+        return (dy, x, w, a, b, outputs[1], 0.5, 0.0, 0, (True, True, True, True, True))
+
+    return fwd, bwd

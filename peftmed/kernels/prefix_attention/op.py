@@ -80,14 +80,15 @@ class _PrefixAttentionFunction(torch.autograd.Function):
 
 
 def prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, *, causal=False, scale=None, dropout_p=0.0,
-                     impl=None):
+                     impl=None, registry=None):
     """softmax(q [prefix_k; k]^T * scale) [prefix_v; v] with the prefix always visible.
 
     q (B, H, Tq, D); k, v (B, H, Tk, D); prefix_k, prefix_v (H, P, D), one copy for the batch
     (never repeated per sample); ``mask``: True/1 = attend, (B, Tk) or broadcastable to
     (B, H, Tq, Tk), over the sequence keys only; ``causal``: sequence key j is visible to query i
     iff j <= i + Tk - Tq; ``scale`` defaults to 1/sqrt(D); ``dropout_p`` drops attention
-    probabilities (pass 0 in eval). An empty prefix (P = 0) is plain attention.
+    probabilities (pass 0 in eval). An empty prefix (P = 0) is plain attention. ``registry``: where to find
+    the implementations (the model's; None: the default registry).
     """
     _check(q, k, v, prefix_k, prefix_v)
     b, h, tq, _ = q.shape
@@ -103,7 +104,7 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, *, causal=False, sc
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
         out, _ = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale, p, seed, impl or "auto")
         return out
-    kernel, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1])
+    kernel, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1], registry)
     if kernel.name != "torch" or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # the GPU kernels index contiguous rows; the torch implementation takes strided views as they
         # come (a head-split (B, T, H, D) -> (B, H, T, D) view is not copied, and a prefix that is a

@@ -254,3 +254,20 @@ def plain_attention(q, k, v, mask, causal, scale, p):
     """No prefix: torch's SDPA (what an empty prefix falls through to)."""
     visible = sequence_mask(mask, causal, q.shape[2], k.shape[2], q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, dropout_p=p, scale=scale)
+
+
+def conformance_case(generator: torch.Generator, dtype: torch.dtype = torch.float32):
+    """Small inputs of this op for the kernel conformance kit (see lora_linear.reference): a padded batch,
+    causal, a 3-token prefix."""
+    q = torch.randn(2, 2, 5, 8, generator=generator).to(dtype)
+    k, v = (torch.randn(2, 2, 7, 8, generator=generator).to(dtype) for _ in range(2))
+    pk, pv = (torch.randn(2, 3, 8, generator=generator).to(dtype) for _ in range(2))
+    mask = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False
+    dout = torch.randn(2, 2, 5, 8, generator=generator).to(dtype)
+    fwd = (q, k, v, pk, pv, mask, True, None, 0.0, 0)
+
+    def bwd(outputs):
+        return (dout, q, k, v, pk, pv, mask, True, None, 0.0, 0, outputs[0], outputs[1])
+
+    return fwd, bwd

@@ -44,6 +44,7 @@ class DoraLinear(peftmed.AdapterLayer):
     """nn.Linear with per-adapter (A, B, magnitude); y = (m / ||W + sBA||) * (x W^T + s B A x) + b."""
 
     adapter_attributes = ("lora_A", "lora_B", "magnitude")
+    adapter_side_tables = ("_merge_norms",)
 
     def __init__(self, base_layer: nn.Module):
         if not isinstance(base_layer, nn.Linear):
@@ -72,26 +73,18 @@ class DoraLinear(peftmed.AdapterLayer):
     def _row_norm(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return (weight + self.delta_weight(name).to(weight.dtype)).norm(dim=1)  # (out,)
 
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            norm = self._row_norm(name, w)
-            self._merge_norms[name] = norm
-            w.copy_((self.magnitude[name] / norm)[:, None] * (w + self.delta_weight(name).to(w.dtype)))
-        self.merged_adapters.append(name)
+    def merge_into(self, name: str, base: nn.Module) -> None:
+        """W <- m * (W + sBA) / ||W + sBA||; the norm is kept to unmerge exactly (the base class keeps
+        the bookkeeping: which adapters are merged, removal, refusal when stacked over another method)."""
+        w = base.weight
+        norm = self._row_norm(name, w)
+        self._merge_norms[name] = norm
+        w.copy_((self.magnitude[name] / norm)[:, None] * (w + self.delta_weight(name).to(w.dtype)))
 
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
-        if name is None or name not in self.merged_adapters:
-            return
-        with torch.no_grad():
-            w = self.base_layer.weight
-            norm = self._merge_norms.pop(name)
-            w.copy_(w * (norm / self.magnitude[name])[:, None] - self.delta_weight(name).to(w.dtype))
-        self.merged_adapters.remove(name)
+    def unmerge_from(self, name: str, base: nn.Module) -> None:
+        w = base.weight
+        norm = self._merge_norms.pop(name)
+        w.copy_(w * (norm / self.magnitude[name])[:, None] - self.delta_weight(name).to(w.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter

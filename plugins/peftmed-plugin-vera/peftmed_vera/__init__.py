@@ -91,24 +91,9 @@ class VeraLinear(peftmed.AdapterLayer):
         return getattr(self, f"vera_A_{name}"), getattr(self, f"vera_B_{name}")
 
     def delta_weight(self, name: str) -> torch.Tensor:
+        """What merging adds to the base weight (the base class adds and subtracts it)."""
         a, b = self.frozen_pair(name)
         return (self.vera_lambda_b[name][:, None] * b) @ (self.vera_lambda_d[name][:, None] * a)  # (out, in)
-
-    def merge(self, name: str | None = None) -> None:
-        name = name or self.active_adapter
-        if name is None or name in self.merged_adapters:
-            return
-        with torch.no_grad():
-            self.base_layer.weight += self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged_adapters.append(name)
-
-    def unmerge(self, name: str | None = None) -> None:
-        name = name or (self.merged_adapters[-1] if self.merged_adapters else None)
-        if name is None or name not in self.merged_adapters:
-            return
-        with torch.no_grad():
-            self.base_layer.weight -= self.delta_weight(name).to(self.base_layer.weight.dtype)
-        self.merged_adapters.remove(name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter

@@ -1,8 +1,9 @@
-"""Make transformers' attention modules prefix-capable, one instance at a time.
+"""How the transformers backbones' attention takes a key/value prefix: wrappers, one instance at a time.
 
 transformers' attention classes do not follow peftmed's prefix protocol (``num_heads``, ``head_dim``,
-``prefix_provider``; see peftmed.attention). :func:`make_prefix_capable` replaces one attention module
-*instance* in a model by a :class:`PrefixAttention` wrapper that
+``prefix_provider``; see peftmed.attention). The hf backbones declare :func:`make_prefix_capable` as
+their ``Backbone.prefix_wrapper``: the prompt-family methods call it for a matched attention module, and
+it returns a :class:`PrefixCapableAttention` wrapper to put in the module's place, which
 
 - holds the original's children under the same names (``query``/``key``/``value``, ``q_proj``...,
   ``qkv``), so state-dict keys, role patterns and LoRA on the projections keep working;
@@ -11,7 +12,7 @@ transformers' attention classes do not follow peftmed's prefix protocol (``num_h
   prepended to the keys/values *after* any key/value cache and rotary embedding: the prefix is never
   cached, never rotated (it has no position) and is broadcast over the batch and beams.
 
-Nothing is patched process-wide: the library classes are untouched, and :meth:`PrefixAttention.restore`
+Nothing is patched process-wide: the library classes are untouched, and :meth:`PrefixCapableAttention.restore`
 puts the original instance back (with whatever wrappers other methods placed on its children since).
 
 Covered: BLIP vision (fused ``qkv``), BLIP text self/cross attention incl. the decoder's
@@ -25,7 +26,7 @@ import sys
 import torch
 from torch import nn
 
-from ..attention import attend
+from ...attention import attend
 
 # original class name -> forward-with-prefix implementation (a function of (wrapper, *args, **kwargs))
 _FORWARDS: dict[str, callable] = {}
@@ -52,14 +53,16 @@ def supported_types() -> list[str]:
 
 
 def is_supported(module: nn.Module) -> bool:
-    return type(module).__name__ in _FORWARDS and not isinstance(module, PrefixAttention)
+    return type(module).__name__ in _FORWARDS and not isinstance(module, PrefixCapableAttention)
 
 
-class PrefixAttention(nn.Module):
+class PrefixCapableAttention(nn.Module):
     """A prefix-capable stand-in for one transformers attention module (see the module docstring).
 
-    Instances are of a subclass made per original class (``PrefixBlipAttention`` is a PrefixAttention
-    and a BlipAttention), so role patterns and code that test ``isinstance`` still recognise them.
+    Instances are of a subclass made per original class (``PrefixBlipAttention`` is a
+    PrefixCapableAttention and a BlipAttention), so role patterns and code that test ``isinstance`` still
+    recognise them. The prompt methods use ``prefix_users`` (which prompt modules use it) and ``restore()``
+    (put the original back when none does).
     """
 
     def __init__(self, original: nn.Module, num_heads: int, head_dim: int, max_positions: int | None):
@@ -98,8 +101,8 @@ class PrefixAttention(nn.Module):
         return f"wraps {type(self.original).__name__}, heads={self.num_heads}, head_dim={self.head_dim}"
 
 
-def make_prefix_capable(module: nn.Module) -> PrefixAttention | None:
-    """A PrefixAttention wrapping ``module``, or None when its type is not covered."""
+def make_prefix_capable(module: nn.Module) -> PrefixCapableAttention | None:
+    """A PrefixCapableAttention wrapping ``module``, or None when its type is not covered."""
     if not is_supported(module):
         return None
     name = type(module).__name__
@@ -119,7 +122,7 @@ _CLASSES: dict[type, type] = {}
 
 def _wrapper_class(cls: type) -> type:
     if cls not in _CLASSES:
-        _CLASSES[cls] = type(f"Prefix{cls.__name__}", (PrefixAttention, cls), {"__module__": __name__})
+        _CLASSES[cls] = type(f"Prefix{cls.__name__}", (PrefixCapableAttention, cls), {"__module__": __name__})
     return _CLASSES[cls]
 
 

@@ -1,0 +1,65 @@
+"""Kernel dispatch goes through the registry a model was applied with: an implementation registered only in
+that registry is the one its layers call, and the process-wide default registry never sees it."""
+
+import importlib
+
+import pytest
+import torch
+
+import peftmed
+from peftmed.hookspecs import hookimpl
+from peftmed.kernels.registry import KernelImpl, clear_cache
+
+FLOATS = (torch.float32, torch.float64)
+
+
+class CountingKernels:
+    """A plugin registering a counting copy of each op's torch reference, above every built-in priority."""
+
+    def __init__(self):
+        self.calls = {"lora_linear": 0, "layer_norm": 0, "prefix_attention": 0}
+
+    def _loader(self, op):
+        def load():
+            ref = importlib.import_module(f"peftmed.kernels.{op}.reference")
+
+            def forward(*args):
+                self.calls[op] += 1
+                return ref.forward(*args)
+
+            return {"forward": forward, "backward": ref.backward}
+
+        return load
+
+    @hookimpl
+    def register_kernels(self, register):
+        for op in self.calls:
+            register(KernelImpl(op, "counting", 1000, ("cpu",), FLOATS, loader=self._loader(op)))
+
+
+@pytest.fixture
+def counting():
+    clear_cache()
+    plugin = CountingKernels()
+    yield plugin, peftmed.build_registry(extra_plugins=[plugin], load_entrypoints=False)
+    clear_cache()
+
+
+@pytest.mark.parametrize("recipe, op", [("fusion=lora(r=2)", "lora_linear"), ("decoder=layernorm", "layer_norm"),
+                                        ("fusion=prefix(n=2)", "prefix_attention")])
+def test_the_registry_passed_to_apply_is_the_one_dispatched_through(counting, recipe, op):
+    plugin, registry = counting
+    torch.manual_seed(0)
+    model = peftmed.build_backbone("toy-vlm")
+    inputs = model.example_inputs()
+    pm = peftmed.apply(model, recipe, registry=registry)
+    out = pm(*inputs)
+    out.float().sum().backward()
+    assert plugin.calls[op] > 0, f"{op}: the model's registry was not used"
+
+    # a model applied with the default registry never calls the plugin's implementation
+    before = dict(plugin.calls)
+    torch.manual_seed(0)
+    other = peftmed.build_backbone("toy-vlm")
+    peftmed.apply(other, recipe)(*other.example_inputs())
+    assert plugin.calls == before
