@@ -6,7 +6,7 @@
     model = ReportModel(peftmed.apply(peftmed.build_backbone("miss-tiny", max_position_embeddings=128),
                                       "*=layernorm"))
     loss = model.compute_loss(report_collate([ReportDataset(train, 64)[0]]))
-    result = evaluate_reports(model, test, max_new_tokens=100)         # BLEU, ROUGE-L, METEOR, CIDEr, F1
+    result = evaluate_reports(model, test, max_new_tokens=100)         # pycocoevalcap BLEU, ROUGE-L, METEOR, CIDEr; F1
 
 The task ``report``, its datasets (``task="report"``) and the ``report`` metric are registered by
 ``peftmed.report.plugin``; ``peftmed train``, ``eval`` and ``bench --suite irg`` use them through the
@@ -15,13 +15,13 @@ registry like any task. See docs/report-generation.md.
 
 from .evaluate import ReportEvalResult, evaluate_reports
 from .findings import facts_from_findings, facts_from_text, findings_scores
-from .metrics import METRICS_VERSION, bleu, caption_scores, cider, meteor, report_scores, rouge_l, tokenize
+from .metrics import METRICS_VERSION, caption_scores, java_status, report_scores, tokenize
 from .model import DEFAULT_PROMPT, ReportModel, detokenize
 from .plugin import REPORT
 from .records import ReportDataset, ReportRecord, report_collate
 
 __all__ = [
     "DEFAULT_PROMPT", "METRICS_VERSION", "REPORT", "ReportDataset", "ReportEvalResult", "ReportModel", "ReportRecord",
-    "bleu", "caption_scores", "cider", "detokenize", "evaluate_reports", "facts_from_findings", "facts_from_text",
-    "findings_scores", "meteor", "report_collate", "report_scores", "rouge_l", "tokenize",
+    "caption_scores", "detokenize", "evaluate_reports", "facts_from_findings", "facts_from_text",
+    "findings_scores", "java_status", "report_collate", "report_scores", "tokenize",
 ]

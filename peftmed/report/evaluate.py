@@ -30,7 +30,7 @@ def summary_text(s: dict[str, Any]) -> str:
         return "-" if s.get(key) is None else f"{scale * s[key]:.3f}"
 
     text = (f"BLEU-1 {f('bleu_1')}  BLEU-2 {f('bleu_2')}  BLEU-3 {f('bleu_3')}  BLEU-4 {f('bleu_4')}  "
-            f"ROUGE-L {f('rouge_l')}  METEOR(exact) {f('meteor')}  CIDEr {f('cider')}")
+            f"ROUGE-L {f('rouge_l')}  METEOR {f('meteor')}  CIDEr {f('cider')}")
     if "findings_f1" in s:
         text += f"  findings F1 {f('findings_f1')}  presence acc {f('presence_acc')}"
     return text + f"  (n={s.get('n')})"
