@@ -43,7 +43,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def vqa_rad_dir():
     if not (VQA_RAD / "trainset.json").is_file():
         pytest.skip(f"VQA-RAD not found at {VQA_RAD} (expected ../shared/data/vqa_rad beside the repo)")

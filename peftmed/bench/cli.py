@@ -70,6 +70,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--transfer", nargs=2, metavar=("SOURCE", "TARGET"),
                         help="transfer protocol: train the backbone fully on SOURCE (dataset options, e.g. "
                              "domain=ct), then compare the methods adapting it to TARGET (e.g. domain=mr)")
+    budget.add_argument("--train-test-overlap", choices=("drop", "keep"), default="drop",
+                        help="training questions that repeat a test question (VQA-RAD's split has 3): drop "
+                             "(default) or keep")
     budget.add_argument("--source-steps", type=int, default=1500, help="steps of source training (default 1500)")
     budget.add_argument("--source-lr", type=float, default=1e-3, help="learning rate of source training (default 1e-3)")
     budget.add_argument("--source-batch-size", type=int, default=32, help="batch size of source training (default 32)")
@@ -121,6 +124,7 @@ def build_config(args, registry=None):
         dataset_options=parse_options(args.dataset_option, "--dataset-option"),
         transfer=transfer, source_steps=args.source_steps, source_lr=args.source_lr,
         source_batch_size=args.source_batch_size, isolate=not args.no_isolate, plugins=tuple(args.plugin),
+        train_test_overlap=args.train_test_overlap,
         progress=not args.no_progress,
     )
     return config

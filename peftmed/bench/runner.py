@@ -66,6 +66,7 @@ class BenchConfig:
     source_batch_size: int = 32  # batch size of that training
     threads: int | None = None  # torch CPU threads per job (None: torch's default)
     isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
+    train_test_overlap: str = "drop"  # training records that repeat a test question: drop | keep
     plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
     progress: bool = True
 
@@ -81,12 +82,14 @@ class BenchConfig:
             raise ConfigError(f"time_budget must be > 0 seconds, got {self.time_budget!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.train_test_overlap not in ("drop", "keep"):
+            raise ConfigError(f"train_test_overlap must be drop or keep, got {self.train_test_overlap!r}")
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
         keys = ("backbone", "dataset", "task", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
                 "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
-                "source_steps", "source_lr", "source_batch_size")
+                "source_steps", "source_lr", "source_batch_size", "train_test_overlap")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
 
 
@@ -151,7 +154,8 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
         train_opts.update(config.transfer[1])
         test_opts.update(config.transfer[1])
     return Job(label=entry.name, recipe=entry.recipe, provider=provider, backbone=config.backbone,
-               dataset=config.dataset, task=config.task, data_dir=config.data_dir, backbone_options=dict(config.backbone_options),
+               dataset=config.dataset, task=config.task, data_dir=config.data_dir,
+               train_test_overlap=config.train_test_overlap, backbone_options=dict(config.backbone_options),
                train_options=train_opts, test_options=test_opts, steps=config.steps,
                time_budget=config.time_budget, batch_size=config.batch_size,
                eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
@@ -299,9 +303,13 @@ def _shared_options(config: BenchConfig, backbone, registry) -> dict:
     def load(split, options):
         return load_records(config.dataset, split, data_dir=config.data_dir, registry=registry, **options)
 
+    from ..data.records import drop_test_questions
+
     records = load(train_split, source)
-    verify_images(records + load(train_split, target) + load(test_split, target),
-                  where=f"{config.dataset} (bench data)")
+    target_train, target_test = load(train_split, target), load(test_split, target)
+    verify_images(records + target_train + target_test, where=f"{config.dataset} (bench data)")
+    if config.train_test_overlap == "drop":  # one log line for the suite; every job drops the same records
+        drop_test_questions(target_train, target_test, where=f"{config.dataset} training data (every recipe)")
     return glue.shared_build_options(task, backbone, dict(config.backbone_options), records)
 
 

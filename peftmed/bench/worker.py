@@ -42,6 +42,7 @@ class Job:
     data_dir: str | None = None
     backbone_options: dict = field(default_factory=dict)
     shared_options: dict = field(default_factory=dict)  # built once per suite (a tokenizer); not in results
+    train_test_overlap: str = "drop"  # training records repeating a test question: drop | keep
     train_options: dict = field(default_factory=dict)  # load_records options of the training split
     test_options: dict = field(default_factory=dict)  # ... and of the test split
     steps: int | None = 40
@@ -89,6 +90,10 @@ def _run(job: Job, registry) -> dict[str, Any]:
     backbone = registry.backbone(job.backbone)
     task = registry.get("task", job.task or registry.get("dataset", job.dataset).task)
     train_records, test_records = glue.load_data(job, registry)
+    if job.train_test_overlap == "drop":  # the runner said so once for the suite
+        from ..data.records import drop_test_questions
+
+        train_records = drop_test_questions(train_records, test_records, quiet=True)
     if job.eval_samples:
         test_records = test_records[: job.eval_samples]
 

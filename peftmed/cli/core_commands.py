@@ -174,12 +174,12 @@ def _recipe_run(args) -> int:
         if "texts" in _builder_parameters(bb):
             options["texts"] = task.texts(records)
             note = f"vocabulary trained on {spec.name}/{spec.splits[0]}, as 'peftmed train --dataset {spec.name}' builds it"
-    elif "texts" in _builder_parameters(bb):
-        note = ("vocabulary: the backbone's built-in corpus; a run trains its own on the dataset, so the embedding "
-                "rows (and the total) differ: pass --dataset NAME for the run's counts")
     ctx = torch.device("meta") if args.meta else torch.device("cpu")
     with ctx:
         model = bb.build(**options)
+    if not args.dataset and "texts" in _builder_parameters(bb) and _vocabulary_sized(bb, options, model):
+        note = ("vocabulary: the backbone's built-in corpus; a run trains its own on the dataset, so the embedding "
+                "rows (and the total) differ: pass --dataset NAME for the run's counts")
     pm = apply(model, recipe, backbone=bb, registry=reg, keep_base=False)
     report = pm.trainable_report()
     if args.json:
@@ -192,6 +192,15 @@ def _recipe_run(args) -> int:
         for k, p in pm.adapter_tensors().items():
             print(f"  {k}  {tuple(p.shape)}")
     return 0
+
+
+def _vocabulary_sized(backbone, options: dict, model) -> bool:
+    """Whether the model's size follows the vocabulary it is built with (trained on the data)."""
+    import torch
+
+    with torch.device("meta"):
+        other = backbone.build(**{**options, "texts": ["an entirely different vocabulary"]})
+    return sum(p.numel() for p in other.parameters()) != sum(p.numel() for p in model.parameters())
 
 
 def _builder_parameters(backbone) -> set[str]:

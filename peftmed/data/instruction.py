@@ -17,7 +17,7 @@ import random
 from collections.abc import Mapping, Sequence
 
 from ..errors import ConfigError
-from .records import DataError, VQARecord, normalize_answer
+from .records import DataError, VQARecord, normalize_answer, question_key, test_questions_in
 
 log = logging.getLogger("peftmed.data")
 
@@ -44,24 +44,18 @@ class LeakError(DataError):
     """Training data that contains test questions."""
 
 
-def _question_key(rec: VQARecord) -> tuple[str, str]:
-    return rec.image_id, normalize_answer(rec.question)
-
-
 def find_leaks(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord]) -> list[str]:
     """qids of training records that are test questions: same qid, or same image and question text."""
-    test_qids = {r.qid for r in test_records}
-    test_keys = {_question_key(r) for r in test_records}
-    return [r.qid for r in train_records if r.qid in test_qids or _question_key(r) in test_keys]
+    return test_questions_in(train_records, test_records)
 
 
 def check_no_leak(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord]) -> None:
     """Raise ``LeakError`` naming every training qid that is also a test question."""
     leaked = find_leaks(train_records, test_records)
     if leaked:
-        test_of = {r.qid: r.qid for r in test_records} | {_question_key(r): r.qid for r in test_records}
+        test_of = {r.qid: r.qid for r in test_records} | {question_key(r): r.qid for r in test_records}
         by_qid = {r.qid: r for r in train_records}
-        pairs = [f"{q!r} (test {test_of.get(q) or test_of[_question_key(by_qid[q])]!r})" for q in leaked[:20]]
+        pairs = [f"{q!r} (test {test_of.get(q) or test_of[question_key(by_qid[q])]!r})" for q in leaked[:20]]
         shown = ", ".join(pairs) + (" ..." if len(leaked) > 20 else "")
         raise LeakError(
             f"{len(leaked)} training record(s) are test questions (same qid, or same image and question): "
@@ -90,16 +84,17 @@ def render(records: Sequence[VQARecord], templates=None, seed: int = 0, *,
            test_records: Sequence[VQARecord], n_options: int = 4, on_leak: str = "error") -> list[VQARecord]:
     """Render ``records`` (training data) in instruction format; returns new records.
 
-    ``test_records`` is required (pass ``[]`` only when there truly is no test set): a training record
-    that is a test question raises ``LeakError`` (``on_leak="drop"``: dropped and logged). A record's
-    template and options depend only on ``seed`` and its qid, not on the order of ``records``.
+    ``test_records`` (the test split of the same dataset) is required and may not be empty: a training
+    record that is a test question raises ``LeakError`` (``on_leak="drop"``: dropped and logged). A
+    record's template and options depend only on ``seed`` and its qid, not on the order of ``records``.
     The rendered question replaces ``question``; the original is kept in ``extra["original_question"]``,
     the template index in ``extra["template"]`` and the options in ``extra["options"]``.
     """
     if on_leak not in ("error", "drop"):
         raise ConfigError(f"on_leak must be 'error' or 'drop', got {on_leak!r}")
-    if not isinstance(n_options, int) or n_options < 2:
-        raise ConfigError(f"n_options must be an int >= 2 (answer plus distractors), got {n_options!r}")
+    if not test_records:
+        raise LeakError("instruction data is rendered only against the test split of the dataset it comes from "
+                        "(test_records is empty): without it, test questions in the training data cannot be found")
     leaked = set(find_leaks(records, test_records))
     if leaked and on_leak == "error":
         check_no_leak(records, test_records)
@@ -107,9 +102,24 @@ def render(records: Sequence[VQARecord], templates=None, seed: int = 0, *,
         log.warning("instruction data: dropped %d training record(s) that are test questions: %s",
                     len(leaked), sorted(leaked))
         records = [r for r in records if r.qid not in leaked]
+    return _render(records, records, templates, seed, n_options)
+
+
+def render_questions(records: Sequence[VQARecord], answer_pool: Sequence[VQARecord], templates=None,
+                     seed: int = 0, n_options: int = 4) -> list[VQARecord]:
+    """Render evaluation ``records`` in the same instruction format, their distractors drawn from the training
+    answers ``answer_pool`` (a model trained on instruction data is asked the same way)."""
+    if not answer_pool:
+        raise ConfigError("render_questions needs the training records to draw distractor answers from")
+    return _render(records, answer_pool, templates, seed, n_options)
+
+
+def _render(records, answer_pool, templates, seed: int, n_options: int) -> list[VQARecord]:
+    if not isinstance(n_options, int) or n_options < 2:
+        raise ConfigError(f"n_options must be an int >= 2 (answer plus distractors), got {n_options!r}")
     pool = _templates(templates)
     # distractor pools, deduplicated and sorted so the draw depends on the seed alone
-    answers = {kind: sorted({normalize_answer(r.answer) for r in records if r.answer_type == kind})
+    answers = {kind: sorted({normalize_answer(r.answer) for r in answer_pool if r.answer_type == kind})
                for kind in ("CLOSED", "OPEN")}
     closed_choices = [a for a in answers["CLOSED"] if a not in YES_NO]
     out = []

@@ -7,6 +7,7 @@ records, so a new dataset only has to produce them.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +18,8 @@ from typing import Any, Union
 from PIL import Image
 
 from ..errors import PeftmedError, UnknownNameError
+
+log = logging.getLogger("peftmed.data")
 
 ANSWER_TYPES = ("CLOSED", "OPEN")
 
@@ -35,9 +38,17 @@ class MissingDataError(DataError, FileNotFoundError):
     """A data directory, annotation file or image that does not exist."""
 
 
+# Punctuation inside an answer around which spacing carries no meaning ("x-ray" / "x - ray", "3.4" / "3. 4",
+# "( dwi )" / "(dwi)"): a word-piece tokenizer cannot tell them apart when decoding, so comparison ignores it.
+_JOINING = re.compile(r"\s*([-/'(),.:;%~])\s*")
+
+
 def normalize_answer(text: Any) -> str:
-    """Lower case, collapse whitespace, strip final punctuation: how the field compares answers."""
+    """Lower case, collapse whitespace, drop spaces around inner punctuation, strip final punctuation: how
+    answers are compared (lower case and final punctuation as the field does; the spacing rule only merges
+    answers that differ by spaces around a hyphen, slash, bracket, apostrophe, comma, decimal point...)."""
     text = re.sub(r"\s+", " ", str(text).lower()).strip()
+    text = _JOINING.sub(r"\1", text)
     return text.rstrip(_FINAL_PUNCT).rstrip()
 
 
@@ -143,6 +154,32 @@ def check_unique_qids(records: Sequence[VQARecord], where: str = "records") -> N
     dupes = [r.qid for r in records if r.qid in seen or seen.add(r.qid)]
     if dupes:
         raise DataError(f"{where}: duplicate qid(s) {sorted(set(dupes))[:10]}; qids must be unique")
+
+
+def question_key(rec) -> tuple[str, str]:
+    """What makes two records the same question: the image and the normalised question text (a record
+    without a question, a report, is the same as another of the same image)."""
+    return rec.image_id, normalize_answer(getattr(rec, "question", ""))
+
+
+def test_questions_in(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord]) -> list[str]:
+    """qids of training records that are test questions: same qid, or same image and question text."""
+    test_qids = {r.qid for r in test_records}
+    test_keys = {question_key(r) for r in test_records}
+    return [r.qid for r in train_records if r.qid in test_qids or question_key(r) in test_keys]
+
+
+def drop_test_questions(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord],
+                        where: str = "training data", quiet: bool = False) -> list[VQARecord]:
+    """The training records without those that repeat a test question (VQA-RAD's common split repeats
+    three), with one log line naming them; what ``peftmed train`` and ``bench`` train on by default."""
+    repeated = set(test_questions_in(train_records, test_records))
+    if not repeated:
+        return list(train_records)
+    if not quiet:
+        log.warning("%s: dropped %d training question(s) that repeat a test question (same image and question): "
+                    "qid(s) %s (--train-test-overlap keep keeps them)", where, len(repeated), ", ".join(sorted(repeated)))
+    return [r for r in train_records if r.qid not in repeated]
 
 
 def majority_baseline(train_records: Sequence[VQARecord], test_records: Sequence[VQARecord]) -> dict[str, str]:

@@ -14,7 +14,9 @@ from .base import AdapterLayer, Method, MethodConfig, unwrap
 
 @dataclass
 class IA3Config(MethodConfig):
-    feedforward_roles: tuple[str, ...] = ("mlp.down",)  # roles scaled on their input, not output
+    # roles scaled on their input, not output: the output projections of attention and FFN (peft's BERT
+    # default, "output.dense" as feedforward), so the vector has the projection's input width
+    feedforward_roles: tuple[str, ...] = ("mlp.down", "attn.o", "cross.o")
 
 
 class IA3Linear(AdapterLayer):
@@ -72,7 +74,9 @@ class IA3(Method):
     name = "ia3"
     family = "inject"
     config_class = IA3Config
-    default_roles = ("attn.k", "attn.v", "mlp.down")
+    # keys, values and outputs of the self- and cross-attention, and the FFN output (huggingface/peft's BERT
+    # default: key, value, output.dense; what the MILE paper counts)
+    default_roles = ("attn.k", "attn.v", "attn.o", "cross.k", "cross.v", "cross.o", "mlp.down")
     description = "IA3: learned scaling vectors on keys, values and feed-forward activations"
     short_label = "IA3"
     default_lr = 3e-3

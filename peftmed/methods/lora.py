@@ -108,7 +108,9 @@ class Lora(Method):
     name = "lora"
     family = "inject"
     config_class = LoraConfig
-    default_roles = ("attn.q", "attn.v", "attn.qkv")
+    # query and value of the self- and cross-attention (what huggingface/peft's BERT default targets and the
+    # MILE paper counts); roles a backbone lacks (a ViT has no cross-attention) are simply not there
+    default_roles = ("attn.q", "attn.v", "attn.qkv", "cross.q", "cross.v")
     description = "LoRA: trainable low-rank update B A added to frozen linear weights"
     short_label = "LoRA"
     default_lr = 1e-3

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 
 import torch
 from torch import nn
 
 from ..backbones.base import TextLimits
+from ..backbones.wordpiece import detokenize
 from ..errors import ConfigError, PeftmedError
 
 log = logging.getLogger("peftmed.report")
@@ -63,11 +63,6 @@ def _limits(model: nn.Module, prompt: str) -> TextLimits:
         f"{type(model).__name__} cannot serve the report task: ReportModel needs a VQA model with text_limits(prompt) "
         f"(as peftmed's miss, hf-blip-vqa and hf-llava have) or an integer max_answer_tokens, plus compute_loss and "
         f"generate")
-
-
-def detokenize(text: str) -> str:
-    """Undo the word-piece decoder's spacing inside decimal numbers (``"2. 6 cm"`` -> ``"2.6 cm"``)."""
-    return re.sub(r"(?<=\d) ?\. ?(?=\d)", ".", text).strip()
 
 
 class ReportModel(nn.Module):
@@ -181,7 +176,7 @@ class ReportModel(nn.Module):
                                             max_new_tokens=max_new_tokens, num_beams=num_beams)
         finally:
             self.train(was_training)
-        return [detokenize(t) for t in texts]
+        return [detokenize(t) for t in texts]  # the models' decoders already did; idempotent
 
     def generate(self, batch, max_new_tokens: int = DEFAULT_MAX_REPORT_TOKENS, num_beams: int = 3) -> list[str]:
         return self.generate_report(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)

@@ -52,6 +52,11 @@ RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
                                "(adapter, checkpoints, tokenizer, metrics) are replaced, nothing else is touched"),
     "evaluate": (bool, True, "evaluate on --eval-split after training"),
     "task": (str, None, "a registered task (vqa, report...: 'peftmed tasks'); default: the dataset's"),
+    "train_test_overlap": (str, "drop", "training records that repeat a test question (same image and question; "
+                                        "VQA-RAD's common split has 3): drop or keep"),
+    "instruction_format": (bool, False, "train and evaluate on the MILE paper's instruction-format questions "
+                                        "(templates with answer options; refused if a test question is in the "
+                                        "training data)"),
 }
 DICT_OPTIONS = tuple(k for k, (t, _, _) in RUN_OPTIONS.items() if t is dict)
 
@@ -304,6 +309,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
     train = _load(spec.name, opts["train_split"], opts, registry)
     test = _load(spec.name, opts["eval_split"], opts, registry)
     verify_images(train + test, where=f"{spec.name} ({opts['train_split']} and {opts['eval_split']})")
+    train, test = prepare_records(train, test, opts, spec.name)
     tokenizer_dir = out / TOKENIZER_DIR
     model = build_model(backbone, opts, texts=task.texts(train),
                         tokenizer_dir=tokenizer_dir if opts["resume"] else None)
@@ -360,6 +366,28 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
     return 0
+
+
+def prepare_records(train: list, test: list, opts: dict[str, Any], dataset: str) -> tuple[list, list]:
+    """The records a run trains and evaluates on: training records that repeat a test question dropped
+    (unless --train-test-overlap keep), and with --instruction-format both rendered in the MILE paper's
+    instruction format (the training data through the leak guard)."""
+    from ..data.instruction import render, render_questions
+    from ..data.records import drop_test_questions
+
+    overlap = opts.get("train_test_overlap") or "drop"
+    if overlap not in ("drop", "keep"):
+        raise ConfigError(f"--train-test-overlap must be drop or keep, got {overlap!r}")
+    if overlap == "drop":
+        train = drop_test_questions(train, test, where=f"{dataset} training data")
+    if opts.get("instruction_format"):
+        if not all(hasattr(r, "question") for r in train[:1]):
+            raise ConfigError(f"--instruction-format renders questions, and {dataset!r} records have none")
+        seed = int(opts.get("seed") or 0)
+        rendered = render(train, seed=seed, test_records=test)  # refuses test questions in the training data
+        test = render_questions(test, train, seed=seed + 1)
+        train = rendered
+    return train, test
 
 
 def _check_resumable(out: Path, backbone) -> None:
@@ -450,6 +478,11 @@ def run_eval(args: argparse.Namespace) -> int:
     train_split = opts.get("train_split") or spec.splits[0]
     # the baseline needs the training records: only known when evaluating on the run's dataset
     train = _load(spec.name, train_split, opts, registry) if same_data else None
+    if train is not None:
+        train, test = prepare_records(train, test, opts, spec.name)
+    elif opts.get("instruction_format"):
+        raise ConfigError("this adapter was trained on instruction-format questions: evaluate it on its run's "
+                          "dataset (the options are drawn from its training answers)")
     tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
     model = build_model(backbone, opts, texts=task.texts(train) if train is not None else None,
                         tokenizer_dir=tokenizer_dir)

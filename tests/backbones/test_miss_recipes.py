@@ -30,7 +30,8 @@ def _ln_names(m):
 
 # recipe -> (expected trainable base parameters or None, regex every new adapter parameter must match or None)
 RECIPES = {
-    "fusion=lora(r=4)": (set(), r"text_encoder\.encoder\.layer\.\d+\.attention\.self\.(query|value)\.lora_[AB]"),
+    "fusion=lora(r=4)": (set(), r"text_encoder\.encoder\.layer\.\d+\.(attention|crossattention)\.self\."
+                                r"(query|value)\.lora_[AB]"),
     "decoder=ia3": (set(), r"text_decoder\.bert\.encoder\.layer\.\d+\..*ia3"),
     "*=layernorm(fused=false)": (_ln_names, None),
     "*=layernorm": (_ln_names, None),  # through the fused layer_norm op
@@ -98,3 +99,39 @@ def test_papers_rows_read_against_miss_components():
     assert {r.component for r in report.rows} == {"fusion", "decoder"}
     pm2 = peftmed.apply(model(), peftmed.Recipe.parse("T|T|LoRA", components=["vision", "fusion", "decoder"]))
     assert pm2.trainable_report().row == "T|T|LoRA"
+
+
+# The MILE paper's trainable-parameter percentages of the 361,478,972-parameter MISS, counted as it counts
+# them (trainable / (base + added)), each reproduced by the row's plain form and the default roles.
+PAPER_ROWS = [
+    ("fusion=lora(r=4) decoder=lora(r=4)", 0.163),  # F|LoRA|LoRA with r=4
+    ("F|LoRA|LoRA", 0.325),
+    ("T|T|LoRA", 61.919),
+    ("F|IA3|IA3", 0.051),
+    ("F|PTV2|PTV2", 0.102),
+    ("F|F|Prefix", 3.926),
+    ("F|Prefix|Prefix", 7.556),
+    ("T|T|Prefix", 63.354),
+]
+
+
+@pytest.mark.parametrize("recipe, paper", PAPER_ROWS)
+def test_the_papers_rows_on_miss_base_to_the_printed_digits(recipe, paper):
+    model = peftmed.build_backbone("miss-base", device="meta")
+    report = peftmed.apply(model, recipe, keep_base=False).trainable_report()
+    assert report.total_base == 361_478_972
+    assert round(report.percent_with_added, 3) == paper, report
+
+
+def test_layernorm_tuning_is_about_0_0425_percent_of_miss_base():
+    model = peftmed.build_backbone("miss-base", device="meta")
+    report = peftmed.apply(model, "*=layernorm", keep_base=False).trainable_report()
+    assert report.trainable == 153_600 and round(report.percent, 4) == 0.0425
+
+
+def test_the_self_attention_only_variant_is_one_option_away():
+    """roles=[attn.q,attn.v] gives LoRA on self-attention only (half the MILE count)."""
+    model = peftmed.build_backbone("miss-base", device="meta")
+    report = peftmed.apply(model, "fusion=lora(roles=[attn.q,attn.v]) decoder=lora(roles=[attn.q,attn.v])",
+                           keep_base=False).trainable_report()
+    assert report.trainable == 589_824 and round(report.percent_with_added, 3) == 0.163

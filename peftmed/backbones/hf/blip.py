@@ -21,6 +21,7 @@ from .common import (
     seeded_model,
 )
 from .prefix import make_prefix_capable
+from ..wordpiece import detokenize
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 # Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).
@@ -142,7 +143,7 @@ class HFBlipVQA(VQAModule):
             )
         finally:
             self.train(was_training)
-        return [t.strip() for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
+        return [detokenize(t) for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
 
 
 def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None, **ids):

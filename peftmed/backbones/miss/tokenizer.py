@@ -21,7 +21,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from ...errors import ConfigError
-from ..wordpiece import wordpiece_vocab
+from ..wordpiece import detokenize, wordpiece_vocab
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -180,11 +180,12 @@ class MissTokenizer:
         return ids, ids != self.pad_id, truncated
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of ``ids`` up to the first ``[SEP]``, special tokens dropped."""
+        """Text of ``ids`` up to the first ``[SEP]``, special tokens dropped, punctuation spaced as written
+        (``peftmed.backbones.wordpiece.detokenize``)."""
         ids = [int(i) for i in ids]
         if self.sep_id in ids:
             ids = ids[: ids.index(self.sep_id)]
-        return self.backend.decode(ids, skip_special_tokens=True).strip()
+        return detokenize(self.backend.decode(ids, skip_special_tokens=True))
 
     def tokenize(self, text: str) -> list[str]:
         return self.backend.encode(text, add_special_tokens=False).tokens
