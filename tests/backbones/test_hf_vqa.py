@@ -2,6 +2,7 @@
 loading a local folder, and bad input. Tiny presets; nothing is downloaded."""
 
 import json
+import re
 import logging
 import os
 
@@ -138,8 +139,14 @@ def test_recipe_check_prints_the_papers_row_and_counts(capsys):
     assert main(["recipe", "check", "F|LoRA|LoRA", "--backbone", "hf-blip-vqa"]) == 0
     out = capsys.readouterr().out
     assert "(F|LoRA|LoRA)" in out
-    per_component = layers * 2 * 8 * (width + width)  # q and v per layer, r=8: A (8 x d) + B (d x 8)
-    assert f"{per_component:,}" in out and f"{2 * per_component:,}" in out
+    # query and value of the self- and cross-attention per layer, r=8: A (8 x in) + B (out x 8)
+    def lora_count(prefix):
+        return sum(8 * (m.in_features + m.out_features) for n, m in model.named_modules()
+                   if n.startswith(prefix) and re.search(r"(attention|crossattention)\.self\.(query|value)$", n))
+
+    fusion, decoder = lora_count("model.text_encoder."), lora_count("model.text_decoder.")
+    assert fusion > layers * 2 * 8 * (width + width)  # more than self-attention alone: cross-attention too
+    assert f"{fusion:,}" in out and f"{decoder:,}" in out and f"{fusion + decoder:,}" in out
 
     assert main(["recipe", "check", "*=layernorm", "-b", "hf-blip-vqa", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
