@@ -27,6 +27,9 @@ examples:
 """
 
 
+TRANSFER_STEPS = 200  # adaptation steps per recipe under the transfer protocol (docs/bench.md: the budget)
+
+
 def parse_options(items, what: str) -> dict:
     """``["k=v", "a=1,b=2"]`` -> ``{"k": "v", "a": 1, "b": 2}`` (``peftmed.options.parse_key_values``)."""
     from ..options import parse_key_values
@@ -54,7 +57,7 @@ def configure(p: argparse.ArgumentParser) -> None:
                       help="import MODULE as a peftmed plugin (e.g. your own backbone); repeatable")
     budget = p.add_argument_group("budget and training")
     budget.add_argument("--steps", type=int, default=None, help="optimizer steps per recipe (default: the task's, "
-                                                                "300 with the transfer protocol)")
+                                                                f"{TRANSFER_STEPS} with the transfer protocol)")
     budget.add_argument("--time-budget", type=float, help="seconds of training per recipe (stops at steps or "
                                                          "time, whichever comes first)")
     budget.add_argument("--batch-size", type=int, help="training batch size (default 16 with the transfer "
@@ -62,6 +65,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--lr", type=float, help="one learning rate for every method (default: each method's usual "
                                                  "rate, e.g. LoRA 1e-3, full 1e-4)")
     budget.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
+    budget.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="repeat every recipe with these seeds (e.g. --seeds 0 1 2): the table shows the mean, "
+                             "the spread over seeds and intervals over the test records")
     budget.add_argument("--eval-samples", type=int, help="score the first N test records (default: the task's)")
     budget.add_argument("--num-beams", type=int, default=1, help="beams of answer generation (default 1: greedy)")
     budget.add_argument("--backbone-option", action="append", metavar="K=V", help="builder option, repeatable")
@@ -73,8 +79,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--train-test-overlap", choices=("drop", "keep"), default="drop",
                         help="training questions that repeat a test question (VQA-RAD's split has 3): drop "
                              "(default) or keep")
-    budget.add_argument("--source-steps", type=int, default=1500, help="steps of source training (default 1500)")
-    budget.add_argument("--source-lr", type=float, default=1e-3, help="learning rate of source training (default 1e-3)")
+    budget.add_argument("--source-steps", type=int, default=600, help="steps of source training (default 600)")
+    budget.add_argument("--source-lr", type=float, default=2e-3, help="learning rate of source training (default 2e-3)")
     budget.add_argument("--source-batch-size", type=int, default=32, help="batch size of source training (default 32)")
     budget.add_argument("--no-transfer", action="store_true",
                         help="adapt the randomly initialised backbone directly instead of the dataset's default "
@@ -111,13 +117,14 @@ def build_config(args, registry=None):
     if transfer is None and not args.no_transfer and spec.transfer is not None and task.name == spec.task:
         transfer = tuple(dict(t) for t in spec.transfer)  # the dataset's default protocol (docs/bench.md)
     # the transfer protocol needs a real budget to say anything (docs/bench.md)
-    default_steps, default_batch = (300, 16) if transfer else (task.bench_steps, task.bench_batch_size)
+    default_steps, default_batch = (TRANSFER_STEPS, 16) if transfer else (task.bench_steps, task.bench_batch_size)
     config = BenchConfig(
         backbone=args.backbone, dataset=dataset, task=task_name, data_dir=args.data_dir, device=args.device,
         threads=args.threads,
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else default_steps),
-        time_budget=args.time_budget, batch_size=args.batch_size or default_batch, lr=args.lr, seed=args.seed,
+        time_budget=args.time_budget, batch_size=args.batch_size or default_batch, lr=args.lr,
+        seed=args.seeds[0] if args.seeds else args.seed, seeds=tuple(args.seeds) if args.seeds else None,
         eval_samples=args.eval_samples if args.eval_samples is not None else task.bench_eval_samples,
         num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
         resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),

@@ -48,21 +48,33 @@ BASE_COLUMNS = (("recipe", 24), ("row", 14), ("trainable", 11), ("%", 8), ("peak
                 ("time s", 7))
 
 
-def columns(task) -> tuple[tuple[str, int], ...]:
+STAT_COLUMNS = (("95% CI", 13), ("seed sd", 7), ("p vs frozen", 11), ("p vs full", 9))
+
+
+def columns(task, stats: bool = False) -> tuple[tuple[str, int], ...]:
+    """The table's (header, width): the bench's own columns, the task's scores (with ``stats``: the primary
+    score's interval, its spread over seeds and the paired p-values), the peft baseline's ratios."""
     scores = tuple((c.header, max(6, len(c.header))) for c in task.columns)
     primary = next(c.header for c in task.columns if c.key == task.primary)
-    return BASE_COLUMNS + scores + (("peft step x", 11), ("peft mem x", 10), (f"peft {primary}", 6 + len(primary)))
+    return BASE_COLUMNS + scores + (STAT_COLUMNS if stats else ()) + (
+        ("peft step x", 11), ("peft mem x", 10), (f"peft {primary}", 6 + len(primary)))
 
 
-def table_header(task) -> str:
-    cols = columns(task)
+def table_header(task, stats: bool = False) -> str:
+    cols = columns(task, stats)
     head = " ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(cols))
     return head + "\n" + "-" * len(head)
 
 
-def _cells(rows: Sequence[dict[str, Any]], task) -> tuple[list[str], str]:
+def _p(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _cells(rows: Sequence[dict[str, Any]], task, stats: bool = False) -> tuple[list[str], str]:
     """Table cells of one recipe (its peftmed row and, if any, its peft row), and a note."""
-    cols = columns(task)
+    cols = columns(task, stats)
     own = next(r for r in rows if r["provider"] == "peftmed")
     peft = next((r for r in rows if r["provider"] == "peft"), None)
     cells = [own["label"], str(own.get("row") or "")]
@@ -71,9 +83,14 @@ def _cells(rows: Sequence[dict[str, Any]], task) -> tuple[list[str], str]:
         cells += [""] * (len(cols) - 2)
         note = f"{own['status'].upper()}: {own.get('error')}"
         return cells, note
-    cells += [f"{own['trainable']:,}", f"{own['trainable_percent']:.3f}", _num(own["peak_memory_mib"], ".0f", 0),
+    cells += [f"{int(own['trainable']):,}", f"{own['trainable_percent']:.3f}", _num(own["peak_memory_mib"], ".0f", 0),
               _num(own["throughput"], ".1f", 0), _num(own["train_time_s"], ".1f", 0)]
     cells += [_num(own.get(c.key), c.fmt, 0) for c in task.columns]
+    if stats:
+        lo, hi = own.get("ci_low"), own.get("ci_high")
+        has_ci = lo is not None and not (isinstance(lo, float) and math.isnan(lo))
+        cells += [f"{lo:.3f}-{hi:.3f}" if has_ci else "-", _num(own.get("seed_sd"), ".3f", 0),
+                  _p(own.get("p_vs_frozen")), _p(own.get("p_vs_full"))]
     if peft is None:
         cells += ["-", "-", "-"]
         if own.get("peft_note"):
@@ -89,10 +106,10 @@ def _cells(rows: Sequence[dict[str, Any]], task) -> tuple[list[str], str]:
     return cells, note
 
 
-def table_line(rows: Sequence[dict[str, Any]], task) -> str:
-    cells, note = _cells(rows, task)
+def table_line(rows: Sequence[dict[str, Any]], task, stats: bool = False) -> str:
+    cells, note = _cells(rows, task, stats)
     line = " ".join(c[:w].ljust(w) if i < 2 else c.rjust(w)
-                    for i, (c, (_, w)) in enumerate(zip(cells, columns(task))))
+                    for i, (c, (_, w)) in enumerate(zip(cells, columns(task, stats))))
     return line + (f"\n    {note[:300]}" if note else "")
 
 
@@ -104,48 +121,24 @@ def group_rows(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def text_table(rows: Sequence[dict[str, Any]], task) -> str:
-    return "\n".join([table_header(task)] + [table_line(g, task) for g in group_rows(rows)])
+def text_table(summary: Sequence[dict[str, Any]], task) -> str:
+    """The summary table (one line per recipe, statistics included)."""
+    return "\n".join([table_header(task, True)] + [table_line(g, task, True) for g in group_rows(summary)])
 
 
-def markdown_table(rows: Sequence[dict[str, Any]], task) -> str:
-    cols = columns(task)
+def markdown_table(summary: Sequence[dict[str, Any]], task) -> str:
+    cols = columns(task, True)
     lines = ["| " + " | ".join(h for h, _ in cols) + " |",
              "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
     notes = []
-    for group in group_rows(rows):
-        cells, note = _cells(group, task)
+    for group in group_rows(summary):
+        cells, note = _cells(group, task, True)
         cells[0] = cells[0].replace("|", "\\|")
         cells[1] = f"`{cells[1]}`" if cells[1] else ""
         lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 0 else c for i, c in enumerate(cells)) + " |")
         if note:
             notes.append(f"- **{group[0]['label']}**: {note}")
     return "\n".join(lines + ([""] + notes if notes else []))
-
-
-def winner_text(rows: Sequence[dict[str, Any]], task) -> str:
-    """The method with the best primary score per trainable parameter, and the best one."""
-    key = task.primary
-    name = next(c.header for c in task.columns if c.key == key)
-
-    def value(r):
-        v = r.get(key)
-        return math.nan if v is None else v
-
-    done = [r for r in rows if r["provider"] == "peftmed" and r["status"] == "ok" and not math.isnan(value(r))]
-    ok = [r for r in done if r.get("trainable")]
-    if not ok:
-        return f"no recipe finished with a {name} figure"
-    best = max(ok, key=value)
-    # the score gained over the untrained/frozen model per trainable parameter
-    floor = min((value(r) for r in done), default=0.0)
-    frozen = [r for r in done if r.get("trainable") == 0]
-    if frozen:
-        floor = value(frozen[0])
-    per_param = max(ok, key=lambda r: (value(r) - floor) / r["trainable"])
-    return (f"best {name}: {best['label']} ({value(best):.3f}, {best['trainable_percent']:.3f}% trained); best "
-            f"{name} per trainable parameter: {per_param['label']} ({value(per_param):.3f} with "
-            f"{per_param['trainable']:,} parameters, {per_param['trainable_percent']:.3f}%)")
 
 
 # ---- plots -------------------------------------------------------------------------------------------
@@ -158,41 +151,72 @@ def _pyplot():
     return plt
 
 
-def plot_all(folder: Path, rows: Sequence[dict[str, Any]], task) -> dict[str, Path]:
-    """The primary score vs trainable %, throughput and peak memory per recipe (peft bars beside)."""
-    key = task.primary
-    name = next(c.header for c in task.columns if c.key == key)
+def plot_all(folder: Path, summary: Sequence[dict[str, Any]], task) -> dict[str, Path]:
+    """The primary score (with its 95% interval) vs trainable parameters, throughput and peak memory per
+    recipe (peft beside)."""
     plt = _pyplot()
     out = folder / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in rows if r["status"] == "ok"]
-    paths = {}
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for provider, marker, color in (("peftmed", "o", "tab:blue"), ("peft", "s", "tab:orange")):
-        pts = [r for r in ok if r["provider"] == provider and not math.isnan(r.get(key, math.nan))]
-        if not pts:
-            continue
-        xs = [max(r["trainable_percent"], 1e-4) for r in pts]  # frozen (0 %) drawn at the axis floor
-        ax.scatter(xs, [r[key] for r in pts], marker=marker, color=color, label=provider, zorder=3)
-        if provider == "peftmed":
-            for x, r in zip(xs, pts):
-                ax.annotate(r["label"], (x, r[key]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (% of the model, log scale)")
-    ax.set_ylabel(name)
-    ax.set_title(f"{name} vs trainable parameters")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths["accuracy"] = out / "accuracy_vs_trainable.png"
-    fig.savefig(paths["accuracy"], dpi=110)
-    plt.close(fig)
-
+    ok = [r for r in summary if r["status"] == "ok"]
+    paths = {"accuracy": _score_plot(plt, out / "accuracy_vs_trainable.png", ok, task)}
     for key, metric, ylabel, title in (("throughput", "throughput", "samples / s", "Training throughput"),
                                        ("memory", "peak_memory_mib", "peak memory (MiB)", "Peak memory")):
         paths[key] = _bars(plt, out / f"{key}.png", ok, metric, ylabel, title)
     return paths
+
+
+def _spread_labels(points: list[tuple[float, float, str]], min_gap: float) -> list[float]:
+    """y positions for labels so that no two closer than ``min_gap`` overlap (in y order)."""
+    order = sorted(range(len(points)), key=lambda i: points[i][1])
+    placed: list[float] = [0.0] * len(points)
+    last = -math.inf
+    for i in order:
+        y = max(points[i][1], last + min_gap)
+        placed[i], last = y, y
+    return placed
+
+
+def _score_plot(plt, path: Path, rows, task) -> Path:
+    key = task.primary
+    name = next(c.header for c in task.columns if c.key == key)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    # frozen trains 0 parameters: a symmetric log axis has a linear stretch around 0 where it sits honestly
+    ax.set_xscale("symlog", linthresh=1e-3)
+    styles = {"peftmed": ("o", "tab:blue", 1.0), "peft": ("s", "tab:orange", 1.15)}  # peft drawn a bit right
+    label_points = []
+    for provider, (marker, color, shift) in styles.items():
+        pts = [r for r in rows if r["provider"] == provider and not math.isnan(r.get(key, math.nan))]
+        if not pts:
+            continue
+        xs = [r["trainable_percent"] * shift for r in pts]
+        ys = [r[key] for r in pts]
+        lo = [r[key] - r["ci_low"] if _has(r.get("ci_low")) else 0.0 for r in pts]
+        hi = [r["ci_high"] - r[key] if _has(r.get("ci_high")) else 0.0 for r in pts]
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, color=color, ecolor=color, elinewidth=1, capsize=3,
+                    markersize=6 if provider == "peftmed" else 7, markerfacecolor=color if provider == "peftmed"
+                    else "none", label=f"{provider} (95% CI)", zorder=3)
+        if provider == "peftmed":
+            label_points += [(x, y, r["label"]) for x, y, r in zip(xs, ys, pts)]
+    ylo, yhi = ax.get_ylim()
+    placed = _spread_labels(label_points, (yhi - ylo) * 0.045)
+    for (x, y, text), ly in zip(label_points, placed):
+        ax.annotate(text, (x, y), xytext=(x, ly), textcoords="data", fontsize=7, ha="left", va="center",
+                    xycoords="data", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if abs(ly - y) > 1e-9
+                    else None)
+    ax.set_xlim(left=-5e-4)
+    ax.set_xlabel("trainable parameters (% of the model; linear below 0.001%, log above; frozen at 0)")
+    ax.set_ylabel(name)
+    ax.set_title(f"{name} vs trainable parameters")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _has(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _bars(plt, path: Path, rows, metric: str, ylabel: str, title: str) -> Path:
@@ -219,29 +243,40 @@ def _bars(plt, path: Path, rows, metric: str, ylabel: str, title: str) -> Path:
 
 # ---- the Markdown report -----------------------------------------------------------------------------
 def write_report(folder: Path, data: dict[str, Any], task) -> Path:
-    meta, rows = data["meta"], data["rows"]
-    plots = plot_all(folder, rows, task)
+    from .summary import efficiency, winner
+
+    meta, rows, summary = data["meta"], data["rows"], data.get("summary") or []
+    plots = plot_all(folder, summary, task)
     primary = next(c.header for c in task.columns if c.key == task.primary)
     cfg = meta.get("config", {})
     memory = next((r.get("memory_method") for r in rows if r.get("memory_method")), "n/a")
+    seeds = cfg.get("seeds") or [cfg.get("seed")]
+    builds = [b for b in meta.get("kernel_builds") or [] if b.get("built")]
+    n_test = next((r.get("n_test") for r in rows if r.get("n_test")), None)
     lines = [
         f"# peftmed bench: {cfg.get('backbone')} on {cfg.get('dataset')} ({task.name})",
         "",
         f"- suite `{meta.get('suite')}`, {len({r['label'] for r in rows})} recipes; budget "
         f"{cfg.get('steps') or '-'} steps / {cfg.get('time_budget') or '-'} s at batch {cfg.get('batch_size')}; "
-        f"seed {meta.get('seed')}",
+        f"seed(s) {', '.join(map(str, seeds))}; {n_test} test records",
         f"- device: {meta.get('device_name')}",
         f"- versions: peftmed {meta.get('peftmed')}, torch {meta.get('torch')}, transformers "
         f"{meta.get('transformers')}, peft {meta.get('peft')}; git {meta.get('git_sha')}",
         f"- peak memory: {memory}",
-        "- throughput: median of timed training steps after warm-up; time: wall time to the end of the budget",
+        "- throughput: median of timed training steps after warm-up; time: training time to the end of the budget",
+        "- kernels: " + (", ".join(f"{b['extension']} compiled in {b['seconds']:.0f} s" for b in builds)
+                         + " before any timing" if builds else "no extension needed compiling (loaded from the cache)"),
+        f"- {primary} with its 95% bootstrap interval over the test records; seed sd: spread over seeds; p vs "
+        f"frozen / full: paired two-sided test on the same records ({'McNemar exact' if task.binary else 'permutation'})",
         "- peft step x / mem x: peftmed / peft median step time and peak memory on the same model, seed and "
-        "budget (below 1: peftmed faster / smaller); peft overall: peft's ACC",
+        f"budget (below 1: peftmed faster / smaller); peft {primary}: peft's score",
         f"- elapsed: {meta.get('elapsed_s', math.nan):.0f} s",
         "",
-        markdown_table(rows, task),
+        markdown_table(summary, task),
         "",
-        winner_text(rows, task),
+        "**" + winner(summary, task)["text"] + "**",
+        "",
+        efficiency(summary, task),
         "",
         f"![{primary} vs trainable parameters](plots/{plots['accuracy'].name})",
         "",
@@ -261,8 +296,8 @@ def compare_text(a: dict[str, Any], b: dict[str, Any], name_a: str, name_b: str,
     primary = next(c for c in task.columns if c.key == task.primary)
     figures = ((primary.header, primary.key, primary.fmt), ("samples/s", "throughput", ".1f"),
                ("peak MiB", "peak_memory_mib", ".0f"), ("time s", "train_time_s", ".1f"))
-    rows_a = {r["label"]: r for r in a["rows"] if r["provider"] == "peftmed"}
-    rows_b = {r["label"]: r for r in b["rows"] if r["provider"] == "peftmed"}
+    rows_a = {r["label"]: r for r in a.get("summary") or a["rows"] if r["provider"] == "peftmed"}
+    rows_b = {r["label"]: r for r in b.get("summary") or b["rows"] if r["provider"] == "peftmed"}
     labels = list(rows_a) + [k for k in rows_b if k not in rows_a]
     head = f"{'recipe':<24}" + "".join(f" {h + ' A':>12} {h + ' B':>12} {'B/A':>6}" for h, _, _ in figures)
     lines = [f"A = {name_a} ({_describe(a)})", f"B = {name_b} ({_describe(b)})", "", head, "-" * len(head)]

@@ -28,14 +28,14 @@ from ..files import write_text_atomic
 from .suites import slug
 
 FORMAT = "peftmed-bench"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rows per seed, a summary with intervals and paired tests
 
 # The figures of a row, in table order; each becomes one tidy CSV row per (recipe, provider), followed by
 # the task's scores (any other number in the row).
 METRICS = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", "throughput",
            "step_time_median_s", "train_time_s", "steps_done", "final_loss", "eval_time_s")
 NOT_FIGURES = {"label", "recipe", "provider", "status", "error", "traceback", "row", "memory_method", "device",
-               "peft_note", "resumed", "metrics_version", "n_train", "n_test"}
+               "peft_note", "resumed", "metrics_version", "n_train", "n_test", "seed", "seeds", "n_seeds"}
 
 
 def figures(row: dict[str, Any]) -> list[str]:
@@ -73,21 +73,25 @@ def _nan_to_none(value):
     return value
 
 
-def job_file(folder: Path, label: str, provider: str) -> Path:
-    return folder / "runs" / f"{slug(label)}.{provider}.json"
+def job_file(folder: Path, label: str, provider: str, seed: int = 0) -> Path:
+    return folder / "runs" / f"{slug(label)}.{provider}.s{seed}.json"
 
 
-def save_job(folder: Path, row: dict[str, Any], fingerprint: dict[str, Any]) -> None:
+def predictions_file(folder: Path, label: str, provider: str, seed: int = 0) -> Path:
+    return folder / "predictions" / f"{slug(label)}.{provider}.s{seed}.json"
+
+
+def save_job(folder: Path, row: dict[str, Any], fingerprint: dict[str, Any], seed: int = 0) -> None:
     row = dict(row)
     predictions = row.pop("predictions", None)
     if predictions is not None:
-        write_atomic(folder / "predictions" / f"{slug(row['label'])}.{row['provider']}.json", dumps(predictions))
-    write_atomic(job_file(folder, row["label"], row["provider"]), dumps({"fingerprint": fingerprint, "row": row}))
+        write_atomic(predictions_file(folder, row["label"], row["provider"], seed), dumps(predictions))
+    write_atomic(job_file(folder, row["label"], row["provider"], seed), dumps({"fingerprint": fingerprint, "row": row}))
 
 
-def load_job(folder: Path, label: str, provider: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+def load_job(folder: Path, label: str, provider: str, fingerprint: dict[str, Any], seed: int = 0) -> dict[str, Any] | None:
     """The finished row of a job, if one was written with the same settings (else None: rerun it)."""
-    path = job_file(folder, label, provider)
+    path = job_file(folder, label, provider, seed)
     if not path.is_file():
         return None
     try:
@@ -97,6 +101,14 @@ def load_job(folder: Path, label: str, provider: str, fingerprint: dict[str, Any
     if data.get("fingerprint") != json.loads(dumps(fingerprint)):
         return None
     return data["row"]
+
+
+def load_predictions(folder: Path, label: str, provider: str, seed: int = 0) -> dict[str, str] | None:
+    path = predictions_file(folder, label, provider, seed)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ---- metadata ------------------------------------------------------------------------------------
@@ -171,30 +183,41 @@ def check_compatible(folder: Path, *, must_exist: bool = True) -> dict[str, Any]
     return data
 
 
-def write_results(folder: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "rows": rows}
+def write_results(folder: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
+                  summary: list[dict[str, Any]] | None = None) -> None:
+    data = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": meta, "rows": rows, "summary": summary or []}
     write_atomic(folder / "results.json", dumps(data))
-    write_atomic(folder / "results.csv", tidy_csv(rows))
+    write_atomic(folder / "results.csv", tidy_csv(rows, summary or []))
 
 
-def tidy_csv(rows: list[dict[str, Any]]) -> str:
+def tidy_csv(rows: list[dict[str, Any]], summary: list[dict[str, Any]] = ()) -> str:
+    """One (recipe, provider, seed, metric, value) row per figure of every job; then the summary over seeds
+    (seed ``all``): means, the 95% interval of the primary score, its spread over seeds, paired p-values."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["recipe", "provider", "metric", "value"])
+    writer.writerow(["recipe", "provider", "seed", "metric", "value"])
+
+    def cell(value):
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
     for row in rows:
-        writer.writerow([row["label"], row["provider"], "status", row["status"]])
+        seed = row.get("seed", 0)
+        writer.writerow([row["label"], row["provider"], seed, "status", row["status"]])
         if row.get("error"):
-            writer.writerow([row["label"], row["provider"], "error", row["error"]])
+            writer.writerow([row["label"], row["provider"], seed, "error", row["error"]])
         for metric in figures(row):
-            if metric in row:
-                value = row[metric]
-                writer.writerow([row["label"], row["provider"], metric,
-                                 "" if value is None or (isinstance(value, float) and math.isnan(value)) else value])
+            writer.writerow([row["label"], row["provider"], seed, metric, cell(row[metric])])
+    for row in summary:
+        for metric in figures(row) + [k for k in ("ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full",
+                                                   "p_vs_best") if k in row and k not in figures(row)]:
+            writer.writerow([row["label"], row["provider"], "all", metric, cell(row.get(metric))])
     return out.getvalue()
 
 
 def read_results(folder: str | os.PathLike) -> dict[str, Any]:
     data = check_compatible(Path(folder))
-    data["rows"] = [{k: (math.nan if v is None and k not in NOT_FIGURES else v) for k, v in r.items()}
-                    for r in data["rows"]]
+    nullable = {"ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full", "p_vs_best"}
+    for key in ("rows", "summary"):
+        data[key] = [{k: (math.nan if v is None and k not in NOT_FIGURES | nullable else v) for k, v in r.items()}
+                     for r in data.get(key, [])]
     return data

@@ -29,6 +29,7 @@ from ..errors import ConfigError
 from . import report, results
 from . import task as glue
 from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
+from .summary import efficiency, pairwise, summarise, winner
 from .worker import Job, run_job
 
 DEFAULT_BACKBONE = "miss-tiny"
@@ -55,14 +56,15 @@ class BenchConfig:
     max_new_tokens: int | None = None  # None: the task's
     lr: float | None = None  # None: each method's default_lr
     seed: int = 0
+    seeds: tuple[int, ...] | None = None  # several seeds per recipe (None: just ``seed``)
     peft: bool = True  # also run the huggingface/peft baseline where it has the method
     output: str | None = None  # results folder (default bench-results/<timestamp>)
     resume: bool = False
     backbone_options: dict = field(default_factory=dict)
     dataset_options: dict = field(default_factory=dict)  # load_records options of both splits
     transfer: tuple[dict, dict] | None = None  # (source options, target options) of the dataset
-    source_steps: int = 1500  # steps of full training on the source domain (transfer protocol)
-    source_lr: float = 1e-3  # learning rate of that training (from random weights: higher than adaptation's)
+    source_steps: int = 600  # steps of full training on the source domain (transfer protocol)
+    source_lr: float = 2e-3  # learning rate of that training (from random weights: higher than adaptation's)
     source_batch_size: int = 32  # batch size of that training
     threads: int | None = None  # torch CPU threads per job (None: torch's default)
     isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
@@ -82,13 +84,20 @@ class BenchConfig:
             raise ConfigError(f"time_budget must be > 0 seconds, got {self.time_budget!r}")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)
+                                       or any(not isinstance(x, int) or x < 0 for x in self.seeds)):
+            raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
         if self.train_test_overlap not in ("drop", "keep"):
             raise ConfigError(f"train_test_overlap must be drop or keep, got {self.train_test_overlap!r}")
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(self.seeds) if self.seeds else (self.seed,)
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
         keys = ("backbone", "dataset", "task", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
-                "num_beams", "max_new_tokens", "lr", "seed", "backbone_options", "dataset_options", "transfer",
+                "num_beams", "max_new_tokens", "lr", "seed", "seeds", "backbone_options", "dataset_options", "transfer",
                 "source_steps", "source_lr", "source_batch_size", "train_test_overlap")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
 
@@ -148,7 +157,7 @@ def _peft_reason(entry: SuiteEntry, backbone, registry) -> str | None:
 
 
 def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Path, source: str | None,
-             shared: dict | None = None) -> Job:
+             shared: dict | None = None, seed: int | None = None) -> Job:
     train_opts, test_opts = dict(config.dataset_options), dict(config.dataset_options)
     if config.transfer:
         train_opts.update(config.transfer[1])
@@ -159,7 +168,8 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
                train_options=train_opts, test_options=test_opts, steps=config.steps,
                time_budget=config.time_budget, batch_size=config.batch_size,
                eval_batch_size=config.eval_batch_size, eval_samples=config.eval_samples,
-               num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr, seed=config.seed,
+               num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr,
+               seed=config.seed if seed is None else seed,
                device=config.device, threads=config.threads, source_checkpoint=source, cache_dir=str(folder / ".cache"),
                plugins=tuple(config.plugins), progress=config.progress, shared_options=dict(shared or {}))
 
@@ -186,7 +196,7 @@ class _Pool:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             if method == "forkserver":
-                ctx.set_forkserver_preload(["peftmed.bench.worker"])
+                ctx.set_forkserver_preload(["peftmed.bench.preload"])
             self.executor = ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
         try:
             return self.executor.submit(run_job, job).result()
@@ -221,45 +231,105 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
 
     pool = _Pool(config.isolate)
     rows: list[dict[str, Any]] = []
+    predictions: dict[tuple[str, str, int], dict] = {}
     start = time.perf_counter()
+    seeds = config.seed_list
     try:
         shared = _shared_options(config, backbone, registry)
+        meta["kernel_builds"] = prebuild_kernels(config.device, echo)
         source = _source_model(config, folder, pool, echo, shared, registry) if config.transfer else None
+        seed_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
         echo(f"peftmed bench: {len(entries)} recipes on {config.backbone} / {config.dataset}, device "
-             f"{config.device}, budget {report.budget_text(config)}, seed {config.seed}; results -> {folder}")
+             f"{config.device}, budget {report.budget_text(config)}, {seed_text}; results -> {folder}")
         echo(report.table_header(task))
         for entry in entries:
             providers = ["peftmed"]
             reason = _peft_reason(entry, backbone, registry) if config.peft else "disabled (--no-peft)"
             if reason is None:
                 providers.append("peft")
+            trains = _trains(entry, backbone, registry)
             done = []
-            for provider in providers:
-                job = _jobs_for(config, entry, provider, folder, source, shared)
-                row = results.load_job(folder, job.label, provider, fingerprint(job)) if config.resume else None
-                if row is not None:
-                    row["resumed"] = True
-                else:
-                    row = pool.run(job)
-                    results.save_job(folder, row, fingerprint(job))
-                    row.pop("predictions", None)
-                done.append(row)
-            if len(done) == 1:
-                done[0]["peft_note"] = reason
+            for seed in (seeds if trains else seeds[:1]):  # a recipe that trains nothing has nothing to seed
+                for provider in providers:
+                    job = _jobs_for(config, entry, provider, folder, source, shared, seed)
+                    row = results.load_job(folder, job.label, provider, fingerprint(job), seed) if config.resume \
+                        else None
+                    if row is not None:
+                        row["resumed"] = True
+                        preds = results.load_predictions(folder, job.label, provider, seed)
+                    else:
+                        row = pool.run(job)
+                        row["seed"] = seed
+                        preds = row.get("predictions")
+                        results.save_job(folder, row, fingerprint(job), seed)
+                        row.pop("predictions", None)
+                    if preds is not None:
+                        predictions[(job.label, provider, seed)] = preds
+                    done.append(row)
+            for row in done:
+                if reason is not None:
+                    row["peft_note"] = reason
             rows.extend(done)
-            echo(report.table_line(done, task))
+            for seed in seeds:
+                line = [r for r in done if r.get("seed") == seed]
+                if line:
+                    echo(report.table_line(line, task) + (f"   (seed {seed})" if len(seeds) > 1 else ""))
             meta["elapsed_s"] = time.perf_counter() - start
             results.write_results(folder, meta, rows)
     finally:
         pool.close()
+    records = _test_records(config, registry)
+    summary = summarise(rows, task, records, predictions)
+    pairwise(summary, task, records, predictions)
     meta["elapsed_s"] = time.perf_counter() - start
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    results.write_results(folder, meta, rows)
+    results.write_results(folder, meta, rows, summary)
     data = results.read_results(folder)
     report.write_report(folder, data, task)
-    echo(f"\n{report.winner_text(data['rows'], task)}")
+    echo("\n" + report.text_table(data["summary"], task))
+    echo(f"\n{winner(data['summary'], task)['text']}\n{efficiency(data['summary'], task)}")
     echo(f"wrote {folder / 'results.json'}, results.csv, report.md and plots/ in {meta['elapsed_s']:.0f} s")
     return data
+
+
+def _trains(entry: SuiteEntry, backbone, registry) -> bool:
+    from ..recipe import Recipe
+
+    return bool(Recipe.parse(entry.recipe, list(backbone.components)).trained(backbone.components, registry))
+
+
+def _test_records(config: BenchConfig, registry) -> list:
+    """The test records every job answered (the target split, its first eval_samples)."""
+    from ..data import load_records
+
+    _, test_split = glue.dataset_splits(registry, config.dataset)
+    options = {**config.dataset_options, **(config.transfer[1] if config.transfer else {})}
+    records = load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **options)
+    return records[: config.eval_samples] if config.eval_samples else records
+
+
+def prebuild_kernels(device: str, echo) -> list[dict[str, Any]]:
+    """Compile (or load from the cache) the C++ extensions auto would use on ``device`` before any job is
+    timed, so no recipe's training time contains a build. Returns what happened, for the report."""
+    from ..kernels import build
+
+    done = []
+    for name, spec in build.EXTENSIONS.items():
+        if spec["cuda"] != device.startswith("cuda") or not build.can_compile(cuda=spec["cuda"])[0]:
+            continue
+        fresh = not any((build.cache_root() / name).glob("*.so"))
+        t0 = time.perf_counter()
+        try:
+            build.load_extension(name)
+        except Exception as exc:  # a failed build falls back to torch in the jobs; say so, don't stop
+            done.append({"extension": name, "built": False, "error": str(exc).splitlines()[0]})
+            echo(f"kernels: {name} failed to build ({str(exc).splitlines()[0]}); jobs use the torch fallback")
+            continue
+        seconds = time.perf_counter() - t0
+        done.append({"extension": name, "built": fresh, "seconds": round(seconds, 1)})
+        if fresh:
+            echo(f"kernels: compiled {name} in {seconds:.0f} s, before any timing")
+    return done
 
 
 def _prepare_folder(folder: Path, config: BenchConfig) -> None:

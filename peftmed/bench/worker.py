@@ -173,11 +173,14 @@ def _train(job: Job, task, model, lr_of, records) -> dict[str, Any]:
 
 
 def preload() -> None:
-    """Imports a worker needs, done once in the fork server so each job starts fast."""
+    """Imports a worker needs and the default registry, done once in the fork server so each job starts fast."""
     import importlib
 
-    for name in ("torch", "peftmed", "peftmed.model", "peftmed.data", "peftmed.train"):
+    for name in ("torch", "peftmed", "peftmed.model", "peftmed.data", "peftmed.train", "peftmed.tasks"):
         try:
             importlib.import_module(name)
         except ImportError:
             pass
+    from ..plugins import default_registry
+
+    default_registry()

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .vqa import POSITIVE_CLASS, MetricError, bleu1, match_predictions, token_f1, vqa_scores, write_predictions
+from .vqa import (POSITIVE_CLASS, MetricError, bleu1, match_predictions, question_scores, token_f1, vqa_scores,
+                  write_predictions)
 
 
 @dataclass
@@ -26,6 +27,6 @@ class MetricSpec:
 
 
 __all__ = [
-    "POSITIVE_CLASS", "MetricError", "MetricSpec", "bleu1", "match_predictions", "token_f1",
+    "POSITIVE_CLASS", "MetricError", "MetricSpec", "bleu1", "match_predictions", "question_scores", "token_f1",
     "vqa_scores", "write_predictions",
 ]

@@ -111,6 +111,13 @@ def _breakdown(rows: Sequence[tuple[VQARecord, bool]], key: str) -> dict[str, di
     return {g: {"n": len(v), "acc": sum(v) / len(v)} for g, v in sorted(groups.items())}
 
 
+def question_scores(predictions: Mapping[str, str], records: Sequence[VQARecord]) -> dict[str, float]:
+    """Per question (by qid): 1.0 when the normalised prediction equals the normalised answer, else 0.0; their
+    mean is ``acc_overall`` (what the bench's confidence intervals and paired tests use)."""
+    return {rec.qid: float(normalize_answer(pred) == normalize_answer(rec.answer))
+            for rec, pred in match_predictions(predictions, records)}
+
+
 def vqa_scores(predictions: Mapping[str, str], records: Sequence[VQARecord]) -> dict:
     """Score ``predictions`` (qid -> answer text) against ``records``.
 

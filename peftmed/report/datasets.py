@@ -144,7 +144,7 @@ PHANTOM_REPORT = DatasetSpec(
     description="generated phantom images with a radiology report each and its planted findings (domains ct, mr); "
                 "no download",
     load=load_phantom, task="report", splits=("train", "test"), needs_data_dir=False,
-    options={"domain": "ct (source) or mr (target)", "n_images": "images in the split (train 800, test 200)",
+    options={"domain": "ct (source) or mr (target)", "n_images": "images in the split (train 800, test 300)",
              "seed": "random seed (0)", "image_size": "generated image side in pixels (64)"})
 
 SPECS = (IU_XRAY, MIMIC_CXR, PHANTOM_REPORT)

@@ -146,6 +146,17 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     return out
 
 
+def record_rouge(predictions: Mapping[str, str], records: Sequence) -> dict[str, float]:
+    """Per report (by id): its ROUGE-L (pycocoevalcap, PTB tokens); their mean is ``rouge_l``."""
+    pairs = match_predictions(predictions, records)
+    ids = [r.id for r, _ in pairs]
+    res, _ = ptb_tokenize({i: [str(p)] for i, (_, p) in zip(ids, pairs)})
+    gts, _ = ptb_tokenize({i: [r.report] for i, (r, _) in zip(ids, pairs)})
+    _, Rouge, _ = _pycoco()
+    _, per = Rouge().compute_score(gts, res)
+    return {i: float(v) for i, v in zip(list(gts), per)}
+
+
 def report_scores(predictions: Mapping[str, str], records: Sequence) -> dict:
     """Scores of generated reports (keyed by record id) against the records' reports.
 

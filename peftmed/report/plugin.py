@@ -44,6 +44,12 @@ def _summary(scores):
     return summary_text(scores)
 
 
+def _record_scores(predictions, records):
+    from .metrics import record_rouge
+
+    return record_rouge(predictions, records)
+
+
 def _write(path, predictions, records):
     from .evaluate import write_report_predictions
 
@@ -67,6 +73,7 @@ REPORT = Task(
     baseline_label="most-frequent-report baseline:",
     summary=_summary,
     write_predictions=_write,
+    record_scores=_record_scores,
     wrap=_wrap,
     default_dataset="phantom-report",
     bench_steps=300,  # only a real budget lets a model learn the report template (docs/report-generation.md)

@@ -66,8 +66,11 @@ class Task:
       generate: ``generate(model, batch, max_new_tokens, num_beams) -> list[str]``.
       capability: what a backbone must list in its ``tasks`` to serve it.
       default_dataset: the dataset the bench uses when none is given.
+      record_scores: ``record_scores(predictions, records) -> {record id: score}``: each record's share of the
+        primary score (their mean is it), for confidence intervals and paired tests; ``binary`` when those
+        are 0/1 (right/wrong). None: the bench shows no intervals.
       bench_steps, bench_batch_size, bench_eval_samples: the bench's default budget for the task on a
-        CPU (steps x batch per recipe, test records scored).
+        CPU (steps x batch per recipe, test records scored; None: the whole test split).
     """
 
     name: str
@@ -89,9 +92,11 @@ class Task:
     generate: Callable[..., list[str]] = _generate
     default_dataset: str | None = None
     capability: str = ""
+    record_scores: Callable[..., dict[str, float]] | None = None
+    binary: bool = False
     bench_steps: int = 40
     bench_batch_size: int = 8
-    bench_eval_samples: int = 200
+    bench_eval_samples: int | None = None
 
     def __post_init__(self):
         if not self.capability:

@@ -41,6 +41,12 @@ def _baseline(train_records, test_records):
     return majority_baseline(train_records, test_records)
 
 
+def _record_scores(predictions, records):
+    from ..metrics import question_scores
+
+    return question_scores(predictions, records)
+
+
 def _write(path, predictions, records):
     from ..metrics import write_predictions
 
@@ -65,6 +71,8 @@ VQA = Task(
     baseline_label="majority-answer baseline:",
     summary=_summary,
     write_predictions=_write,
+    record_scores=_record_scores,
+    binary=True,
     default_dataset="phantom",
 )
 

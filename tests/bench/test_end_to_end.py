@@ -44,21 +44,26 @@ def test_every_figure_present_and_finite(suite):
 def test_result_files_schema(suite):
     out, data, _ = suite
     doc = json.loads((out / "results.json").read_text())
-    assert doc["format"] == "peftmed-bench" and doc["format_version"] == 1
+    assert doc["format"] == "peftmed-bench" and doc["format_version"] == 2
     meta = doc["meta"]
     for key in ("peftmed", "plugins", "torch", "transformers", "peft", "device", "device_name", "git_sha", "seed"):
         assert key in meta, key
     assert meta["peft"] and meta["torch"] and meta["seed"] == 0 and meta["device"] == "cpu"
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["recipe", "provider", "metric", "value"]
-    tidy = {(r["recipe"], r["provider"], r["metric"]): r["value"] for r in table}
+    assert list(table[0]) == ["recipe", "provider", "seed", "metric", "value"]
+    tidy = {(r["recipe"], r["provider"], r["seed"], r["metric"]): r["value"] for r in table}
     for label in ("*=layernorm", "F|LoRA|LoRA"):
         for provider in ("peftmed", "peft"):
-            assert tidy[(label, provider, "status")] == "ok"
+            assert tidy[(label, provider, "0", "status")] == "ok"
             for metric in METRICS:
-                assert math.isfinite(float(tidy[(label, provider, metric)])), (label, provider, metric)
+                assert math.isfinite(float(tidy[(label, provider, "0", metric)])), (label, provider, metric)
+            # the summary over seeds: the interval of the primary score brackets it
+            low, high = (float(tidy[(label, provider, "all", k)]) for k in ("ci_low", "ci_high"))
+            assert low <= float(tidy[(label, provider, "all", "acc_overall")]) <= high
     assert read_results(out)["rows"] == data["rows"]
+    summary = {(r["label"], r["provider"]): r for r in data["summary"]}
+    assert set(summary) == {(r["label"], r["provider"]) for r in data["rows"]}
 
 
 def test_plots_report_and_table(suite):
@@ -70,9 +75,21 @@ def test_plots_report_and_table(suite):
     for name in ("accuracy_vs_trainable.png", "throughput.png", "memory.png"):
         assert f"(plots/{name})" in report
     assert "F\\|LoRA\\|LoRA" in report and "peft" in report
+    assert "95% CI" in report and "p vs frozen" in report
     # the live table printed a line per recipe with the peft ratios filled in
     line = next(l for l in printed.splitlines() if l.startswith("F|LoRA|LoRA"))
     ratios = line.split()[-3:]
     assert all(math.isfinite(float(x)) for x in ratios), line
-    predictions = json.loads((out / "predictions" / "F-LoRA-LoRA.peftmed.json").read_text())
+    predictions = json.loads((out / "predictions" / "F-LoRA-LoRA.peftmed.s0.json").read_text())
     assert len(predictions) == 8
+
+
+def test_seeds_repeat_each_training_recipe(tmp_path, mini):
+    out = tmp_path / "seeds"
+    data = run_bench(mini(out, peft=False, recipes=["frozen", "*=layernorm"], seeds=(0, 1)), echo=lambda _: None)
+    runs = sorted((r["label"], r["seed"]) for r in data["rows"])
+    assert runs == [("*=layernorm", 0), ("*=layernorm", 1), ("frozen", 0)]  # frozen trains nothing: one run
+    summary = {r["label"]: r for r in data["summary"]}
+    assert summary["*=layernorm"]["n_seeds"] == 2 and summary["*=layernorm"]["seed_sd"] is not None
+    assert summary["*=layernorm"]["p_vs_frozen"] is not None
+    assert (out / "predictions" / "all=layernorm.peftmed.s1.json").is_file()

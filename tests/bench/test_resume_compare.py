@@ -61,8 +61,8 @@ def test_interrupted_job_is_rerun(tmp_path, mini, monkeypatch):
     config = mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"])
     with pytest.raises(SimulatedKill):
         run_bench(config, echo=lambda _: None)
-    assert (out / "runs" / "all=layernorm.peftmed.json").is_file()
-    assert not (out / "runs" / "all=bitfit.peftmed.json").exists()
+    assert (out / "runs" / "all=layernorm.peftmed.s0.json").is_file()
+    assert not (out / "runs" / "all=bitfit.peftmed.s0.json").exists()
     calls = _count_jobs(monkeypatch)
     run_bench(mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"], resume=True), echo=lambda _: None)
     assert calls == ["*=bitfit"]
@@ -94,7 +94,7 @@ def test_incompatible_version_refused(done, tmp_path, mini, capsys):
 def test_compare_prints_both_folders(done, tmp_path, capsys):
     other = tmp_path / "other"
     doc = json.loads((done / "results.json").read_text())
-    for row in doc["rows"]:
+    for row in doc["rows"] + doc["summary"]:
         if row["label"] == "*=bitfit":
             row["throughput"] = 2 * row["throughput"]
     other.mkdir()

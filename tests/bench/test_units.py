@@ -95,3 +95,18 @@ def test_same_seed_same_results(registry):
     job.seed = 1
     c = run_job(job)
     assert c["final_loss"] != a["final_loss"]
+
+
+def test_extensions_are_built_before_any_timing_and_the_report_says_so(tmp_path, monkeypatch):
+    """A cold C++ build (about 40 s) used to land in the first LoRA row's timed budget."""
+    from peftmed.bench import runner
+    from peftmed.kernels import build
+
+    built = []
+    monkeypatch.setattr(build, "cache_root", lambda: tmp_path)  # an empty cache: every extension is fresh
+    monkeypatch.setattr(build, "can_compile", lambda cuda=False: (not cuda, ""))
+    monkeypatch.setattr(build, "load_extension", lambda name: built.append(name))
+    lines = []
+    done = runner.prebuild_kernels("cpu", lines.append)
+    assert built == ["lora_linear_cpu", "layer_norm_cpu"]  # the CPU ones; CUDA ones only on a GPU
+    assert all(d["built"] for d in done) and any("before any timing" in line for line in lines)

@@ -1,0 +1,16 @@
+"""Imported once by the bench's fork server: everything a job needs is imported (and the registry built)
+before any job is forked, so each job's process starts with it instead of paying for it (about 2 s a job:
+transformers' model modules, peft, the plugins)."""
+
+from __future__ import annotations
+
+import importlib
+
+from .worker import preload
+
+preload()
+for _name in ("peft", "transformers.models.blip.modeling_blip", "transformers.models.llava.modeling_llava"):
+    try:
+        importlib.import_module(_name)
+    except ImportError:  # optional: peft is a baseline, the hf backbones need transformers' modules
+        pass
