@@ -35,6 +35,7 @@ from .methods.base import (
     PromptModule,
     adapter_parameter_ids,
     canonical_name,
+    logical_numel,
 )
 from .plugins import Registry, default_registry
 from .files import sha256_file, write_bytes_atomic, write_json_atomic
@@ -404,10 +405,11 @@ class PeftModel(nn.Module):
             if id(p) in skip or id(p) in seen:
                 continue
             seen.add(id(p))
-            total += p.numel()
+            size = logical_numel(p)
+            total += size
             comp = self.backbone.component_of(canonical_name(n))
             if comp is not None:
-                counts[comp] += p.numel()
+                counts[comp] += size
         counts["*"] = total
         return counts
 

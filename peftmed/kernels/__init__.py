@@ -49,6 +49,8 @@ class FusedLayerNorm(nn.LayerNorm):
     def forward(self, x):
         if len(self.normalized_shape) != 1 or self.weight is None:
             return super().forward(x)
+        if x.dtype != self.weight.dtype:  # a bf16 activation into an fp32-trained norm: statistics in fp32
+            x = x.to(self.weight.dtype)
         return layer_norm(x, self.weight, self.bias, self.eps, impl=self.impl, registry=self.registry)
 
     def extra_repr(self) -> str:

@@ -315,14 +315,47 @@ class AdapterLayer(nn.Module):
         """The original module under every wrapper (LoRA over IA3 over nn.Linear -> the nn.Linear)."""
         return unwrap(self.base_layer)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the original module holds 4-bit weights (``--quantize nf4``): its forward is the only
+        way to use them (no fused kernel reads them, nothing merges into them)."""
+        return is_quantized(self.innermost)
+
     def mergeable_base(self) -> nn.Module:
         """The base module a merge writes into; merging is exact only directly over the original one."""
+        if self.quantized:
+            raise PeftmedError(
+                f"cannot merge {type(self).__name__} into a 4-bit base layer: its weights are quantized (NF4), "
+                f"and adding the update would re-quantize it and lose it. Load the adapter onto a bf16 or fp32 "
+                f"base and merge there")
         if isinstance(self.base_layer, AdapterLayer):
             raise PeftmedError(
                 f"cannot merge {type(self).__name__} stacked over {type(self.base_layer).__name__} "
                 f"(two inject methods on one module); run unmerged or merge a single method"
             )
         return self.base_layer
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is a 4-bit linear layer (bitsandbytes ``Linear4bit`` or a subclass)."""
+    return any(c.__name__ == "Linear4bit" for c in type(module).__mro__)
+
+
+def logical_numel(p: torch.Tensor) -> int:
+    """How many weights a parameter holds: a 4-bit parameter packs two per byte, and ``numel`` counts bytes."""
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
+    return p.numel()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter computes in: autocast's when autocast is on for ``x``'s device (custom kernels
+    are not autocast by torch), else ``x``'s own."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.is_floating_point():
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
 
 
 class PromptModule(nn.Module):

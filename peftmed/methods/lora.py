@@ -15,7 +15,7 @@ from torch import nn
 from .. import kernels
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, ApplyContext, Method, MethodConfig, canonical_name, unwrap
+from .base import AdapterLayer, ApplyContext, Method, MethodConfig, canonical_name, compute_dtype, unwrap
 
 INITS = ("kaiming", "gaussian", "orthogonal")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -69,7 +69,9 @@ class LoraLinear(AdapterLayer):
             raise RecipeError(f"LoRA rank r={config.r} exceeds this layer's size ({base.in_features} -> "
                               f"{base.out_features}): a rank above min(in, out) = "
                               f"{min(base.in_features, base.out_features)} adds parameters and no expressiveness")
-        dev, dtype = base.weight.device, base.weight.dtype
+        dev = base.weight.device
+        # adapters train in fp32 over a bf16 or 4-bit base (--base-dtype, --quantize)
+        dtype = base.weight.dtype if base.weight.is_floating_point() and not self.quantized else torch.float32
         a = torch.empty(config.r, base.in_features, device=dev, dtype=dtype)
         if config.init == "kaiming":
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -91,12 +93,16 @@ class LoraLinear(AdapterLayer):
         if not self.uses(name):
             return self.base_layer(x)
         cfg = self.configs[name]
-        a, b = self.lora_A[name], self.lora_B[name]
-        if isinstance(self.base_layer, AdapterLayer):  # stacked over another method: add the update
-            h = nn.functional.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
-            return self.base_layer(x) + cfg.scaling * (h @ a.to(x.dtype).t()) @ b.to(x.dtype).t()
+        dt = compute_dtype(x)
+        a, b = self.lora_A[name].to(dt), self.lora_B[name].to(dt)
+        if isinstance(self.base_layer, AdapterLayer) or self.quantized:
+            # stacked over another method, or over 4-bit weights only the base layer can read: add the update
+            h = x.to(dt)
+            h = nn.functional.dropout(h, cfg.dropout, self.training) if cfg.dropout > 0 else h
+            return self.base_layer(x) + cfg.scaling * (h @ a.t()) @ b.t()
+        w, bias = self.base_layer.weight.to(dt), self.base_layer.bias
         return kernels.lora_linear(
-            x, self.base_layer.weight, self.base_layer.bias, a.to(x.dtype), b.to(x.dtype), cfg.scaling,
+            x.to(dt), w, bias.to(dt) if bias is not None else None, a, b, cfg.scaling,
             dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel, registry=self.kernel_registry,
         )
 

@@ -10,6 +10,7 @@ that training and generation see the same masks and the same start token: the an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import torch
@@ -236,4 +237,11 @@ BACKBONE = Backbone(
     tasks=("vqa", "report"),
     defaults={"max_question_tokens": 35},
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
+)
+
+# Salesforce/blip-vqa-base's architecture by name (load its weights with --pretrained FOLDER)
+PRESET_BACKBONES = (
+    dataclasses.replace(BACKBONE, name="blip-vqa-base", defaults={**BACKBONE.defaults, "preset": "base"}, tiny=False,
+                        description="BLIP VQA base: ViT-B/16 @384 + BERT-base question encoder + answer decoder "
+                                    "(361M params)"),
 )

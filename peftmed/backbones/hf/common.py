@@ -104,6 +104,61 @@ def load_weights(model_class, folder: Path, what: str, strict: bool = True):
     missing = sorted(info.get("missing_keys") or ())
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or ()))
     unexpected = sorted(info.get("unexpected_keys") or ())
+    _report(folder, what, strict, missing, mismatched, unexpected)
+    return model
+
+
+def weight_files(folder: Path, what: str) -> list[Path]:
+    """The safetensors files of a checkpoint folder (one file, or the shards its index names); pickled
+    ``.bin`` weights are refused (loading them would run code from the file)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        files = [folder / n for n in names]
+        absent = [str(f.name) for f in files if not f.is_file()]
+        if absent:
+            raise PeftmedError(f"{what}: {index} names shard(s) that are not in the folder: {', '.join(absent[:5])}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p.name for p in folder.glob("*.bin"))
+    if pickled:
+        raise PeftmedError(f"{what}: {str(folder)!r} holds pickled weights ({', '.join(pickled[:3])}); peftmed reads "
+                           f"safetensors only (a pickle can run code). Convert them to safetensors first")
+    raise PeftmedError(f"{what}: no *.safetensors weights in {str(folder)!r}")
+
+
+def load_state_strict(model: nn.Module, folder: Path, what: str, strict: bool = True) -> nn.Module:
+    """Copy a folder's safetensors weights into ``model`` tensor by tensor, with the same report as
+    :func:`load_weights`: missing and shape-mismatched weights are an error with ``strict``."""
+    from safetensors import safe_open
+
+    own = model.state_dict()
+    seen, mismatched, unexpected = set(), [], []
+    with torch.no_grad():
+        for file in weight_files(folder, what):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if key not in own:
+                        unexpected.append(key)
+                        continue
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(own[key].shape):
+                        mismatched.append(f"{key} {tuple(t.shape)} vs {tuple(own[key].shape)}")
+                        continue
+                    own[key].copy_(t)
+                    seen.add(key)
+    tied = {k for k in own if k.endswith("lm_head.weight")} if getattr(model.config, "tie_word_embeddings", False) \
+        else set()
+    missing = sorted(set(own) - seen - tied)
+    _report(folder, what, strict, missing, sorted(mismatched), sorted(unexpected))
+    return model
+
+
+def _report(folder: Path, what: str, strict: bool, missing, mismatched, unexpected) -> None:
     lines = [f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
              for label, keys in (("missing", missing), ("shape-mismatched", mismatched), ("unexpected", unexpected))
              if keys]
@@ -113,7 +168,6 @@ def load_weights(model_class, folder: Path, what: str, strict: bool = True):
             raise PeftmedError(message + ". Pass strict=False to load anyway (those weights stay randomly "
                                          "initialised)")
         log.warning(message)
-    return model
 
 
 class VQAModule(nn.Module):

@@ -14,15 +14,17 @@ only, and generation continues the prompt (left-padded) until ``</s>``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 import torch
+from torch import nn
 
 from ...errors import ConfigError
 from ..base import Backbone, TextLimits
 from .common import (
-    CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
-    seeded_model,
+    CLIP_MEAN, CLIP_STD, VQAModule, load_state_strict, load_tokenizer, load_weights, local_folder, read_image_stats,
+    saved_tokenizer, seeded_model,
 )
 from .prefix import make_prefix_capable
 from .tokenizer import bpe_tokenizer, check_vocab
@@ -38,7 +40,61 @@ PRESETS: dict[str, dict] = {
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
         "vocab_size": 500,  # target size of the trained BPE vocabulary
     },
+    # LLaVA-Med v1.5 (microsoft/llava-med-v1.5-mistral-7b): CLIP ViT-L/14 at 336 px, Mistral-7B-Instruct-v0.2,
+    # a 2-layer MLP projector (mlp2x_gelu); vocabulary 32000 + <image> + <pad>, padded to 32064 as llava-hf does
+    "llava-med-7b": {
+        "vision": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        "text": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                     rope_theta=1e6, rms_norm_eps=1e-5, sliding_window=None, vocab_size=32064),
+        "projector": "mlp",
+    },
+    # LLaVA v1 / LLaVA-Med v1 style: CLIP ViT-L/14 at 224 px, LLaMA-7B, one linear projector
+    "llava-v1-7b": {
+        "vision": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768),
+        "text": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+                     rms_norm_eps=1e-6, vocab_size=32064),
+        "projector": "linear",
+    },
 }
+PROJECTORS = ("mlp", "linear")
+
+
+class LinearProjector(nn.Module):
+    """LLaVA v1's projector: one linear map from the vision features to the LLM's width (``linear_1``, so the
+    ``mlp.up`` role and converted checkpoints name it as transformers names the MLP projector's first layer)."""
+
+    def __init__(self, config):
+        super().__init__()
+        layers = 1 if isinstance(config.vision_feature_layer, int) else len(config.vision_feature_layer)
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * layers, config.text_config.hidden_size,
+                                  bias=getattr(config, "multimodal_projector_bias", True))
+
+    def forward(self, image_features):
+        return self.linear_1(image_features)
+
+
+def projector_of(config) -> str:
+    kind = getattr(config, "peftmed_projector", "mlp") or "mlp"
+    if kind not in PROJECTORS:
+        raise ConfigError(f"hf-llava: config.peftmed_projector is {kind!r}; expected one of {PROJECTORS}")
+    return kind
+
+
+def llava_model(config, seed: int | None = 0):
+    """``LlavaForConditionalGeneration(config)``, with LLaVA v1's single linear projector when the config
+    says ``peftmed_projector="linear"``."""
+    from transformers import LlavaForConditionalGeneration
+
+    model = seeded_model(LlavaForConditionalGeneration, config, seed)
+    if projector_of(config) == "linear":
+        device = model.model.multi_modal_projector.linear_1.weight.device
+        with torch.device(device):
+            model.model.multi_modal_projector = LinearProjector(config)
+    return model
 
 
 class HFLlava(VQAModule):
@@ -144,8 +200,10 @@ class HFLlava(VQAModule):
         ids = self._pad(seqs, left=False, fill=self.pad_id)
         labels = self._pad(targets, left=False, fill=-100)
         mask = self._pad([[1] * len(s) for s in seqs], left=False, fill=0)
+        # no key/value cache while training: nothing reuses it, and a checkpointed layer recomputing its
+        # forward would append to it a second time
         out = self.model(input_ids=ids, attention_mask=mask, pixel_values=self.pixel_values(batch["images"]),
-                         labels=labels if with_loss else None)
+                         labels=labels if with_loss else None, use_cache=False)
         return {"loss": out.loss, "logits": out.logits, "labels": labels}
 
     @torch.no_grad()
@@ -177,11 +235,12 @@ def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | 
     spec = copy.deepcopy(PRESETS[preset])
     if image_size is not None:
         spec["vision"]["image_size"] = int(image_size)
-    text = dict(spec["text"], vocab_size=vocab_size, pad_token_id=pad_token_id, bos_token_id=bos_token_id,
-                eos_token_id=eos_token_id)
+    text = dict(spec["text"], pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
+    text.setdefault("vocab_size", vocab_size)  # a real architecture's vocabulary is fixed; a tiny one fits its tokenizer
     # vision_feature_layer=-2 and dropping the CLS feature are LLaVA(-Med)'s choices
     return LlavaConfig(vision_config=spec["vision"], text_config=text, image_token_index=image_token_id,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       peftmed_projector=spec.get("projector", "mlp"))
 
 
 def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_size: int | None = None,
@@ -189,15 +248,16 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
           seed: int | None = 0) -> HFLlava:
     """A fresh (randomly initialised) LLaVA with a tokenizer; nothing is downloaded.
 
-    ``config``: a ``LlavaConfig`` (overrides ``preset``); ``tokenizer``: any fast tokenizer that fits it;
-    otherwise a byte-level BPE tokenizer is trained on the built-in corpus plus ``texts`` and the
-    template, and the language model's vocabulary is sized to it exactly.
+    ``preset``: ``tiny`` (CPU tests), ``llava-med-7b`` (LLaVA-Med v1.5: CLIP ViT-L/14-336 + Mistral-7B, MLP
+    projector), ``llava-v1-7b`` (CLIP ViT-L/14-224 + LLaMA-7B, linear projector); build the 7B presets under
+    ``torch.device("meta")`` to count or plan without memory. ``config``: a ``LlavaConfig`` (overrides
+    ``preset``); ``tokenizer``: any fast tokenizer that fits it; otherwise a byte-level BPE tokenizer is
+    trained on the built-in corpus plus ``texts`` and the template (and a tiny preset's vocabulary is sized
+    to it exactly).
     """
-    from transformers import LlavaForConditionalGeneration
-
     if tokenizer is None:
         corpus = [template.replace(IMAGE_PLACEHOLDER, " ").replace("{question}", " ")] + list(texts or ())
-        tokenizer = bpe_tokenizer(corpus, vocab_size=PRESETS.get(preset, PRESETS["tiny"])["vocab_size"])
+        tokenizer = bpe_tokenizer(corpus, vocab_size=PRESETS.get(preset, PRESETS["tiny"]).get("vocab_size", 500))
     if config is None:
         image_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
         if image_id is None or image_id == tokenizer.unk_token_id:
@@ -208,19 +268,24 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-llava: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
-    model = seeded_model(LlavaForConditionalGeneration, config, seed)
+    model = llava_model(config, seed)
     return HFLlava(model, tokenizer, template=template, max_question_tokens=max_question_tokens,
                    max_answer_tokens=max_answer_tokens)
 
 
 def load(path: str | os.PathLike, template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64,
          max_answer_tokens: int = 16, strict: bool = True) -> HFLlava:
-    """Load a local LLaVA folder (``save_pretrained`` output or a downloaded llava-hf-format checkpoint)."""
-    from transformers import LlavaForConditionalGeneration
+    """Load a local LLaVA folder (``save_pretrained`` output, a llava-hf-format checkpoint, or what
+    ``peftmed convert llava-med`` wrote)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     folder = local_folder(path, "hf-llava")
     tokenizer = load_tokenizer(folder, "hf-llava")
-    model = load_weights(LlavaForConditionalGeneration, folder, "hf-llava", strict)
+    config = LlavaConfig.from_pretrained(str(folder), local_files_only=True)
+    if projector_of(config) == "linear":  # transformers has no single-linear projector: build it, then fill it
+        model = load_state_strict(llava_model(config, seed=None), folder, "hf-llava", strict)
+    else:
+        model = load_weights(LlavaForConditionalGeneration, folder, "hf-llava", strict)
     size, mean, std = read_image_stats(folder, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     return HFLlava(model, tokenizer, image_size=size, image_mean=mean, image_std=std, template=template,
                    max_question_tokens=max_question_tokens, max_answer_tokens=max_answer_tokens)
@@ -249,4 +314,13 @@ BACKBONE = Backbone(
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa", "report"),
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
+)
+
+# The real architectures by name (the same builder, loader and role map; weights come from a converted
+# checkpoint with --pretrained, or are random: build them under torch.device("meta") to count or plan)
+PRESET_BACKBONES = (
+    dataclasses.replace(BACKBONE, name="llava-med-7b", defaults={"preset": "llava-med-7b"}, tiny=False,
+                        description="LLaVA-Med v1.5: CLIP ViT-L/14-336 + Mistral-7B + MLP projector (7.57B params)"),
+    dataclasses.replace(BACKBONE, name="llava-v1-7b", defaults={"preset": "llava-v1-7b"}, tiny=False,
+                        description="LLaVA v1 style: CLIP ViT-L/14-224 + LLaMA-7B + linear projector (7.05B params)"),
 )

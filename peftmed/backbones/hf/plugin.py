@@ -1,4 +1,5 @@
-"""The built-in plugin registering the transformers-based backbones (``hf-*``)."""
+"""The built-in plugin registering the transformers-based backbones (``hf-*`` and the real architectures by
+name: ``blip-vqa-base``, ``llava-med-7b``, ``llava-v1-7b``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ def register_backbones(register):
     # imported here so that loading the plugin list does not import transformers' model code
     from . import blip, encoder, llava
 
-    register(blip.BACKBONE)
-    register(llava.BACKBONE)
+    for backbone in (blip.BACKBONE, *blip.PRESET_BACKBONES, llava.BACKBONE, *llava.PRESET_BACKBONES):
+        register(backbone)
     for backbone in encoder.BACKBONES:
         register(backbone)

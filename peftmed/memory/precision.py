@@ -1,0 +1,98 @@
+"""A frozen base in bf16 or fp16, trainable tensors in fp32 (``--base-dtype``).
+
+What a 7B model needs to fit on one GPU: its frozen weights at 2 bytes each, while everything the
+optimizer updates (adapters, tuned norms or biases, a fully tuned component) stays fp32, as do the
+optimizer's states. Casting the whole model to fp32 and relying on autocast would put a 7B model at
+28 GB before training starts.
+
+Rules:
+- trainable floating tensors: fp32 (also when a checkpoint was loaded in bf16);
+- frozen weights of everything else: the base dtype;
+- frozen normalisation layers stay fp32 (a few thousand values per layer; CPU kernels refuse a bf16
+  norm on an fp32 input, and fp32 statistics are what mixed-precision training keeps anyway);
+- 4-bit layers (``quantize``) are left as they are.
+
+Training and evaluation then run under ``torch.autocast`` in the base dtype (on a CPU as on a GPU):
+see :func:`autocast_for`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NAMES = {v: k for k, v in BASE_DTYPES.items()}
+
+
+def parse_base_dtype(value) -> torch.dtype | None:
+    """``bf16`` / ``fp16`` / ``fp32`` (or a torch dtype) -> torch dtype; None and ``fp32`` mean no casting."""
+    if value is None or isinstance(value, torch.dtype) and value == torch.float32:
+        return None
+    if isinstance(value, torch.dtype):
+        if value in _NAMES:
+            return value
+        raise ConfigError(f"base dtype must be one of {sorted(BASE_DTYPES)}, got {value}")
+    text = str(value).strip().lower().replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32")
+    if text not in BASE_DTYPES:
+        raise ConfigError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {value!r}")
+    return None if text == "fp32" else BASE_DTYPES[text]
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def _is_quantized(p: torch.Tensor) -> bool:
+    return not p.is_floating_point() or type(p).__name__ == "Params4bit"
+
+
+def set_base_dtype(model: nn.Module, dtype) -> dict[str, int]:
+    """Cast ``model`` in place by the rules above; returns counts of values per resulting dtype."""
+    dtype = parse_base_dtype(dtype)
+    counts = {"trainable fp32": 0, "frozen": 0, "frozen norms fp32": 0}
+    seen: set[int] = set()
+    for module in model.modules():
+        norm = _is_norm(module)
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in seen or _is_quantized(p):
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                target, key = torch.float32, "trainable fp32"
+            elif norm or dtype is None:
+                target, key = torch.float32, "frozen norms fp32" if norm else "frozen"
+            else:
+                target, key = dtype, "frozen"
+            if p.dtype != target:
+                p.data = p.data.to(target)
+            counts[key] += p.numel()
+    model.peftmed_base_dtype = _NAMES.get(dtype, "fp32") if dtype is not None else "fp32"
+    return counts
+
+
+def base_dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The low-precision dtype the frozen base was cast to (None: fp32), wherever the marker sits."""
+    for m in model.modules():
+        name = getattr(m, "peftmed_base_dtype", None)
+        if name is not None:
+            return BASE_DTYPES[name] if name != "fp32" else None
+    return None
+
+
+def autocast_for(model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """An autocast context in the model's base dtype (``dtype`` overrides it) on ``device``; a null
+    context when the base is fp32 and no dtype is asked for."""
+    dtype = dtype or base_dtype_of(model)
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    kind = torch.device(device).type
+    if dtype == torch.float16 and kind == "cpu":
+        raise ConfigError("--base-dtype fp16 computes in fp16, which a CPU does not autocast to; use bf16 on a CPU")
+    return torch.autocast(kind, dtype=dtype)
