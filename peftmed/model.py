@@ -36,6 +36,7 @@ from .methods.base import (
     adapter_parameter_ids,
     canonical_name,
     logical_numel,
+    unwrap,
 )
 from .plugins import Registry, default_registry
 from .files import sha256_file, write_bytes_atomic, write_json_atomic
@@ -222,10 +223,11 @@ class PeftModel(nn.Module):
         applied = AppliedMethod(ctx.component, method, ctx.config)
         if method.family == "inject":
             for mod_name, (module, role) in ctx.matched().items():
-                layer = self._find_layer(mod_name, method.layer_class)
+                layer_class = method.layer_class_for(unwrap(module))
+                layer = self._find_layer(mod_name, layer_class)
                 if layer is None:
                     try:
-                        layer = method.layer_class(self.base_model.get_submodule(mod_name))
+                        layer = layer_class(self.base_model.get_submodule(mod_name))
                     except RecipeError as exc:
                         raise RecipeError(f"method {method.name!r} cannot wrap {mod_name!r}: {exc}") from None
                     self.base_model.set_submodule(mod_name, layer)
@@ -413,8 +415,13 @@ class PeftModel(nn.Module):
         counts["*"] = total
         return counts
 
-    def trainable_report(self, name: str | None = None) -> TrainableReport:
-        """Trainable parameters per component and method, as the papers' tables show them."""
+    def trainable_report(self, name: str | None = None, *, lr: float | None = None,
+                         weight_decay: float | None = None, method_lr: bool = False) -> TrainableReport:
+        """Trainable parameters per component and method, as the papers' tables show them.
+
+        ``lr`` / ``weight_decay``: the run's defaults; each row then shows the rate and decay its tensors
+        train with (a recipe call's ``lr=`` / ``weight_decay=`` first, as the optimizer does). Without them,
+        a row shows only what its recipe call sets."""
         name = name or self._require_active()
         rows, seen, added = [], set(), 0
         base_ids = {id(p) for p in self.base_model.parameters()} - adapter_parameter_ids(self.base_model)
@@ -425,8 +432,12 @@ class PeftModel(nn.Module):
                     seen.add(id(p))
                     count += p.numel()
                     added += 0 if id(p) in base_ids else p.numel()
-            rows.append(ReportRow(applied.component, applied.method.name, applied.config.to_dict(), count,
-                                  self.base_counts[applied.component]))
+            cfg, method = applied.config, applied.method
+            rate = cfg.lr if cfg.lr is not None else (
+                method.default_lr if method_lr and method.default_lr else lr)
+            decay = cfg.weight_decay if cfg.weight_decay is not None else weight_decay
+            rows.append(ReportRow(applied.component, method.name, cfg.to_dict(), count,
+                                  self.base_counts[applied.component], rate, decay))
         return TrainableReport(
             backbone=self.backbone.name, recipe=self.adapters[name].recipe.to_text(),
             row=self.adapters[name].recipe.row(list(self.backbone.components), self.registry),
@@ -601,6 +612,8 @@ class ReportRow:
     config: dict[str, Any]
     trainable: int
     component_total: int
+    lr: float | None = None  # the learning rate its tensors train with (None: the run's, not known here)
+    weight_decay: float | None = None
 
 
 @dataclass
@@ -635,25 +648,32 @@ class TrainableReport:
             "components": self.component_totals,
             "rows": [
                 {"component": r.component, "method": r.method, "config": r.config, "trainable": r.trainable,
-                 "component_total": r.component_total,
+                 "component_total": r.component_total, "lr": r.lr, "weight_decay": r.weight_decay,
                  "percent_of_model": 100.0 * r.trainable / self.total_base if self.total_base else 0.0}
                 for r in self.rows
             ],
         }
 
     def __str__(self) -> str:
+        rates = any(r.lr is not None or r.weight_decay is not None for r in self.rows)
         lines = [f"backbone {self.backbone}  recipe {self.recipe}  ({self.row})",
-                 f"{'component':<10} {'method':<12} {'trainable':>13} {'of component':>13} {'% model':>9}"]
+                 f"{'component':<10} {'method':<12} {'trainable':>13} {'of component':>13} {'% model':>9}"
+                 + (f" {'lr':>9} {'decay':>7}" if rates else "")]
         for r in self.rows:
             pc = 100.0 * r.trainable / r.component_total if r.component_total else 0.0
             pm = 100.0 * r.trainable / self.total_base if self.total_base else 0.0
-            lines.append(f"{r.component:<10} {r.method:<12} {r.trainable:>13,} {pc:>12.3f}% {pm:>8.3f}%")
+            extra = f" {_rate(r.lr):>9} {_rate(r.weight_decay):>7}" if rates else ""
+            lines.append(f"{r.component:<10} {r.method:<12} {r.trainable:>13,} {pc:>12.3f}% {pm:>8.3f}%{extra}")
         lines.append(f"{'total':<10} {'':<12} {self.trainable:>13,} {'':>13} {self.percent:>8.3f}%"
                      f"   (model: {self.total_base:,} parameters)")
         if self.added:
             lines.append(f"{'':<10} {'':<12} {'':>13} {'':>13} {self.percent_with_added:>8.3f}%"
                          f"   of model + {self.added:,} added (how peft and the MILE paper count)")
         return "\n".join(lines)
+
+
+def _rate(value: float | None) -> str:
+    return "run's" if value is None else f"{value:g}"
 
 
 def read_manifest(path: Path) -> dict:

@@ -43,6 +43,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.scaffold.commands",
     "peftmed.interop.commands",
     "peftmed.train.commands",
+    "peftmed.memory.commands",
     "peftmed.report.plugin",
 )
 

@@ -24,6 +24,7 @@ ROLES: dict[str, str] = {
     "mlp.down": "feed-forward output projection",
     "norm": "normalisation layers (LayerNorm, RMSNorm)",
     "embed": "token / patch / position embeddings",
+    "patch": "patch-embedding convolution of a ViT/CLIP (LoRA wraps it as a convolution)",
     "head": "output heads (LM head, classifier)",
     "self_attention": "self-attention blocks that can take key/value prefixes",
     "cross_attention": "cross-attention blocks that can take key/value prefixes",

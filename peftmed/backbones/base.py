@@ -92,6 +92,9 @@ class Backbone:
       task_options: task -> builder options the backbone needs for that task unless the user sets them
         (e.g. more text positions to hold a whole report).
       defaults: options passed to builder unless overridden.
+      depth_options: builder option -> the components whose layer stacks it sizes (e.g. ``{"text_layers":
+        ("fusion", "decoder")}``): how ``peftmed plan`` builds shallower copies of the model to measure the
+        activation memory a layer adds.
     """
 
     name: str
@@ -107,6 +110,7 @@ class Backbone:
     task_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    depth_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     tiny: bool = False  # its default build is small enough for CPU tests (the conformance kit runs on it)
 
     def __post_init__(self):

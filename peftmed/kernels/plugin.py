@@ -77,7 +77,7 @@ def _head_dim(size: int) -> str | None:
 def _prefix_attention_impls() -> list[KernelImpl]:
     op = "prefix_attention"
     return [
-        KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS + (torch.float64,),
+        KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda", "meta"), FLOATS + (torch.float64,),
                    loader=lambda: _module_fns(f"peftmed.kernels.{op}.reference"),
                    description="PyTorch: CPU flash kernels (one call over a transient concatenation up to 160 "
                                "keys, else per branch merged in place), matmuls elsewhere or with dropout"),
@@ -96,7 +96,7 @@ def builtin_impls() -> list[KernelImpl]:
     impls = _prefix_attention_impls()
     for op in ("lora_linear", "layer_norm"):
         impls += [
-            KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda"), FLOATS + (torch.float64,),
+            KernelImpl(op, "torch", PRIORITY["torch"], ("cpu", "cuda", "meta"), FLOATS + (torch.float64,),
                        loader=lambda op=op: _module_fns(f"peftmed.kernels.{op}.reference"),
                        description="PyTorch reference (fallback and test oracle)"),
             KernelImpl(op, "cpp", CPP_PRIORITY.get(op, PRIORITY["cpp"]), ("cpu",), FLOATS,

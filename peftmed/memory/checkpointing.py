@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError, UnknownNameError
 
 
-def parse_components(value, components) -> tuple[str, ...]:
+def parse_components(value, components, flag: str = "--grad-checkpoint") -> tuple[str, ...]:
     """``"vision,llm"`` / ``"all"`` / a list -> the component names, each checked against ``components``."""
     if value is None or value is False or value == "" or value == ():
         return ()
@@ -38,7 +38,7 @@ def parse_components(value, components) -> tuple[str, ...]:
         return ()
     for name in names:
         if name not in components:
-            raise UnknownNameError("component", name, list(components) + ["all"], hint="(--grad-checkpoint)")
+            raise UnknownNameError("component", name, list(components) + ["all"], hint=f"({flag})")
     return tuple(dict.fromkeys(names))
 
 

@@ -43,6 +43,21 @@ def parse_base_dtype(value) -> torch.dtype | None:
     return None if text == "fp32" else BASE_DTYPES[text]
 
 
+def resolve_base_dtype(value, model: nn.Module) -> torch.dtype | None:
+    """``auto``: the dtype holding most of the model's floating weights (a bf16 checkpoint stays bf16; None
+    for fp32); anything else as :func:`parse_base_dtype`."""
+    if value not in (None, "auto"):
+        return parse_base_dtype(value)
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    if not sizes:
+        return None
+    dominant = max(sizes, key=sizes.get)
+    return dominant if dominant in (torch.bfloat16, torch.float16) else None
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
@@ -92,7 +107,4 @@ def autocast_for(model: nn.Module, device: torch.device | str | None = None, dty
         return contextlib.nullcontext()
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    kind = torch.device(device).type
-    if dtype == torch.float16 and kind == "cpu":
-        raise ConfigError("--base-dtype fp16 computes in fp16, which a CPU does not autocast to; use bf16 on a CPU")
-    return torch.autocast(kind, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -47,22 +47,20 @@ def default_components(backbone) -> tuple[str, ...]:
                       f"(one or more of {', '.join(backbone.components)})")
 
 
-def quantize_nf4(peft_model, components=None, compute_dtype: torch.dtype | None = None) -> dict[str, int]:
-    """Replace the frozen linear layers of ``components`` with NF4 ``Linear4bit`` layers, in place.
-
-    ``compute_dtype``: what the 4-bit matmul computes in (default: fp32 on a CPU, bf16 on a GPU; a run with
-    --base-dtype uses that). Returns ``{"layers": n, "weights": values quantized}``.
-    """
+def quantizable_linears(peft_model, components=None) -> tuple[tuple[str, ...], list[list[tuple[str, nn.Module]]]]:
+    """The components ``--quantize`` applies to, and per component the (name, nn.Linear) it quantizes: the
+    frozen linear layers, heads excepted. A component training linear weights, or without any frozen
+    linear layer, is an error naming it."""
     from .checkpointing import parse_components
 
-    bnb = _bitsandbytes()
     backbone, model = peft_model.backbone, peft_model.base_model
-    comps = parse_components(components, list(backbone.components)) if components else default_components(backbone)
+    comps = (parse_components(components, list(backbone.components), "--quantize-components") if components
+             else default_components(backbone))
     heads = set()
     for comp in comps:
         if "head" in backbone.declared_roles(comp):
             heads |= set(backbone.match(model, comp, "head"))
-    layers = weights = 0
+    out = []
     for comp in comps:
         found, trained = [], []
         for prefix, root in backbone.component_roots(model, comp):
@@ -78,6 +76,26 @@ def quantize_nf4(peft_model, components=None, compute_dtype: torch.dtype | None 
         if not found:
             raise ConfigError(f"--quantize nf4: component {comp!r} of backbone {backbone.name!r} has no frozen "
                               f"linear layers to quantize")
+        out.append(found)
+    return comps, out
+
+
+# bytes per weight of NF4 with double-quantized statistics: 4 bits, an 8-bit absmax per 64 weights, and an
+# fp32 absmax (+ offset) per 256 of those
+NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
+
+
+def quantize_nf4(peft_model, components=None, compute_dtype: torch.dtype | None = None) -> dict[str, int]:
+    """Replace the frozen linear layers of ``components`` with NF4 ``Linear4bit`` layers, in place.
+
+    ``compute_dtype``: what the 4-bit matmul computes in (default: fp32 on a CPU, bf16 on a GPU; a run with
+    --base-dtype uses that). Returns ``{"layers": n, "weights": values quantized}``.
+    """
+    bnb = _bitsandbytes()
+    model = peft_model.base_model
+    layers = weights = 0
+    comps, found_all = quantizable_linears(peft_model, components)
+    for found in found_all:
         for name, lin in found:
             device = lin.weight.device
             dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)

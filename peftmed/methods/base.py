@@ -84,6 +84,11 @@ class Method:
     # inject family
     layer_class: ClassVar[type[AdapterLayer] | None] = None
 
+    def layer_class_for(self, module: nn.Module) -> type[AdapterLayer] | None:
+        """The AdapterLayer class that wraps ``module`` (inject family): ``layer_class`` unless a method wraps
+        several kinds of module (LoRA: linear layers and convolutions)."""
+        return self.layer_class
+
     def __init__(self):
         if self.family not in FAMILIES:
             raise ConfigError(f"method {self.name!r} has family {self.family!r}; expected one of {FAMILIES}")
@@ -353,7 +358,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype an adapter computes in: autocast's when autocast is on for ``x``'s device (custom kernels
     are not autocast by torch), else ``x``'s own."""
     kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.is_floating_point():
+    if kind == "meta" or not x.is_floating_point():  # no autocast on the meta device (shape-only runs)
+        return x.dtype
+    if torch.is_autocast_enabled(kind):
         return torch.get_autocast_dtype(kind)
     return x.dtype
 

@@ -36,7 +36,8 @@ class IA3Linear(AdapterLayer):
         base = self.innermost
         on_input = role in config.feedforward_roles
         size = base.in_features if on_input else base.out_features
-        self.ia3_scale[name] = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=base.weight.dtype))
+        dtype = torch.float64 if base.weight.dtype == torch.float64 else torch.float32  # fp32 over a half base
+        self.ia3_scale[name] = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=dtype))
         self.on_input[name] = on_input
         self.configs[name] = config
         self.roles[name] = role

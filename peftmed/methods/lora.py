@@ -48,6 +48,28 @@ class LoraConfig(MethodConfig):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+def _factors(weight: torch.Tensor, config: LoraConfig, fan_in: int, out: int, kernel: tuple[int, ...] = ()):
+    """LoRA's A (r, fan_in) and B (out, r), shaped (r, in, *kernel) and (out, r, 1, 1) for a convolution."""
+    if config.r > min(fan_in, out):
+        raise RecipeError(f"LoRA rank r={config.r} exceeds this layer's size ({fan_in} -> {out}): a rank above "
+                          f"min(in, out) = {min(fan_in, out)} adds parameters and no expressiveness")
+    dev = weight.device
+    # adapters are fp32 over a bf16, fp16 or 4-bit base (as peft's autocast_adapter_dtype): a half-precision
+    # factor would round every update away; the forward casts them to the compute dtype
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    a = torch.empty(config.r, fan_in, device=dev, dtype=dtype)
+    if config.init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    elif config.init == "gaussian":
+        nn.init.normal_(a, std=1.0 / config.r)
+    else:
+        nn.init.orthogonal_(a)
+    b = torch.zeros(out, config.r, *((1,) * len(kernel)), device=dev, dtype=dtype)
+    if kernel:
+        a = a.reshape(config.r, fan_in // math.prod(kernel), *kernel)
+    return nn.Parameter(a), nn.Parameter(b)
+
+
 class LoraLinear(AdapterLayer):
     """nn.Linear + per-adapter low-rank update; forward through the fused ``lora_linear`` op."""
 
@@ -65,22 +87,7 @@ class LoraLinear(AdapterLayer):
 
     def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
         base = self.innermost
-        if config.r > min(base.in_features, base.out_features):
-            raise RecipeError(f"LoRA rank r={config.r} exceeds this layer's size ({base.in_features} -> "
-                              f"{base.out_features}): a rank above min(in, out) = "
-                              f"{min(base.in_features, base.out_features)} adds parameters and no expressiveness")
-        dev = base.weight.device
-        # adapters train in fp32 over a bf16 or 4-bit base (--base-dtype, --quantize)
-        dtype = base.weight.dtype if base.weight.is_floating_point() and not self.quantized else torch.float32
-        a = torch.empty(config.r, base.in_features, device=dev, dtype=dtype)
-        if config.init == "kaiming":
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        elif config.init == "gaussian":
-            nn.init.normal_(a, std=1.0 / config.r)
-        else:
-            nn.init.orthogonal_(a)
-        self.lora_A[name] = nn.Parameter(a)
-        self.lora_B[name] = nn.Parameter(torch.zeros(base.out_features, config.r, device=dev, dtype=dtype))
+        self.lora_A[name], self.lora_B[name] = _factors(base.weight, config, base.in_features, base.out_features)
         self.configs[name] = config
         self.roles[name] = role
 
@@ -110,6 +117,51 @@ class LoraLinear(AdapterLayer):
         return ", ".join(f"{n}: r={c.r}, alpha={c.alpha}" for n, c in self.configs.items())
 
 
+class LoraConv2d(AdapterLayer):
+    """nn.Conv2d (a ViT/CLIP patch embedding) + a low-rank update: A is a convolution to r channels with
+    the base's kernel, stride and padding, B a 1x1 convolution back (peft's layout: A (r, in, kh, kw),
+    B (out, r, 1, 1)); merging adds s * B A reshaped to the kernel."""
+
+    adapter_attributes = ("lora_A", "lora_B")
+
+    def __init__(self, base_layer: nn.Module):
+        conv = unwrap(base_layer)
+        if not isinstance(conv, nn.Conv2d):
+            raise RecipeError(f"LoraConv2d wraps nn.Conv2d layers; got {type(conv).__name__}")
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise RecipeError(f"LoRA on a convolution needs groups=1 and zero padding; this one has "
+                              f"groups={conv.groups}, padding_mode={conv.padding_mode!r}")
+        super().__init__(base_layer)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+
+    def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
+        base = self.innermost
+        kernel = tuple(base.kernel_size)
+        self.lora_A[name], self.lora_B[name] = _factors(base.weight, config, base.in_channels * math.prod(kernel),
+                                                        base.out_channels, kernel)
+        self.configs[name] = config
+        self.roles[name] = role
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return torch.einsum("or,rihw->oihw", b[:, :, 0, 0], a) * self.configs[name].scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        name = self.active_adapter
+        if not self.uses(name):
+            return self.base_layer(x)
+        cfg, conv = self.configs[name], self.innermost
+        dt = compute_dtype(x)
+        h = x.to(dt)
+        h = nn.functional.dropout(h, cfg.dropout, self.training) if cfg.dropout > 0 else h
+        h = nn.functional.conv2d(h, self.lora_A[name].to(dt), None, conv.stride, conv.padding, conv.dilation)
+        return self.base_layer(x) + cfg.scaling * nn.functional.conv2d(h, self.lora_B[name].to(dt))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}: r={c.r}, alpha={c.alpha}" for n, c in self.configs.items())
+
+
 class Lora(Method):
     name = "lora"
     family = "inject"
@@ -123,6 +175,10 @@ class Lora(Method):
     mergeable = True
     identity_at_init = True  # B starts at zero; the conformance kit checks the promise
     layer_class = LoraLinear
+
+    def layer_class_for(self, module: nn.Module) -> type[AdapterLayer]:
+        """LoraConv2d for a convolution (the ``patch`` role), LoraLinear otherwise."""
+        return LoraConv2d if isinstance(unwrap(module), nn.Conv2d) else LoraLinear
 
     def extra_parameters(self, ctx: ApplyContext, layers) -> dict[str, nn.Parameter]:
         cfg: LoraConfig = ctx.config

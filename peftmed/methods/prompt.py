@@ -329,7 +329,7 @@ class _PromptMethod(Method):
         ref = next(ctx.component_module.parameters(), None)
         module = DeepPrompts(cfg, targets, ctx.model, heads, head_dim, reparameterise=self.reparameterise,
                              device=ref.device if ref is not None else None,
-                             dtype=ref.dtype if ref is not None and ref.is_floating_point() else None,
+                             dtype=torch.float64 if ref is not None and ref.dtype == torch.float64 else None,  # fp32
                              registry=ctx.registry)
         try:
             module.initialise(_word_embeddings(ctx, cfg, heads * head_dim) if cfg.init == "text" else None)

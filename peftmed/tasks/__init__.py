@@ -201,10 +201,13 @@ def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="eval", unit=task.noun.rstrip("s") or "item", dynamic_ncols=True)
+    from ..memory import autocast_for
+
     try:
         for batch in loader:
             batch["images"] = batch["images"].to(device)
-            texts = task.generate(model, batch, max_new_tokens, num_beams)
+            with autocast_for(model, device):  # a bf16/fp16 base answers in its dtype
+                texts = task.generate(model, batch, max_new_tokens, num_beams)
             if len(texts) != len(batch["qids"]):
                 raise ConfigError(f"{type(model).__name__} returned {len(texts)} predictions for a batch of "
                                   f"{len(batch['qids'])} {task.noun}")

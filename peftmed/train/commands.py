@@ -172,7 +172,22 @@ def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, An
     if not recipe.trained(backbone.components, registry):
         raise ConfigError(f"recipe {opts['recipe']!r} trains nothing (every component is frozen)")
     config = TrainConfig.from_dict({k: opts[k] for k in field_names(TrainConfig)})
+    check_memory_options(config, backbone)
     return backbone, spec, recipe, config, task
+
+
+def check_memory_options(config: TrainConfig, backbone) -> None:
+    """--grad-checkpoint and --quantize name components this backbone has (and bitsandbytes is there)."""
+    from ..memory.checkpointing import parse_components
+    from ..memory.quantize import _bitsandbytes, default_components
+
+    parse_components(config.grad_checkpoint, list(backbone.components))
+    if config.quantize != "none":
+        if config.quantize_components:
+            parse_components(config.quantize_components, list(backbone.components), "--quantize-components")
+        else:
+            default_components(backbone)
+        _bitsandbytes()
 
 
 def _accepts(fn, name: str) -> bool:
@@ -314,6 +329,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
     model = build_model(backbone, opts, texts=task.texts(train),
                         tokenizer_dir=tokenizer_dir if opts["resume"] else None)
     pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
+    memory = prepare_memory(pm, config)
     task_model = task.wrap(pm)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -325,7 +341,10 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         write_json_atomic(out / RUN_CONFIG, opts)
         if not opts["resume"]:
             save_tokenizer(model, tokenizer_dir, backbone)
-        print(pm.trainable_report(), file=sys.stderr)
+        print(pm.trainable_report(lr=config.lr, weight_decay=config.weight_decay, method_lr=config.method_lr),
+              file=sys.stderr)
+        if memory:
+            print(f"memory: {describe_memory(memory)}", file=sys.stderr)
         print(f"train: {len(train)} {task.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
               file=sys.stderr)
 
@@ -353,7 +372,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         return 0
     summary: dict[str, Any] = {"task": task.name, "backbone": backbone.name, "recipe": recipe.to_text(),
                                "dataset": spec.name, "eval_split": opts["eval_split"], "train": result.to_dict(),
-                               "trainable": pm.trainable_report().to_dict()}
+                               "trainable": pm.trainable_report().to_dict(), "memory": memory}
     if opts["evaluate"]:
         final = evaluate_now(task_model, progress=config.progress)
         baseline = baseline_scores(task, train, test, registry)
@@ -366,6 +385,29 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
     return 0
+
+
+def prepare_memory(pm, config) -> dict:
+    """The run's memory options applied to the adapted model (quantize, base dtype, checkpointing)."""
+    from ..memory import prepare_from_config
+    from ..runtime import resolve_device
+
+    device = resolve_device(config.device) if config.quantize != "none" else None
+    return prepare_from_config(pm, config, device=device)
+
+
+def describe_memory(memory: dict) -> str:
+    parts = []
+    if "quantized" in memory:
+        q = memory["quantized"]
+        parts.append(f"NF4 base: {q['layers']} linear layers, {q['weights']:,} weights in 4 bits")
+    if "base_dtype" in memory:
+        c = memory["base_dtype"]
+        parts.append(f"frozen weights {c['frozen']:,} in the base dtype, trainable {c['trainable fp32']:,} fp32, "
+                     f"norms {c['frozen norms fp32']:,} fp32")
+    if "grad_checkpoint" in memory:
+        parts.append("checkpointed layers: " + ", ".join(f"{k} {v}" for k, v in memory["grad_checkpoint"].items()))
+    return "; ".join(parts)
 
 
 def prepare_records(train: list, test: list, opts: dict[str, Any], dataset: str) -> tuple[list, list]:
@@ -437,6 +479,11 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
     p.add_argument("--progress", nargs="?", const=True, type=str2bool, default=True, metavar="BOOL",
                    help="show a progress bar [default: true]")
+    p.add_argument("--base-dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the frozen base [default: the training run's]")
+    p.add_argument("--quantize", choices=["none", "nf4"],
+                   help="hold the base's linear weights in 4 bits [default: the training run's; 'none' evaluates "
+                        "an adapter trained on a 4-bit base on a full-precision one]")
 
 
 def find_run(adapter: Path) -> Path | None:
@@ -486,8 +533,15 @@ def run_eval(args: argparse.Namespace) -> int:
     tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
     model = build_model(backbone, opts, texts=task.texts(train) if train is not None else None,
                         tokenizer_dir=tokenizer_dir)
-    task_model = task.wrap(load_adapter(model, adapter, backbone=backbone, registry=registry))
-    task_model.to(resolve_device(args.device))
+    pm = load_adapter(model, adapter, backbone=backbone, registry=registry)
+    from ..memory import prepare
+
+    device = resolve_device(args.device)
+    quantize = args.quantize or opts.get("quantize") or "none"
+    prepare(pm, base_dtype=args.base_dtype or opts.get("base_dtype") or "auto", quantize=quantize,
+            quantize_components=opts.get("quantize_components"), device=device if quantize != "none" else None)
+    task_model = task.wrap(pm)
+    task_model.to(device)
     result = evaluate(task, task_model, test, registry=registry, batch_size=args.batch_size,
                       num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
                       progress=args.progress)

@@ -17,6 +17,8 @@ from typing import Any
 from ..errors import ConfigError
 
 PRECISIONS = ("auto", "bf16", "fp32")
+BASE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE_CHOICES = ("none", "nf4")
 STRATEGIES = ("auto", "ddp", "fsdp")
 
 
@@ -72,6 +74,16 @@ class TrainConfig:
     strategy: str = _f("auto", "under torchrun: ddp, or fsdp (shards a large model; auto: ddp)",
                        choices=STRATEGIES)
     num_workers: int = _f(0, "data-loading worker processes")
+    # ---- memory (real sizes on one GPU) ----
+    base_dtype: str = _f("auto", "dtype of the frozen base weights: bf16 or fp16 halve them, trainable tensors and "
+                                 "optimizer states stay fp32, training runs under autocast in that dtype (auto: the "
+                                 "checkpoint's own dtype, fp32 for a built model)", choices=BASE_DTYPE_CHOICES)
+    grad_checkpoint: str | None = _f(None, "recompute the activations of these components' layers in the backward "
+                                           "pass (comma list, e.g. vision,llm, or all): far less activation memory "
+                                           "for about one more forward pass")
+    quantize: str = _f("none", "nf4: hold the frozen linear weights of --quantize-components in 4 bits (QLoRA; "
+                               "needs bitsandbytes)", choices=QUANTIZE_CHOICES)
+    quantize_components: str | None = _f(None, "components --quantize applies to (comma list; default: llm)")
 
     def __post_init__(self):
         self.validate()
@@ -109,9 +121,15 @@ class TrainConfig:
         for key in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{key} must be in [0, 1), got {key}={getattr(self, key)}")
-        for key, allowed in (("precision", PRECISIONS), ("strategy", STRATEGIES)):
+        for key, allowed in (("precision", PRECISIONS), ("strategy", STRATEGIES), ("base_dtype", BASE_DTYPE_CHOICES),
+                             ("quantize", QUANTIZE_CHOICES)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {key}={getattr(self, key)!r}")
+        if self.precision == "fp32" and self.base_dtype in ("bf16", "fp16"):
+            raise ConfigError(f"--precision fp32 contradicts --base-dtype {self.base_dtype} (a {self.base_dtype} base "
+                              f"computes under {self.base_dtype} autocast); drop one of them")
+        if self.quantize_components and self.quantize == "none":
+            raise ConfigError(f"--quantize-components {self.quantize_components} needs --quantize nf4")
         if self.steps is None and self.epochs is None and self.time_budget is None:
             raise ConfigError("no training budget: give steps, epochs or time_budget (e.g. --steps 500)")
 

@@ -251,6 +251,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(self.warmup, self.horizon, c.min_lr_ratio))
         self.autocast_dtype = self._autocast_dtype()
+        # fp16 has too few exponent bits for small gradients: scale the loss (steps that overflow are skipped)
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=self.autocast_dtype == torch.float16)
         self.state = {"step": 0, "epoch": 0, "sample_in_epoch": 0, "samples": 0, "train_seconds": 0.0,
                       "losses": [], "lrs": [], "evals": []}
         self.step_seconds: list[float] = []
@@ -278,7 +280,14 @@ class Trainer:
         return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
 
     def _autocast_dtype(self) -> torch.dtype | None:
+        from ..memory import base_dtype_of
+
         p, dev = self.config.precision, self.dist.device
+        base = base_dtype_of(self.model)
+        if base is not None:  # a bf16/fp16 base computes in its dtype, on a CPU as on a GPU
+            if p == "fp32":
+                raise ConfigError(f"--precision fp32 contradicts a {base} base (--base-dtype); drop one of them")
+            return base
         if p == "fp32":
             return None
         on_gpu = dev.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -432,7 +441,7 @@ class Trainer:
                 if loss.dim() != 0:
                     raise PeftmedError(f"the model's loss must be a scalar tensor, got shape {tuple(loss.shape)}")
                 loss = loss.float() if terms else loss.float() / len(micro)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += loss.detach().double()
             if terms:
                 tokens += float(count)
@@ -452,7 +461,15 @@ class Trainer:
             value = float(total / tokens)
         else:
             value = float(self.dist.mean(total))
+        self.scaler.unscale_(self.optimizer)
         grad_norm = distributed.clip_grad_norm(self.wrapped, list(self.params.values()), c.max_grad_norm)
+        if self.scaler.is_enabled() and math.isfinite(value) and not math.isfinite(float(grad_norm)):
+            self.scaler.step(self.optimizer)  # an fp16 overflow: the scaler skips this update and lowers the scale
+            self.scaler.update()
+            log.warning("step %d: fp16 gradients overflowed; update skipped, loss scale now %g",
+                        self.state["step"] + 1, self.scaler.get_scale())
+            self.scheduler.step()
+            return value, self.optimizer.param_groups[0]["lr"]
         bad = None if math.isfinite(value) else f"loss is {value}"
         if bad is None and not math.isfinite(float(grad_norm)):
             bad = f"gradient norm is {float(grad_norm)}"
@@ -466,7 +483,8 @@ class Trainer:
                 f"{where}. Lower --lr, raise --warmup-steps or --max-grad-norm, or check the data")
         self.last_grad_norm = float(grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # optimizer.step() unless fp16 loss scaling is on
+        self.scaler.update()
         self.scheduler.step()
         return value, lr
 

@@ -42,16 +42,17 @@ def test_identity_at_initialisation(recipe):
 
 EXPECTED = {
     # recipe -> trainable count derived from the toy's shapes by hand
-    "fusion=lora(r=4)": LAYERS * 2 * 4 * (DIM + DIM),  # q and v per block
+    "fusion=lora(r=4)": LAYERS * 4 * 4 * (DIM + DIM),  # q and v of the self- and cross-attention per block
     "vision=lora(r=8,roles=[attn.q,attn.k,attn.v,attn.o])": LAYERS * 4 * 8 * 2 * DIM,
-    "decoder=ia3": LAYERS * (DIM + DIM + 4 * DIM),  # k, v outputs; fc2 input (4*DIM)
+    # k, v outputs and the o input of the self- and cross-attention; fc2 input (4*DIM)
+    "decoder=ia3": LAYERS * (6 * DIM + 4 * DIM),
     "*=layernorm": (LAYERS * 2 + 1) * NORM + LAYERS * 3 * NORM + (LAYERS * 3 + 1) * NORM,
     "fusion=ffn": LAYERS * (DIM * 4 * DIM + 4 * DIM + 4 * DIM * DIM + DIM),
     "fusion=attention(cross=false)": LAYERS * 4 * LINEAR,
     "fusion=attention": LAYERS * 8 * LINEAR,
     "vision=bitfit": DIM + LAYERS * (4 * DIM + DIM + 4 * DIM + DIM + DIM) + DIM,
     "decoder=full": None,  # every decoder parameter
-    "fusion=lora(r=4,bias=lora_only)": LAYERS * 2 * (4 * 2 * DIM + DIM),
+    "fusion=lora(r=4,bias=lora_only)": LAYERS * 4 * (4 * 2 * DIM + DIM),
 }
 
 

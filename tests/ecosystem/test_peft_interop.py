@@ -19,6 +19,7 @@ BACKBONE = "hf-blip-vqa"
 
 CASES = {
     "lora": "vision=lora(r=4,alpha=8) fusion=lora(r=2,alpha=4)",
+    "lora-conv": "vision=lora(r=4,alpha=8,roles=patch) fusion=lora(r=2,alpha=4)",  # the patch-embedding Conv2d
     "ia3": "fusion=ia3",
     "layernorm": "vision=layernorm decoder=layernorm",
 }

@@ -147,7 +147,8 @@ class HFBlipVQA(VQAModule):
         return [detokenize(t) for t in self.tokenizer.batch_decode(out[:, 1:], skip_special_tokens=True)]
 
 
-def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None, **ids):
+def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size: int | None = None,
+                vision_layers: int | None = None, text_layers: int | None = None, **ids):
     from transformers import BlipConfig
 
     if preset not in PRESETS:
@@ -155,6 +156,11 @@ def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size:
     spec = copy.deepcopy(PRESETS[preset])
     if image_size is not None:
         spec["vision"]["image_size"] = int(image_size)
+    for part, layers in (("vision", vision_layers), ("text", text_layers)):
+        if layers is not None:  # a shallower (or deeper) model of the same widths, e.g. for peftmed plan
+            if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+                raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
+            spec[part]["num_hidden_layers"] = layers
     text = dict(spec["text"], **ids)
     if vocab_size is not None:
         text["vocab_size"] = vocab_size
@@ -163,7 +169,7 @@ def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size:
 
 def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_file: str | None = None,
           image_size: int | None = None, max_question_tokens: int = 35, max_answer_tokens: int = 10,
-          seed: int | None = 0) -> HFBlipVQA:
+          seed: int | None = 0, vision_layers: int | None = None, text_layers: int | None = None) -> HFBlipVQA:
     """A fresh (randomly initialised) BLIP VQA model with a tokenizer; nothing is downloaded.
 
     ``config``: a ``BlipConfig`` (overrides ``preset``); ``tokenizer``: any fast tokenizer whose size fits
@@ -179,7 +185,8 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, vocab_f
                pad_token_id=tokenizer.pad_token_id)
     if config is None:
         fixed_vocab = "vocab_size" in PRESETS.get(preset, {}).get("text", {})
-        config = blip_config(preset, vocab_size=None if fixed_vocab else len(tokenizer), image_size=image_size, **ids)
+        config = blip_config(preset, vocab_size=None if fixed_vocab else len(tokenizer), image_size=image_size,
+                             vision_layers=vision_layers, text_layers=text_layers, **ids)
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-blip-vqa: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
@@ -222,6 +229,7 @@ VISION_ROLES = {
     "attn.qkv": r"self_attn\.qkv$", "attn.o": r"self_attn\.projection$",
     "mlp.up": r"mlp\.fc1$", "mlp.down": r"mlp\.fc2$",
     "embed": r"^embeddings$",  # patch conv + class token + position table
+    "patch": r"^embeddings\.patch_embedding$",
     "self_attention": r"self_attn$",
 }
 
@@ -235,6 +243,7 @@ BACKBONE = Backbone(
     tokenizer_loader=saved_tokenizer,
     description="transformers BlipForQuestionAnswering (vision | question encoder | answer decoder)",
     tasks=("vqa", "report"),
+    depth_options={"vision_layers": ("vision",), "text_layers": ("fusion", "decoder")},
     defaults={"max_question_tokens": 35},
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )

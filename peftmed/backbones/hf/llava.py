@@ -227,7 +227,8 @@ class HFLlava(VQAModule):
 
 
 def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | None = None, *, image_token_id: int,
-                 pad_token_id: int, bos_token_id: int, eos_token_id: int):
+                 pad_token_id: int, bos_token_id: int, eos_token_id: int, vision_layers: int | None = None,
+                 text_layers: int | None = None):
     from transformers import LlavaConfig
 
     if preset not in PRESETS:
@@ -235,6 +236,11 @@ def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | 
     spec = copy.deepcopy(PRESETS[preset])
     if image_size is not None:
         spec["vision"]["image_size"] = int(image_size)
+    for part, layers in (("vision", vision_layers), ("text", text_layers)):
+        if layers is not None:  # a shallower (or deeper) model of the same widths, e.g. for peftmed plan
+            if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+                raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
+            spec[part]["num_hidden_layers"] = layers
     text = dict(spec["text"], pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     text.setdefault("vocab_size", vocab_size)  # a real architecture's vocabulary is fixed; a tiny one fits its tokenizer
     # vision_feature_layer=-2 and dropping the CLS feature are LLaVA(-Med)'s choices
@@ -245,7 +251,7 @@ def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | 
 
 def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_size: int | None = None,
           template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64, max_answer_tokens: int = 16,
-          seed: int | None = 0) -> HFLlava:
+          seed: int | None = 0, vision_layers: int | None = None, text_layers: int | None = None) -> HFLlava:
     """A fresh (randomly initialised) LLaVA with a tokenizer; nothing is downloaded.
 
     ``preset``: ``tiny`` (CPU tests), ``llava-med-7b`` (LLaVA-Med v1.5: CLIP ViT-L/14-336 + Mistral-7B, MLP
@@ -264,7 +270,7 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
             raise ConfigError(f"hf-llava: the tokenizer has no {IMAGE_PLACEHOLDER!r} token; add it as a special token")
         config = llava_config(preset, len(tokenizer), image_size, image_token_id=image_id,
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id)
+                              eos_token_id=tokenizer.eos_token_id, vision_layers=vision_layers, text_layers=text_layers)
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-llava: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
@@ -297,6 +303,7 @@ ROLES = {
     "attn.o": r"self_attn\.(o_proj|out_proj)$",
     "mlp.up": r"mlp\.(fc1|gate_proj|up_proj)$", "mlp.down": r"mlp\.(fc2|down_proj)$",
     "embed": r"(^|\.)(embeddings|embed_tokens)$",
+    "patch": r"embeddings\.patch_embedding$",
     "head": r"^lm_head$",
     "self_attention": r"self_attn$",
 }
@@ -313,6 +320,7 @@ BACKBONE = Backbone(
     tokenizer_loader=saved_tokenizer,
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa", "report"),
+    depth_options={"vision_layers": ("vision",), "text_layers": ("llm",)},
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )
 

@@ -66,6 +66,7 @@ MISS_ROLES = {
     "mlp.up": (r"\.mlp\.fc1$", r"\.intermediate\.dense$"),
     "mlp.down": (r"\.mlp\.fc2$", r"layer\.\d+\.output\.dense$"),
     "embed": (r"^patch_embed\.proj$", r"embeddings\.(word|position)_embeddings$"),
+    "patch": r"^patch_embed\.proj$",
     "head": r"^cls\.predictions\.(transform\.dense|decoder)$",
     "self_attention": (r"\.attn$", r"(^|\.)attention\.self$"),
     "cross_attention": r"crossattention\.self$",
@@ -80,7 +81,8 @@ TASK_OPTIONS = {"tiny": {"report": {"max_position_embeddings": 128}}}
 def _backbone(name: str, size: str, description: str) -> Backbone:
     return Backbone(name=name, components=MISS_COMPONENTS, roles=MISS_ROLES, builder=build_miss, loader=load_miss,
                     tokenizer_loader=MissTokenizer.load, description=description, tasks=("vqa", "report"),
-                    task_options=TASK_OPTIONS.get(size, {}), defaults={"size": size})
+                    task_options=TASK_OPTIONS.get(size, {}), defaults={"size": size},
+                    depth_options={"vision_layers": ("vision",), "text_layers": ("fusion", "decoder")})
 
 
 MISS_BACKBONES = (
