@@ -491,11 +491,13 @@ class PeftModel(nn.Module):
         return self.base_model
 
     # ---- save / load ------------------------------------------------------------------------------
-    def save_adapter(self, path: str | os.PathLike, name: str | None = None) -> Path:
+    def save_adapter(self, path: str | os.PathLike, name: str | None = None, *,
+                     tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
         """Write ``adapter.safetensors`` and ``adapter.json`` (each atomically) into the folder ``path``.
 
         Other files in the folder are left alone. The manifest records the SHA-256 of the weights file and
-        the identity of the model's tokenizer (when it has one), which loading checks.
+        the identity of the model's tokenizer (when it has one), which loading checks. ``tensors``: the
+        adapter's values by name when the parameters do not hold them whole (gathered from a sharded run).
         """
         from . import __version__
 
@@ -503,7 +505,13 @@ class PeftModel(nn.Module):
         if name != self.active_adapter:
             raise PeftmedError(f"save the active adapter; {name!r} is not active (call set_adapter)")
         state = self.adapters[name]
-        tensors = {k: p.detach().contiguous().cpu() for k, p in self.adapter_tensors(name).items()}
+        own = self.adapter_tensors(name)
+        given = dict(tensors or {})
+        if set(given) - set(own):
+            raise PeftmedError(f"save_adapter(tensors=...) names tensors the adapter does not have: "
+                               f"{sorted(set(given) - set(own))[:3]}")
+        by_id = {id(own[k]): v for k, v in given.items()}  # a tensor listed under two names was given once
+        tensors = {k: given.get(k, by_id.get(id(p), p)).detach().contiguous().cpu() for k, p in own.items()}
         owners = {}
         methods: dict[str, list[dict]] = {}
         tensor_meta: dict[str, dict] = {}

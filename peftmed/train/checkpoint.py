@@ -107,7 +107,7 @@ def _write_checkpoint(root: Path, name: str, *, model, trainable, state, meta) -
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
     try:
         if isinstance(model, PeftModel):
-            model.save_adapter(tmp / ADAPTER)
+            model.save_adapter(tmp / ADAPTER, tensors=trainable)
         else:
             save_file({k: t.detach().contiguous().cpu() for k, t in trainable.items()}, str(tmp / WEIGHTS))
         with open(tmp / STATE, "wb") as fh:

@@ -368,7 +368,14 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         if exc.checkpoint is not None:
             exc.args = (f"{exc.args[0]}\n  resume: {resume_command()}",)
         raise
-    if not main or distributed.is_fsdp(trainer.wrapped):
+    if not main:
+        return 0
+    if distributed.is_fsdp(trainer.wrapped):  # a sharded model answers on no single rank: evaluate the adapter
+        write_json_atomic(out / "metrics.json", {"task": task.name, "backbone": backbone.name,
+                                                 "recipe": recipe.to_text(), "dataset": spec.name,
+                                                 "train": result.to_dict(), "memory": memory})
+        print(f"adapter: {out / 'adapter'}   (a sharded run; evaluate it with: peftmed eval --adapter "
+              f"{out / 'adapter'})")
         return 0
     summary: dict[str, Any] = {"task": task.name, "backbone": backbone.name, "recipe": recipe.to_text(),
                                "dataset": spec.name, "eval_split": opts["eval_split"], "train": result.to_dict(),

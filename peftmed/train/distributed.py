@@ -2,7 +2,7 @@
 
 ``torchrun --nproc-per-node 2 -m peftmed train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; the trainer
 joins the process group (gloo on CPU, nccl on GPU), wraps the model in DistributedDataParallel (or
-FullyShardedDataParallel with ``strategy=fsdp``), gives each rank its slice of every global batch,
+shards it with FSDP2's ``fully_shard`` with ``strategy=fsdp``), gives each rank its slice of every global batch,
 and logs and checkpoints on rank 0 only. A single process needs none of this: ``Dist`` then says
 world size 1 and every collective is skipped.
 """
@@ -10,9 +10,9 @@ world size 1 and every collective is skipped.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +121,7 @@ class LossModule(nn.Module):
 
 
 def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
-    """The module the training step calls: the loss module, wrapped for DDP or FSDP when distributed."""
+    """The module the training step calls: the loss module, wrapped for DDP or sharded (FSDP2) when distributed."""
     module = LossModule(model)
     if not d.enabled:
         return module
@@ -130,26 +130,70 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
         return DDP(module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if strategy == "fsdp":
-        if d.device.type != "cuda":
-            raise ConfigError(f"strategy fsdp shards over GPUs (FullyShardedDataParallel needs an accelerator); "
-                              f"this run is on {d.device}. Use --strategy ddp on CPU")
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
-
-        # use_orig_params keeps frozen and trainable tensors side by side in one flat parameter, which
-        # PEFT needs; size-based wrapping shards any architecture without a per-model block list.
-        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=10_000_000)
-        return FSDP(module, use_orig_params=True, auto_wrap_policy=policy, sync_module_states=True,
-                    device_id=d.device if d.device.type == "cuda" else None)
+        return shard(module, model, d)
     raise ConfigError(f"strategy must be auto, ddp or fsdp, got {strategy!r}")
+
+
+def shard(module: nn.Module, model: nn.Module, d: Dist) -> nn.Module:
+    """FSDP2 (``fully_shard``): every layer of every component is one unit, the rest of the model the root.
+
+    Each parameter is split row-wise over the ranks (a DTensor) and gathered for its unit's forward and
+    backward; frozen and trainable tensors sit side by side. Works with gloo on CPUs as with nccl on GPUs.
+    References the adapter keeps to selected base tensors (LayerNorm-, BitFit-tuning...) are re-pointed
+    to the sharded parameters, which replace the originals under the same names.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from ..memory.checkpointing import component_blocks
+    from ..model import find_peft_model
+
+    # peftmed's layers return LayerNorm outputs as views of fresh tensors, never modified in place afterwards (the
+    # sharded run's gradients equal the unsharded run's: tests/train/test_fsdp.py); FSDP2 warns about any view
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+    mesh = init_device_mesh(d.device.type, (d.world_size,))
+    before = {id(p): n for n, p in module.named_parameters()}
+    peft = find_peft_model(model)
+    if peft is not None:
+        for component in peft.backbone.components:
+            for _, block in component_blocks(peft, component):
+                fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    after = dict(module.named_parameters())
+    if peft is not None:
+        for state in peft.adapters.values():
+            for applied in state.applied:
+                applied.params = {k: after.get(before.get(id(p), ""), p) for k, p in applied.params.items()}
+    return module
+
+
+def is_sharded(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (DTensor) one (a collective: every rank calls it), else itself."""
+    return tensor.full_tensor() if is_sharded(tensor) else tensor
+
+
+def shard_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor every rank holds) laid out as ``like``: its local shard when ``like`` is a
+    DTensor (no communication), else itself."""
+    if not is_sharded(like) or is_sharded(value):
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
 
 
 def is_fsdp(module: nn.Module) -> bool:
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed support
         return False
-    return isinstance(module, FSDP)
+    return isinstance(module, FSDPModule)
 
 
 def no_sync(module: nn.Module, skip: bool):
@@ -159,22 +203,7 @@ def no_sync(module: nn.Module, skip: bool):
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def full_params(module: nn.Module):
-    """Inside the block, every rank sees the full (unsharded) parameters of an FSDP model."""
-    if is_fsdp(module):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        with FSDP.summon_full_params(module, writeback=False):
-            yield
-    else:
-        yield
-
-
 def clip_grad_norm(module: nn.Module, params, max_norm: float) -> torch.Tensor:
     """The global gradient norm (clipped to ``max_norm`` when > 0), computed across FSDP shards."""
-    if is_fsdp(module):
-        return module.clip_grad_norm_(max_norm if max_norm > 0 else float("inf"))
-    if max_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return torch.nn.utils.clip_grad_norm_(params, float("inf"))
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return full(norm)

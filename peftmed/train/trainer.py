@@ -244,8 +244,12 @@ class Trainer:
         self.dist = distributed.setup(c.device)
         self._geometry()
         self.model.to(self.dist.device)
-        self.params = trainable_parameters(self.model)
+        if c.strategy == "fsdp" and self.dist.enabled and c.eval_every:
+            raise ConfigError("--eval-every with --strategy fsdp: a sharded model cannot answer on one rank while the "
+                              "others wait; evaluate the saved adapter after training (peftmed eval --adapter ...)")
+        trainable_parameters(self.model)  # refuses stray trainable tensors before anything is wrapped
         self.wrapped = distributed.wrap(self.model, self.dist, c.strategy)
+        self.params = trainable_parameters(self.model)  # after sharding: the sharded tensors, by the same names
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
                                            eps=c.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -314,26 +318,52 @@ class Trainer:
         """Write a checkpoint of the current step (rank 0 writes; every rank takes part in gathering)."""
         rngs = self.dist.gather_objects(ckpt.rng_state())
         optim_state = self._optimizer_state()
+        tensors = self._full_tensors()  # a collective when sharded: every rank gathers
         path = None
-        with distributed.full_params(self.wrapped):  # a collective under FSDP: every rank enters
-            if self.dist.is_main and self.checkpoint_root is not None:
-                from ..model import find_peft_model
+        if self.dist.is_main and self.checkpoint_root is not None:
+            from ..model import find_peft_model
 
-                path = ckpt.write_checkpoint(
-                    self.checkpoint_root, self.state["step"], model=find_peft_model(self.model) or self.model,
-                    trainable=self.params,
-                    state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
-                    meta=self._meta(), keep=self.config.keep_checkpoints)
+            path = ckpt.write_checkpoint(
+                self.checkpoint_root, self.state["step"], model=find_peft_model(self.model) or self.model,
+                trainable=tensors,
+                state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
+                meta=self._meta(), keep=self.config.keep_checkpoints)
         self.dist.barrier()
         self._last_saved = self.state["step"]
         return path
 
-    def _optimizer_state(self) -> dict:
-        if distributed.is_fsdp(self.wrapped):
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def _full_tensors(self) -> dict[str, torch.Tensor]:
+        """Every trainable tensor whole (gathered from the ranks' shards under FSDP), by name."""
+        return {name: distributed.full(p.detach()) for name, p in self.params.items()}
 
-            return FSDP.optim_state_dict(self.wrapped, self.optimizer)
-        return self.optimizer.state_dict()
+    def _optimizer_state(self) -> dict:
+        """AdamW's state keyed by tensor name, whole tensors: independent of the number of processes and of
+        the wrapping, so a checkpoint resumes sharded or not, on any number of processes."""
+        names = {id(p): n for n, p in self.params.items()}
+        raw = self.optimizer.state_dict()
+        order = [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        state = {order[i]: {k: distributed.full(v) if torch.is_tensor(v) else v for k, v in st.items()}
+                 for i, st in sorted(raw["state"].items())}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [order[i] for i in g["params"]]}
+                  for g in raw["param_groups"]]
+        return {"format": "by-name", "state": state, "param_groups": groups}
+
+    def _load_optimizer_state(self, saved: Mapping[str, Any]) -> None:
+        if saved.get("format") != "by-name":
+            self.optimizer.load_state_dict(saved)  # written before states were kept by name
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        names = {id(p): n for n, p in self.params.items()}
+        index = {names[id(p)]: i for i, p in enumerate(params)}
+        by_name = dict(self.params)
+        state = {index[n]: {k: distributed.shard_like(v, by_name[n]) if torch.is_tensor(v) and v.dim() else v
+                            for k, v in st.items()}
+                 for n, st in saved["state"].items() if n in index}
+        groups = []
+        for g, old in zip(self.optimizer.param_groups, saved["param_groups"]):
+            groups.append({**{k: v for k, v in old.items() if k != "params"},
+                           "params": [index[names[id(p)]] for p in g["params"]]})
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def load_checkpoint(self, path: str | Path) -> Path:
         """Restore trainable tensors, optimizer, scheduler, RNG states and data position from a checkpoint."""
@@ -354,15 +384,9 @@ class Trainer:
                                            f"in the checkpoint but {tuple(p.shape)} here")
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(tensors[name].to(p.device, p.dtype))
+                p.copy_(distributed.shard_like(tensors[name].to(p.device, p.dtype), p))
         state = ckpt.read_state(found)
-        if distributed.is_fsdp(self.wrapped):
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            self.optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.wrapped, self.optimizer,
-                                                                         state["optimizer"]))
-        else:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
@@ -570,9 +594,9 @@ class Trainer:
         elif self.checkpoint_root is not None:
             path = ckpt.latest_checkpoint(self.checkpoint_root)
         if self.output_dir is not None and hasattr(self.model, "save_adapter"):
-            with distributed.full_params(self.wrapped):
-                if d.is_main:
-                    self.model.save_adapter(self.output_dir / "adapter")
+            tensors = self._full_tensors()  # a collective when sharded
+            if d.is_main:
+                self.model.save_adapter(self.output_dir / "adapter", tensors=tensors)
         return TrainResult(
             step=s["step"], epoch=s["epoch"] + s["sample_in_epoch"] / n,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
@@ -624,17 +648,16 @@ class Trainer:
         if self.eval_fn is None:
             return None
         scores = None
-        with distributed.full_params(self.wrapped):
-            if self.dist.is_main:
-                was_training = self.model.training
-                self.model.eval()
-                try:
-                    scores = dict(self.eval_fn(self.model, limit))
-                finally:
-                    self.model.train(was_training)
-                self.state["evals"].append({"step": self.state["step"], **scores})
-                log.info("step %d  eval %s", self.state["step"],
-                         "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
+        if self.dist.is_main:
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                scores = dict(self.eval_fn(self.model, limit))
+            finally:
+                self.model.train(was_training)
+            self.state["evals"].append({"step": self.state["step"], **scores})
+            log.info("step %d  eval %s", self.state["step"],
+                     "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
         self.dist.barrier()
         return scores
 
