@@ -453,6 +453,25 @@ class PeftModel(nn.Module):
                 n += p.numel()
         return n
 
+    # ---- asking the model -------------------------------------------------------------------------
+    def answer(self, image, question: str | None = None, *, task: str = "vqa", num_beams: int = 3,
+               max_new_tokens: int | None = None, batch_size: int = 16):
+        """The adapted model's answer to ``question`` about ``image`` (a path, a PIL image or a uint8 (3, H, W)
+        tensor), prepared as the training data was; lists of images and questions give a list of answers.
+        ``task="report"`` writes a report for the image instead (no question)."""
+        from .deploy.predict import answer as _answer
+
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        if question is None:
+            questions = None
+        else:
+            questions = [question] if isinstance(question, str) else list(question)
+        task_obj = self.registry.get("task", task)
+        texts, _ = _answer(task_obj, task_obj.wrap(self), images, questions, batch_size=batch_size,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens)
+        return texts[0] if single else texts
+
     # ---- merge ------------------------------------------------------------------------------------
     def _mergeable_layers(self, name: str) -> list[AdapterLayer]:
         state = self.adapters[name]

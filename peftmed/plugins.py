@@ -44,6 +44,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "peftmed.interop.commands",
     "peftmed.train.commands",
     "peftmed.memory.commands",
+    "peftmed.deploy.commands",
     "peftmed.report.plugin",
 )
 

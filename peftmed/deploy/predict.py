@@ -1,0 +1,143 @@
+"""Ask a fine-tuned model: rebuild the adapter's run exactly as training built it, then answer questions
+about images (or write reports).
+
+The base model comes from the run folder the adapter sits in (``train_config.json``: backbone, builder
+options, seed, ``--pretrained`` checkpoint, base dtype and quantization; ``tokenizer/``: the vocabulary
+the run trained), so the frozen weights, the tokenizer and the image size are the training run's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+log = logging.getLogger("peftmed.predict")
+
+
+def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto", base_dtype: str | None = None,
+                 quantize: str | None = None, task: str | None = None):
+    """(task, task model, run options, manifest) for the adapter folder ``adapter``.
+
+    ``base_dtype`` / ``quantize``: override the run's (e.g. ``quantize="none"`` for an adapter trained on a
+    4-bit base); ``task``: must be the run's task when the run names one."""
+    from ..memory import prepare
+    from ..model import load_adapter, read_manifest
+    from ..plugins import default_registry
+    from ..runtime import resolve_device
+    from ..train.commands import RUN_CONFIG, TOKENIZER_DIR, _accepts, build_model, find_run
+
+    registry = registry or default_registry()
+    adapter = Path(adapter)
+    manifest = read_manifest(adapter)
+    run_dir = find_run(adapter)
+    opts: dict[str, Any] = json.loads((run_dir / RUN_CONFIG).read_text()) if run_dir else {}
+    backbone = registry.backbone(manifest["backbone"])
+    run_task = opts.get("task")
+    if task is not None and run_task is not None and task != run_task:
+        raise ConfigError(f"the adapter {str(adapter)!r} was trained for the task {run_task!r}; it cannot answer "
+                          f"--task {task!r} (train an adapter for {task!r})")
+    task_obj = registry.get("task", task or run_task or "vqa")
+    tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
+    trains_vocab = backbone.builder is not None and _accepts(backbone.builder, "texts") and not opts.get("pretrained")
+    if trains_vocab and not (tokenizer_dir and tokenizer_dir.is_dir() and any(tokenizer_dir.iterdir())):
+        raise ConfigError(f"the adapter {str(adapter)!r} has no run folder with the tokenizer its training built "
+                          f"(expected {TOKENIZER_DIR}/ beside train_config.json above the adapter); backbone "
+                          f"{backbone.name!r} trains its vocabulary on the data, so answers need that tokenizer")
+    model = build_model(backbone, opts, tokenizer_dir=tokenizer_dir)
+    pm = load_adapter(model, adapter, backbone=backbone, registry=registry)
+    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    q = quantize or opts.get("quantize") or "none"
+    prepare(pm, base_dtype=base_dtype or opts.get("base_dtype") or "auto", quantize=q,
+            quantize_components=opts.get("quantize_components"), device=dev if q != "none" else None)
+    task_model = task_obj.wrap(pm)
+    task_model.to(dev)
+    task_model.eval()
+    return task_obj, task_model, opts, manifest
+
+
+def run_task(adapter) -> str | None:
+    """The task the adapter's run trained for (None when it has no run folder)."""
+    from ..train.commands import RUN_CONFIG, find_run
+
+    run_dir = find_run(Path(adapter))
+    if run_dir is None:
+        return None
+    try:
+        return json.loads((run_dir / RUN_CONFIG).read_text()).get("task")
+    except (OSError, ValueError):
+        return None
+
+
+def image_batch(images: Sequence, size: int) -> torch.Tensor:
+    """uint8 (B, 3, size, size) from image paths, PIL images or uint8 (3, H, W) tensors, prepared as the
+    training data was (RGB, bicubic resize); a missing or unreadable file is an error naming it."""
+    from PIL import Image
+
+    from ..data.dataset import image_to_tensor
+    from ..data.images import open_image
+
+    out = []
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
+                raise ConfigError(f"image {i}: a tensor image must be uint8 (3, H, W), got {image.dtype} "
+                                  f"{tuple(image.shape)}")
+            image = Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).numpy())
+        elif not isinstance(image, Image.Image):
+            image = open_image(image, what=f"image {i}")
+        out.append(image_to_tensor(image, size))
+    return torch.stack(out)
+
+
+def _question_limit(model) -> int | None:
+    """The model's question length limit in tokens, when it says."""
+    for m in model.modules():
+        for holder in (m, getattr(m, "config", None)):
+            limit = getattr(holder, "max_question_tokens", None)
+            if isinstance(limit, int):
+                return limit
+    return None
+
+
+def _truncated(model) -> int:
+    # the model's own counter (vars: a wrapper forwarding attribute reads would count it twice)
+    return sum(int(vars(m).get("truncated_questions", 0) or 0) for m in model.modules())
+
+
+def answer(task, model, images: Sequence, questions: Sequence[str] | None = None, *, batch_size: int = 16,
+           num_beams: int = 3, max_new_tokens: int | None = None) -> tuple[list[str], int]:
+    """The model's answers (reports for the report task) to ``questions`` about ``images``, in order, and how
+    many questions were longer than the model's limit (cut to it; the answer is to the cut question)."""
+    if questions is None:
+        questions = [""] * len(images)
+    if len(questions) != len(images):
+        raise ConfigError(f"{len(images)} images but {len(questions)} questions")
+    if task.name == "vqa":
+        empty = [i for i, q in enumerate(questions) if not str(q).strip()]
+        if empty:
+            raise ConfigError(f"question {empty[0]} is empty; every image needs a question")
+    for key, value in (("batch_size", batch_size), ("num_beams", num_beams)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    from ..memory import autocast_for
+
+    size = int(getattr(model, "image_size"))
+    device = next(model.parameters()).device
+    tokens = max_new_tokens or task.max_new_tokens
+    before = _truncated(model)
+    out: list[str] = []
+    for start in range(0, len(images), batch_size):
+        chunk = slice(start, start + batch_size)
+        pixels = image_batch(images[chunk], size).to(device)
+        qs = [str(q) for q in questions[chunk]]
+        batch = {"images": pixels, "questions": qs, "qids": [str(i) for i in range(start, start + len(qs))]}
+        with torch.no_grad(), autocast_for(model, device):
+            out += task.generate(model, batch, tokens, num_beams)
+    return out, _truncated(model) - before
