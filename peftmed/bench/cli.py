@@ -94,6 +94,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                      help="run every recipe in this process (faster start; CPU memory figures then include "
                           "earlier recipes' heap)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--report-to", metavar="TARGETS",
+                     help="tensorboard, wandb and/or mlflow (comma list): each recipe's training curves as its own run, "
+                          "under OUTPUT/logs/")
     out.add_argument("--json", action="store_true", help="print the results document as JSON at the end")
 
 
@@ -133,6 +136,7 @@ def build_config(args, registry=None):
         source_batch_size=args.source_batch_size, isolate=not args.no_isolate, plugins=tuple(args.plugin),
         train_test_overlap=args.train_test_overlap,
         progress=not args.no_progress,
+        report_to=args.report_to,
     )
     return config
 

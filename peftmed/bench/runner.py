@@ -71,6 +71,7 @@ class BenchConfig:
     train_test_overlap: str = "drop"  # training records that repeat a test question: drop | keep
     plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
     progress: bool = True
+    report_to: str | None = None  # tensorboard, wandb, mlflow: each recipe's curves as its own run
 
     def validate(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -89,6 +90,10 @@ class BenchConfig:
             raise ConfigError(f"seeds must be distinct non-negative integers, got {self.seeds!r}")
         if self.train_test_overlap not in ("drop", "keep"):
             raise ConfigError(f"train_test_overlap must be drop or keep, got {self.train_test_overlap!r}")
+        if self.report_to is not None:
+            from ..train.reporting import parse_targets
+
+            parse_targets(self.report_to)
 
     @property
     def seed_list(self) -> tuple[int, ...]:
@@ -171,12 +176,14 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
                num_beams=config.num_beams, max_new_tokens=config.max_new_tokens, lr=config.lr,
                seed=config.seed if seed is None else seed,
                device=config.device, threads=config.threads, source_checkpoint=source, cache_dir=str(folder / ".cache"),
-               plugins=tuple(config.plugins), progress=config.progress, shared_options=dict(shared or {}))
+               plugins=tuple(config.plugins), progress=config.progress, shared_options=dict(shared or {}),
+               report_to=config.report_to, log_dir=str(folder / "logs") if config.report_to else None)
 
 
 def fingerprint(job: Job) -> dict[str, Any]:
     data = job.to_dict()
-    for key in ("shared_options", "progress", "cache_dir", "source_checkpoint", "save_model", "plugins"):
+    for key in ("shared_options", "progress", "cache_dir", "source_checkpoint", "save_model", "plugins", "report_to",
+                "log_dir"):
         data.pop(key)
     data["transfer_source"] = bool(job.source_checkpoint)
     return data

@@ -24,6 +24,7 @@ import torch
 
 from . import task as glue
 from .memory import MemoryProbe
+from .suites import slug
 
 PROVIDERS = ("peftmed", "peft")
 FALLBACK_LR = 1e-3  # a method without a default_lr, and peft's rows of such a method
@@ -62,6 +63,8 @@ class Job:
     cache_dir: str | None = None  # shared decoded-image cache
     plugins: tuple[str, ...] = ()  # extra plugin modules to register in the worker
     progress: bool = True
+    report_to: str | None = None  # --report-to targets (each job is its own run)
+    log_dir: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,9 +165,10 @@ def _train(job: Job, task, model, lr_of, records) -> dict[str, Any]:
     config = TrainConfig(steps=job.steps, time_budget=job.time_budget, batch_size=job.batch_size,
                          lr=job.lr or FALLBACK_LR, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
                          max_grad_norm=1.0, seed=job.seed, device=job.device, precision="fp32",
-                         progress=job.progress, log_every=10**9)
+                         progress=job.progress, log_every=10**9, report_to=job.report_to,
+                         run_name=f"{slug(job.label)}.{job.provider}.s{job.seed}")
     data = task.dataset(records, glue.image_size(model), cache_dir=job.cache_dir)
-    result = Trainer(model, data, config, collate_fn=task.collate, lr_of=lr_of).train()
+    result = Trainer(model, data, config, collate_fn=task.collate, lr_of=lr_of, log_dir=job.log_dir).train()
     timed = result.step_seconds[job.warmup_steps:] or result.step_seconds
     median = statistics.median(timed) if timed else math.nan
     return {"steps_done": result.step, "train_time_s": result.train_seconds, "step_time_median_s": median,

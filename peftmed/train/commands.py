@@ -362,6 +362,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
     trainer = Trainer(task_model, task.dataset(train, image_size), config, output_dir=out,
                       eval_fn=lambda m, limit: evaluate_now(m, limit).scores, run_info=run_info,
                       collate_fn=task.collate)
+    trainer.keep_reporter_open = True  # the final evaluation goes to --report-to too
     try:
         result = trainer.train(resume=opts["resume"])
     except TrainingInterrupted as exc:
@@ -370,7 +371,8 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         raise
     if not main:
         return 0
-    if distributed.is_fsdp(trainer.wrapped):  # a sharded model answers on no single rank: evaluate the adapter
+    if distributed.is_fsdp(trainer.wrapped):
+        trainer.close_reporter()  # a sharded model answers on no single rank: evaluate the adapter
         write_json_atomic(out / "metrics.json", {"task": task.name, "backbone": backbone.name,
                                                  "recipe": recipe.to_text(), "dataset": spec.name,
                                                  "train": result.to_dict(), "memory": memory})
@@ -382,6 +384,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
                                "trainable": pm.trainable_report().to_dict(), "memory": memory}
     if opts["evaluate"]:
         final = evaluate_now(task_model, progress=config.progress)
+        trainer.close_reporter(final.scores)
         baseline = baseline_scores(task, train, test, registry)
         summary.update({"scores": final.scores, task.baseline_name: baseline})
         final.write(out)
@@ -389,6 +392,7 @@ def train_task(task, opts: dict[str, Any], registry, backbone, spec, recipe, con
         print(f"{spec.name}/{opts['eval_split']} after {result.step} steps: {final.summary()}")
         print(f"{task.baseline_label} {task.summary(baseline)}")
     else:
+        trainer.close_reporter()
         write_json_atomic(out / "metrics.json", summary)
     print(f"adapter: {out / 'adapter'}   metrics: {out / 'metrics.json'}")
     return 0

@@ -67,6 +67,10 @@ class TrainConfig:
     keep_checkpoints: int = _f(1, "how many checkpoints to keep (the newest)")
     log_every: int = _f(10, "log the loss every N optimizer steps")
     progress: bool = _f(True, "show a progress bar (loss, lr, samples/s, ETA)")
+    report_to: str | None = _f(None, "send the curves (loss, lr per group, gradient norm, samples/s, peak memory, "
+                                     "evaluations) and the hyperparameters to tensorboard, wandb and/or mlflow "
+                                     "(comma list; all: every one installed); written under OUTPUT/logs/")
+    run_name: str | None = _f(None, "the run's name in --report-to targets (default: the output folder's name)")
     # ---- device, precision and scale ----
     device: str = _f("auto", "cpu, cuda, cuda:1... (auto: cuda when available)")
     precision: str = _f("auto", "bf16 autocast or fp32 (auto: bf16 on a GPU that supports it)",
@@ -130,6 +134,10 @@ class TrainConfig:
                               f"computes under {self.base_dtype} autocast); drop one of them")
         if self.quantize_components and self.quantize == "none":
             raise ConfigError(f"--quantize-components {self.quantize_components} needs --quantize nf4")
+        if self.report_to is not None:
+            from .reporting import parse_targets
+
+            parse_targets(self.report_to)
         if self.steps is None and self.epochs is None and self.time_budget is None:
             raise ConfigError("no training budget: give steps, epochs or time_budget (e.g. --steps 500)")
 

@@ -170,13 +170,17 @@ class Trainer:
     def __init__(self, model: nn.Module, train_data: Sequence, config: TrainConfig, *,
                  output_dir: str | Path | None = None, collate_fn: Callable | None = None,
                  eval_fn: Callable[[nn.Module, int | None], dict] | None = None,
-                 run_info: Mapping[str, Any] | None = None, lr_of: Callable[[str], float] | None = None):
+                 run_info: Mapping[str, Any] | None = None, lr_of: Callable[[str], float] | None = None,
+                 log_dir: str | Path | None = None):
         if not hasattr(model, "compute_loss"):
             raise ConfigError(f"{type(model).__name__} has no compute_loss(batch); the trainer needs one")
         if collate_fn is None:
             from ..data import collate as collate_fn
         self.model, self.data, self.config = model, train_data, config
         self.collate_fn, self.eval_fn, self.lr_of = collate_fn, eval_fn, lr_of
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.reporter = None
+        self.keep_reporter_open = False  # the caller logs a final evaluation, then calls close_reporter()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.run_info = dict(run_info or {})
         self.run_info.setdefault("backbone", getattr(getattr(model, "backbone", None), "name", None))
@@ -262,6 +266,47 @@ class Trainer:
         self.step_seconds: list[float] = []
         if self.dist.is_main and self.checkpoint_root is not None:
             ckpt.remove_stale_temporaries(self.checkpoint_root)
+        if self.dist.is_main and c.report_to:
+            self.reporter = self._reporter()
+
+    def _reporter(self):
+        from ..model import find_peft_model
+        from .reporting import Reporter
+
+        folder = self.log_dir or (self.output_dir / "logs" if self.output_dir is not None else None)
+        if folder is None:
+            raise ConfigError("--report-to needs an output folder (or log_dir=) to write the logs in")
+        peft = find_peft_model(self.model)
+        texts = {}
+        if peft is not None and peft.active_adapter is not None:
+            texts["trainable"] = str(peft.trainable_report(lr=self.config.lr, weight_decay=self.config.weight_decay,
+                                                           method_lr=self.config.method_lr))
+            texts["recipe"] = peft.adapters[peft.active_adapter].recipe.to_text()
+        hparams = {**{k: v for k, v in self.run_info.items() if k != "recipe_json"}, **texts,
+                   **{k: v for k, v in self.config.to_dict().items() if k not in ("progress", "report_to")}}
+        hparams.pop("trainable", None)
+        name = self.config.run_name or (self.output_dir.name if self.output_dir is not None else "run")
+        return Reporter(self.config.report_to, folder, name, hparams, texts)
+
+    def close_reporter(self, scores: Mapping[str, Any] | None = None) -> None:
+        """Log ``scores`` (a final evaluation) and close the --report-to targets with the run's final values."""
+        if self.reporter is None:
+            return
+        s = self.state
+        numbers = {k: v for k, v in (scores or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numbers:
+            self.reporter.scalars(s["step"], {f"eval/{k}": v for k, v in numbers.items()})
+        final = dict(numbers) or {k: v for k, v in (s["evals"][-1] if s["evals"] else {}).items() if k != "step"}
+        final["final_loss"] = s["losses"][-1] if s["losses"] else float("nan")
+        self.reporter.close(final)
+        self.reporter = None
+
+    def _report_step(self, loss: float, rate: float) -> None:
+        values = {"train/loss": loss, "train/grad_norm": getattr(self, "last_grad_norm", None),
+                  "train/samples_per_s": rate, "memory/peak_mib": _peak_mib(self.dist.device)}
+        for i, group in enumerate(self.optimizer.param_groups):
+            values[f"train/lr/group{i}"] = group["lr"]
+        self.reporter.scalars(self.state["step"], values)
 
     def _param_groups(self) -> list[dict]:
         """AdamW groups: one per (learning rate, weight decay). Matrices get the weight decay; biases and 1-d
@@ -532,6 +577,9 @@ class Trainer:
                 self._last_saved = -1
             return self._loop()
         finally:
+            if self.reporter is not None and (sys.exc_info()[0] is not None or not self.keep_reporter_open):
+                self.reporter.close()  # an interrupted run keeps the curves it logged
+                self.reporter = None
             d.close()
 
     def _loop(self) -> TrainResult:
@@ -573,6 +621,8 @@ class Trainer:
                                             refresh=False)
                         if d.is_main and s["step"] % c.log_every == 0:
                             log.info("step %d  loss %.4f  lr %.3e  %.1f samples/s", s["step"], loss, lr, rate)
+                        if self.reporter is not None:
+                            self._report_step(loss, rate)
                         signum = self._signal_received(caught)
                         if signum is not None:
                             path = self.save_checkpoint() if self._last_saved != s["step"] else \
@@ -597,6 +647,8 @@ class Trainer:
             tensors = self._full_tensors()  # a collective when sharded
             if d.is_main:
                 self.model.save_adapter(self.output_dir / "adapter", tensors=tensors)
+        if self.reporter is not None and not self.keep_reporter_open:
+            self.close_reporter()
         return TrainResult(
             step=s["step"], epoch=s["epoch"] + s["sample_in_epoch"] / n,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
@@ -656,6 +708,9 @@ class Trainer:
             finally:
                 self.model.train(was_training)
             self.state["evals"].append({"step": self.state["step"], **scores})
+            if self.reporter is not None:
+                self.reporter.scalars(self.state["step"], {f"eval/{k}": v for k, v in scores.items()
+                                                           if isinstance(v, (int, float)) and not isinstance(v, bool)})
             log.info("step %d  eval %s", self.state["step"],
                      "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
         self.dist.barrier()
@@ -668,3 +723,14 @@ class Trainer:
 
         # the total gives tqdm's ETA; a time budget alone has no step total
         return tqdm(total=self.horizon, initial=self.state["step"], desc="train", unit="step", dynamic_ncols=True)
+
+
+def _peak_mib(device: torch.device) -> float:
+    """The peak memory so far: the CUDA allocator's on a GPU, the process's peak resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
