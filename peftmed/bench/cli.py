@@ -89,7 +89,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     out.add_argument("--no-peft", action="store_true", help="skip the huggingface/peft baseline rows")
     out.add_argument("--output", "-o", help="results folder (default bench-results/<timestamp>)")
     out.add_argument("--resume", action="store_true", help="continue the suite in --output, skipping done recipes")
-    out.add_argument("--compare", nargs=2, metavar=("A", "B"), help="print two results folders side by side")
+    out.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                     help="print two results folders side by side and write compare.html (into --output, else here)")
     out.add_argument("--no-isolate", action="store_true",
                      help="run every recipe in this process (faster start; CPU memory figures then include "
                           "earlier recipes' heap)")
@@ -160,6 +161,16 @@ def run(args) -> int:
         registry, cfg = default_registry(), a["meta"].get("config", {})
         task = registry.get("task", cfg.get("task") or registry.get("dataset", cfg.get("dataset")).task)
         print(report.compare_text(a, b, *args.compare, task))
+        from pathlib import Path
+
+        from .html import compare_html
+
+        target = Path(args.output) / "compare.html" if args.output else Path("compare.html")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        names = [Path(x).name or x for x in args.compare]
+        if names[0] == names[1]:
+            names = list(args.compare)
+        print(f"wrote {compare_html(target, a, b, names[0], names[1], task)}")
         return 0
     if args.resume and not args.output:
         raise ConfigError("--resume continues a results folder: name it with --output FOLDER")

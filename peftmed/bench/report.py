@@ -285,6 +285,13 @@ def write_report(folder: Path, data: dict[str, Any], task) -> Path:
         f"![peak memory](plots/{plots['memory'].name})",
         "",
     ]
+    try:
+        from .html import write_html
+
+        write_html(folder, data, task)
+        lines[1:1] = ["", "Interactive: [report.html](report.html) (sortable table, plots, metadata; one file, no network)"]
+    except ImportError:  # plotly is not installed: the Markdown report and its PNG plots only
+        echo("report.html needs plotly (pip install plotly); wrote report.md only")
     path = folder / "report.md"
     write_atomic(path, "\n".join(lines))
     return path
