@@ -5,7 +5,9 @@ layer_norm and torch.compile of it, timed interleaved in one run, with a contigu
     python benchmarks/kernels/bench_layer_norm.py --device cuda    # 32768 x {768, 1024}, bf16 and fp32
 
 Target (CPU, 2048 x 768, fp32): at least 1.3x faster than torch native. On a GPU the backward alone is
-also timed against a device-to-device copy of the same bytes (target: >= 70% of copy bandwidth).
+also timed against a device-to-device copy of the same bytes. GPU targets (N = 768 and 1024): the Triton
+backward at >= 80% of the measured copy bandwidth, fwd+bwd faster than torch and torch.compile
+(``--targets-json`` writes them for benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, percentiles, report, row, time_interleaved  # noqa: E402
+from common import REPO, percentiles, report, row, target, time_interleaved, write_targets  # noqa: E402
 
 from peftmed import kernels  # noqa: E402
 
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=100)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
+    ap.add_argument("--targets-json", type=Path, help="append the targets' figures here (JSON list)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,9 +86,20 @@ def main() -> None:
                 out_rows.append(row(f"{rows_n}x{n}", dtype, "fwd+bwd", name, samples, args.device,
                                     f"{nbytes / (p50 * 1e-3) / 1e9:.1f} GB/s",
                                     None if name == "torch native" else base))
+            best = "peftmed triton" if gpu else "peftmed cpp"
+            if best in times:
+                ours = percentiles(times[best])[1]
+                what = f"{rows_n}x{n} {str(dtype)[6:]}"
+                others = [k for k in ("torch native", "torch.compile(native)") if k in times]
+                for other in others:
+                    ratio = percentiles(times[other])[1] / ours
+                    goal = ">= 1.3x" if not gpu and other == "torch native" else "> 1x"
+                    target(f"LayerNorm fwd+bwd {other} / {best} time, {what}", ratio, goal,
+                           ratio >= 1.3 if goal == ">= 1.3x" else ratio > 1.0, "x")
             if gpu:
                 out_rows += backward_only(rows_n, n, dtype, impls, args)
     report("layer_norm", out_rows, args.out)
+    write_targets(args.targets_json)
 
 
 def backward_only(rows_n: int, n: int, dtype, impls, args) -> list[dict]:
@@ -110,6 +124,10 @@ def backward_only(rows_n: int, n: int, dtype, impls, args) -> list[dict]:
     times = time_interleaved(fns, device="cuda", rounds=args.rounds)
     copy_p50 = percentiles(times["copy (same bytes)"])[1]
     nbytes = 3 * rows_n * n * x.element_size()
+    if "peftmed triton" in times:
+        frac = copy_p50 / percentiles(times["peftmed triton"])[1]
+        target(f"LayerNorm backward (triton) share of copy bandwidth, {rows_n}x{n} {str(dtype)[6:]}", 100 * frac,
+               ">= 80%", frac >= 0.8, "%")
     return [row(f"{rows_n}x{n}", dtype, "bwd only", name, samples, "cuda",
                 f"{nbytes / (percentiles(samples)[1] * 1e-3) / 1e9:.1f} GB/s",
                 None if name.startswith("copy") else copy_p50) for name, samples in times.items()]

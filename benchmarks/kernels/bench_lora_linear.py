@@ -4,8 +4,12 @@ peft's LoRA layer and torch.compile of the reference formula, timed interleaved 
     python benchmarks/kernels/bench_lora_linear.py                 # CPU target shape, fp32
     python benchmarks/kernels/bench_lora_linear.py --device cuda   # 8192 x 4096 -> 4096, r=16, bf16
 
-Backward computes dx (the base layer is frozen, as in LoRA training) and the LoRA gradients.
+Backward computes dx (the base layer is frozen, as in LoRA training) and the LoRA gradients. The base
+linear's forward + backward is cuBLAS's pair of GEMMs on the same shapes: "vs baseline" is the fraction
+of cuBLAS's throughput the LoRA layer keeps.
 Target (CPU, 512 x 768 -> 768, r=8, fp32): <= 1.15x the base linear's time, <= 1.25x with dropout 0.1.
+Target (GPU, 8192 x 4096 -> 4096, r=16, bf16): peftmed triton <= 1.10x the base GEMM pair and >= 1.3x
+faster than peft's LoRA layer (``--targets-json`` writes them for benchmarks/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, percentiles, report, row, time_interleaved  # noqa: E402
+from common import REPO, percentiles, report, row, target, time_interleaved, write_targets  # noqa: E402
 
 from peftmed.methods.lora import LoraConfig, LoraLinear  # noqa: E402
 
@@ -71,6 +75,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
+    ap.add_argument("--targets-json", type=Path, help="append the targets' figures here (JSON list)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -121,7 +126,18 @@ def main() -> None:
             tflops = flops(t, d, d, r, name != "base linear (frozen)") / (p50 * 1e-3) / 1e12
             rows.append(row(f"{t}x{d}->{d} r={r}", dtype, mode, name, samples, args.device,
                             f"{tflops:.3f} TFLOP/s", None if name.startswith("base") else base_p50))
+        best = "peftmed triton" if gpu else "peftmed cpp"
+        if best in times:
+            ours = percentiles(times[best])[1]
+            limit = 1.10 if gpu else (1.15 if p == 0 else 1.25)
+            shape = f"{t}x{d}->{d} r={r} {str(dtype)[6:]} dropout {p}"
+            target(f"LoRA {best} fwd+bwd / base GEMM pair, {shape}", ours / base_p50, f"<= {limit}x",
+                   ours / base_p50 <= limit, "x")
+            if gpu:
+                peft_p50 = percentiles(times["peft LoRA"])[1]
+                target(f"LoRA peft / {best} time, {shape}", peft_p50 / ours, ">= 1.3x", peft_p50 / ours >= 1.3, "x")
     report("lora_linear", rows, args.out)
+    write_targets(args.targets_json)
 
 
 if __name__ == "__main__":

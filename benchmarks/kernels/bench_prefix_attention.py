@@ -6,8 +6,8 @@ sequence] keys/values, in one run; then the training-step memory of Prefix-tunin
     python benchmarks/kernels/bench_prefix_attention.py --skip-model      # op rows only
     python benchmarks/kernels/bench_prefix_attention.py --skip-ops --batch-model 32   # the target's step (CPU: ~10 min, ~20 GB)
 
-Op rows (self-attention, a (B, Tk) padding mask, H=12, D=64; prefix 10 and 64, sequence 35, 256,
-1024), providers timed interleaved: ``reference (concat + softmax)`` (peftmed.kernels.prefix_attention
+Op rows (self-attention, a (B, Tk) padding mask, H=12, D=64 (and 128 on CUDA); prefix 10 and 64, sequence
+35, 256, 1024; GPU target: peftmed triton fwd+bwd <= 0.8x SDPA on the concatenation, bf16), providers timed interleaved: ``reference (concat + softmax)`` (peftmed.kernels.prefix_attention
 .reference.reference: cat + fp32 softmax), ``sdpa on concat`` (peftmed.attention.attend_reference:
 cat + torch's scaled_dot_product_attention) and ``peftmed <impl>``. Peak memory of one forward +
 backward: on CUDA max_memory_allocated; on CPU the growth of the peak resident set (VmHWM after a
@@ -36,20 +36,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, percentiles, report, row, time_interleaved  # noqa: E402
+from common import REPO, percentiles, report, row, target, time_interleaved, write_targets  # noqa: E402
 
 MIB = 1024 * 1024
 H, D = 12, 64
 
 
-def inputs(b, t, n, dtype, device, seed=0):
+def inputs(b, t, n, dtype, device, seed=0, d=D):
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(b, H, t, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
-    pk, pv = (torch.randn(H, n, D, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
+    q, k, v = (torch.randn(b, H, t, d, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
+    pk, pv = (torch.randn(H, n, d, generator=g).to(device, dtype).requires_grad_() for _ in range(2))
     mask = torch.ones(b, t, dtype=torch.bool)
     mask[:, t - t // 4:] = False  # the last quarter is padding
     mask[0] = True
-    return (q, k, v, pk, pv), mask.to(device), torch.randn(b, H, t, D, generator=g).to(device, dtype)
+    return (q, k, v, pk, pv), mask.to(device), torch.randn(b, H, t, d, generator=g).to(device, dtype)
 
 
 def provider_fn(name, ins, mask):
@@ -102,9 +102,10 @@ def op_rows(args) -> list[dict]:
     dtype = torch.bfloat16 if gpu else torch.float32
     impls = args.impls or (["triton", "cuda", "torch"] if gpu else ["torch"])
     rows = []
-    for n in args.prefix:
-        for t in args.seq:
-            ins, mask, dout = inputs(args.batch_op, t, n, dtype, args.device)
+    for n, t, d in [(n, t, d) for d in (args.head_dims or ([64, 128] if gpu else [D])) for n in args.prefix
+                    for t in args.seq]:
+        if True:
+            ins, mask, dout = inputs(args.batch_op, t, n, dtype, args.device, d=d)
             names = ["reference (concat + softmax)", "sdpa on concat"]
             fns = {nm: step(provider_fn(nm, ins, mask), ins, dout) for nm in names}
             for impl in impls:
@@ -127,9 +128,13 @@ def op_rows(args) -> list[dict]:
                 else:
                     res = isolated(["--one-op", nm, str(args.batch_op), str(t), str(n)])
                     peak = res.get("peak_mib", float("nan"))
-                shape = f"B{args.batch_op} H{H} P{n} T{t} D{D}"
+                shape = f"B{args.batch_op} H{H} P{n} T{t} D{d}"
                 rows.append(row(shape, dtype, "fwd+bwd", nm, samples, args.device, f"peak {peak:.1f} MiB",
                                 None if nm == "sdpa on concat" else base))
+            if gpu and "peftmed triton" in times:
+                ratio = percentiles(times["peftmed triton"])[1] / base
+                target(f"prefix attention fwd+bwd triton / SDPA on concat, B{args.batch_op} H{H} P{n} T{t} D{d} bf16",
+                       ratio, "<= 0.8x", ratio <= 0.8, "x")
     return rows
 
 
@@ -139,8 +144,8 @@ def model_step(path: str, size: str, batch: int, recipe: str) -> dict:
     import functools
 
     import peftmed
-    import peftmed.backbones.miss.layers as layers
     from peftmed.attention import attend
+    from peftmed.backbones.miss import layers
     from peftmed.bench.memory import MemoryProbe
 
     torch.manual_seed(0)
@@ -207,6 +212,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[35, 256, 1024])
     ap.add_argument("--batch-op", type=int, help="op rows' batch (default 4 on CPU, 32 on CUDA)")
     ap.add_argument("--impls", nargs="+")
+    ap.add_argument("--head-dims", type=int, nargs="+", help="default 64 on CPU, 64 and 128 on CUDA")
+    ap.add_argument("--targets-json", type=Path, help="append the targets' figures here (JSON list)")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--skip-ops", action="store_true", help="only the model step")
@@ -231,6 +238,7 @@ def main() -> None:
         print("No GPU here: CPU rows only (fp32). GPU rows: --device cuda.")
     if not args.skip_ops:
         report("prefix_attention", op_rows(args), args.out)
+        write_targets(args.targets_json)
     if not args.skip_model:
         model_rows(args)
 

@@ -1,13 +1,20 @@
 """Shared timing and reporting for the kernel benchmarks.
 
 Candidates and baselines are timed interleaved (one call of each per round, many rounds) so that a
-noisy, shared machine slows all of them alike; the figures are the 20th/50th/80th percentiles.
+noisy, shared machine slows all of them alike; the figures are the 20th/50th/80th percentiles. On a GPU
+each call is timed with CUDA events after the L2 cache is flushed (a 256 MB buffer zeroed, as
+``triton.testing.do_bench`` does), so no call reads what the previous one left in L2; on a CPU with
+``perf_counter``.
+
+``target()`` records a target's figure beside its goal; ``--targets-json`` in each benchmark writes them for
+``benchmarks/gpu_check.sh``'s met / not met table.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import json
 import platform
 import statistics
 import subprocess
@@ -27,20 +34,49 @@ def sync(device: str) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], None]], *, device: str, rounds: int, warmup: int = 5
                      ) -> dict[str, list[float]]:
-    """Milliseconds per call of each function, measured round-robin."""
+    """Milliseconds per call of each function, measured round-robin (CUDA events and an L2 flush on a GPU)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
+    if device == "cuda":
+        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        for _ in range(rounds):
+            events = []
+            for name, fn in fns.items():
+                flush.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events.append((name, start, end))
+            torch.cuda.synchronize()
+            for name, start, end in events:
+                times[name].append(start.elapsed_time(end))
+        return times
     for _ in range(rounds):
         for name, fn in fns.items():
-            sync(device)
             t0 = time.perf_counter()
             fn()
-            sync(device)
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+TARGETS: list[dict] = []
+
+
+def target(name: str, figure: float, goal: str, met: bool, unit: str = "") -> None:
+    """Record one target's measured figure (and print it)."""
+    TARGETS.append({"target": name, "figure": f"{figure:.3g}{unit}", "goal": goal, "met": bool(met)})
+    print(f"target: {name}: {figure:.3g}{unit} (goal {goal}) -> {'met' if met else 'NOT MET'}")
+
+
+def write_targets(path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        previous = json.loads(path.read_text()) if path.exists() else []
+        path.write_text(json.dumps(previous + TARGETS, indent=2))
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -89,7 +125,7 @@ def report(op: str, rows: list[dict], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{op}.csv"
     meta = {"device": rows[0]["device"], **versions(), "git_sha": git_sha(),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     fields = ["op", "provider", "mode", "shape", "dtype", "p20_ms", "p50_ms", "p80_ms", "throughput",
               "vs_baseline", *meta]
     new = not path.exists()

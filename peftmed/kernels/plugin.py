@@ -23,8 +23,14 @@ from .registry import KernelImpl
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 OPS = ("lora_linear", "layer_norm", "prefix_attention")
 PRIORITY = {"triton": 30, "cuda": 20, "cpp": 10, "torch": 0}
-TRITON_MAX = {"lora_linear": 128, "layer_norm": 65536}  # rank / row width one program can hold
-PREFIX_MAX_HEAD_DIM = 256  # one prefix-attention program / block holds a (BLOCK, D) tile of q, k and v
+# rank / row width one program holds without spilling (benchmarks/kernels/aot_report.py checks the widest)
+TRITON_MAX = {"lora_linear": 128, "layer_norm": 4096}
+# one prefix-attention program / block holds a (BLOCK, D) tile of q, k and v: at D = 256 the Triton kernels need
+# 237-280 KB of shared memory (an H100 gives a block 227 KB), so the dispatcher sends larger heads elsewhere
+PREFIX_MAX_HEAD_DIM = {"triton": 128, "cuda": 256}  # the CUDA kernel keeps 8 values per lane (32 x 8)
+# fp32 prefix attention on a GPU (three TF32 passes per product) spills at every tile above this head dim
+# (benchmarks/kernels/aot_report.py): the dispatcher sends it to the CUDA kernel or torch
+PREFIX_TRITON_FP32_MAX_HEAD_DIM = 64
 
 
 def _module_fns(module: str):
@@ -70,8 +76,28 @@ def _max_size(op: str):
 CPP_PRIORITY = {"layer_norm": PRIORITY["torch"] - 10}
 
 
-def _head_dim(size: int) -> str | None:
-    return None if size <= PREFIX_MAX_HEAD_DIM else f"head dim {size} is above the kernel's {PREFIX_MAX_HEAD_DIM}"
+def _head_dim(impl: str):
+    limit = PREFIX_MAX_HEAD_DIM[impl]
+    return lambda size: None if size <= limit else f"head dim {size} is above the {impl} kernel's {limit}"
+
+
+# fp32 LoRA on a GPU (three TF32 passes per product) spills on sm_80 at every tile tried above this rank
+# (benchmarks/kernels/aot_report.py): the dispatcher sends it to the CUDA kernel (cuBLAS) or torch
+LORA_TRITON_FP32_MAX_RANK = 32
+
+
+def lora_triton_fits(device: str, dtype: torch.dtype, size: int | None) -> str | None:
+    if device == "cuda" and dtype == torch.float32 and size is not None and size > LORA_TRITON_FP32_MAX_RANK:
+        return (f"fp32 at rank {size} is above the Triton kernel's {LORA_TRITON_FP32_MAX_RANK} on a GPU (it would "
+                f"spill registers); bf16/fp16 go to {TRITON_MAX['lora_linear']}")
+    return None
+
+
+def prefix_triton_fits(device: str, dtype: torch.dtype, size: int | None) -> str | None:
+    if device == "cuda" and dtype == torch.float32 and size is not None and size > PREFIX_TRITON_FP32_MAX_HEAD_DIM:
+        return (f"fp32 at head dim {size} is above the Triton kernel's {PREFIX_TRITON_FP32_MAX_HEAD_DIM} on a GPU "
+                f"(it would spill registers); bf16/fp16 go to {PREFIX_MAX_HEAD_DIM['triton']}")
+    return None
 
 
 def _prefix_attention_impls() -> list[KernelImpl]:
@@ -83,12 +109,12 @@ def _prefix_attention_impls() -> list[KernelImpl]:
                                "keys, else per branch merged in place), matmuls elsewhere or with dropout"),
         KernelImpl(op, "cuda", PRIORITY["cuda"], ("cuda",), FLOATS,
                    loader=lambda: _extension_fns(f"{op}_cuda", cuda=True),
-                   check=lambda: build.extension_status(f"{op}_cuda"), accepts=_head_dim,
+                   check=lambda: build.extension_status(f"{op}_cuda"), accepts=_head_dim("cuda"),
                    description=f"CUDA (csrc/{op}/{op}.cu), compiled on first use"),
         KernelImpl(op, "triton", PRIORITY["triton"], ("cuda",), FLOATS,
                    loader=lambda: _module_fns(f"peftmed.kernels.{op}.triton_impl"),
-                   check=_triton_check, accepts=_head_dim, explicit_devices=_triton_cpu,
-                   description=f"Triton (peftmed/kernels/{op}/triton_impl.py)"),
+                   check=_triton_check, accepts=_head_dim("triton"), explicit_devices=_triton_cpu,
+                   fits=prefix_triton_fits, description=f"Triton (peftmed/kernels/{op}/triton_impl.py)"),
     ]
 
 
@@ -110,6 +136,7 @@ def builtin_impls() -> list[KernelImpl]:
             KernelImpl(op, "triton", PRIORITY["triton"], ("cuda",), FLOATS,
                        loader=lambda op=op: _module_fns(f"peftmed.kernels.{op}.triton_impl"),
                        check=_triton_check, accepts=_max_size(op), explicit_devices=_triton_cpu,
+                       fits=lora_triton_fits if op == "lora_linear" else None,
                        description=f"Triton (peftmed/kernels/{op}/triton_impl.py)"),
         ]
     return impls

@@ -64,6 +64,8 @@ class KernelImpl:
     check: Callable[[], tuple[bool, str]] = _always  # cheap availability test: (ok, why not)
     accepts: Callable[[int], str | None] | None = None  # size check: None if fine, else why not
     explicit_devices: Callable[[], tuple[str, ...]] = tuple  # extra devices only when asked by name
+    # the finest check, on the whole call: (device, dtype, size) -> None if fine, else why not
+    fits: Callable[[str, torch.dtype, int | None], str | None] | None = None
     description: str = ""
     _loaded: Mapping[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
@@ -99,7 +101,11 @@ class KernelImpl:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             return f"does not support dtype {str(dtype).replace('torch.', '')} (supports {names})"
         if size is not None and self.accepts is not None:
-            return self.accepts(size)
+            why = self.accepts(size)
+            if why:
+                return why
+        if self.fits is not None:
+            return self.fits(device, dtype, size)
         return None
 
 

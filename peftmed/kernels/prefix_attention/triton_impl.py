@@ -6,11 +6,16 @@ style: scores never leave the program, only out and the fp32 log-sum-exp are wri
   softmax: the running max/sum carried from the prefix into the sequence *is* the log-sum-exp merge
   of the two branches, without writing either branch out. The prefix comes first, so every row has
   a finite max even when padding or causality hide all its sequence keys.
-- backward, each branch run with the merged out and lse, D = rowsum(dO * O) computed first:
-  ``_dkdv_kernel`` one program per (key block, b*h) for the sequence; for the prefix one program per
-  (key block, h) walking every sample's queries, so dpk/dpv are summed over the batch in registers
-  (no atomics, no per-sample copies); ``_dq_kernel`` one program per (query block, b*h) adding the
-  prefix and the sequence parts of dq.
+- backward, each branch run with the merged out and lse, D = rowsum(dO * O) computed first in one kernel
+  (``_delta_kernel``, fp32 in registers, no fp32 copies of dO and O): ``_dkdv_kernel`` one program per
+  (key block, b*h) for the sequence; for the prefix one program per (key block, h, batch split), each
+  summing its samples' contributions in registers into an fp32 partial that one launch reduces
+  (``triton_reduce``): the prefix's few key blocks would otherwise leave most SMs idle (12 programs at
+  H = 12, P <= 64); ``_dq_kernel`` one program per (query block, b*h) adding the prefix and the sequence
+  parts of dq.
+
+Tiles come from ``config(head_dim, dtype)`` (GPU_TILES, checked by ``peftmed.kernels.aot``: no spills, shared memory within
+the target's limit; head dims above 128 go to another implementation); offsets are 64-bit.
 
 Dropout uses the shared hash of peftmed.kernels.dropout (row (b*H + h)*Tq + i, column over
 [prefix; sequence]), regenerated in backward.
@@ -26,13 +31,18 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
+from ..triton_reduce import reduce_partials
 
 
 @triton.jit
 def _dot(a, b, UPCAST: tl.constexpr):
     # the CPU interpreter's bf16/fp16 tl.dot is wrong (triton 3.7): upcast there only
+    # fp32 products in three TF32 passes (fp32-accurate on the tensor cores: torch's default is no TF32, and
+    # the IEEE FMA path spills at any useful tile); bf16/fp16 go to the tensor cores as they are
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
     return tl.dot(a, b)
 
 
@@ -48,13 +58,13 @@ def _visible(rm, rn, b, h, m_ptr, smb, smh, smq, smk, Tq, Tk, HAS_MASK: tl.const
     return ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "thr"])
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, m_ptr, o_ptr, lse_ptr,
                 H, Tq, Tk, P, D, scale, key, thr, drop_scale,
                 smb, smh, smq, smk,
                 HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
@@ -102,28 +112,31 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, m_ptr, o_ptr, lse_ptr,
     tl.store(lse_ptr + bh * Tq + rm, m_i + tl.log(l_i), mask=rm < Tq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "thr"])
 def _dkdv_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr, m_ptr,
                  B, H, Tq, Tk, P, D, scale, key, thr, drop_scale,
-                 smb, smh, smq, smk,
+                 smb, smh, smq, smk, b_per_split,
                  PREFIX: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
                  UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dk, dv of one key block: the sequence's (grid axis 1 = b*h) or the prefix's (axis 1 = h, all
-    samples' queries summed here)."""
+    """dk, dv of one key block: the sequence's (grid axis 1 = b*h), or the prefix's (axis 1 = h, axis 2 = a
+    split of the batch whose samples' queries are summed here into the split's fp32 partial rows)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rd = tl.arange(0, BLOCK_D)
     if PREFIX:
-        h = tl.program_id(1)
+        h = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2).to(tl.int64)
         n_keys = P
         kv_row = h * P + rn
-        b_first = 0
-        b_last = B
+        out_row = split * H * P + kv_row
+        b_first = split * b_per_split
+        b_last = tl.minimum(B, b_first + b_per_split)
         cols = rn
     else:
-        bh = tl.program_id(1)
+        bh = tl.program_id(1).to(tl.int64)
         h = bh % H
         n_keys = Tk
         kv_row = bh * Tk + rn
+        out_row = kv_row
         b_first = bh // H
         b_last = b_first + 1
         cols = P + rn
@@ -157,8 +170,20 @@ def _dkdv_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, dk_ptr, dv_ptr
             dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST)
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST)
-    tl.store(dk_ptr + kv_row[:, None] * D + rd[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptr + kv_row[:, None] * D + rd[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptr + out_row[:, None] * D + rd[None, :], (dk * scale).to(dk_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptr + out_row[:, None] * D + rd[None, :], dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _delta_kernel(do_ptr, o_ptr, delta_ptr, rows, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[i] = sum_d dO[i, d] * O[i, d] in fp32, BLOCK_M rows per program."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rd = tl.arange(0, BLOCK_D)
+    mask = (rm[:, None] < rows) & (rd[None, :] < D)
+    offs = rm.to(tl.int64)[:, None] * D + rd[None, :]
+    do = tl.load(do_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(o_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rm, tl.sum(do * o, axis=1), mask=rm < rows)
 
 
 @triton.jit
@@ -177,13 +202,13 @@ def _dq_block(q, do, lse, delta, k_base, v_base, rn, n_keys, rd, D, ok, rows, co
     return _dot(ds.to(kt.dtype), kt, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "thr"])
 def _dq_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, dq_ptr, m_ptr,
                H, Tq, Tk, P, D, scale, key, thr, drop_scale,
                smb, smh, smq, smk,
                HAS_MASK: tl.constexpr, CAUSAL: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rd = tl.arange(0, BLOCK_D)
@@ -208,46 +233,96 @@ def _dq_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, 
              mask=q_mask)
 
 
+# Tiles per (head dim, element size) and kernel on a GPU: (BLOCK_M, BLOCK_N, num_warps, num_stages), the
+# largest found by ``benchmarks/kernels/aot_report.py --search`` with no spill at sm_90 and sm_80 and every
+# feature on (mask, causality, dropout). fwd and dq walk BLOCK_M query rows over BLOCK_N keys; dkdv holds
+# BLOCK_N keys and walks BLOCK_M query rows.
+GPU_TILES: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
+    (64, 2): dict(fwd=(64, 32, 8, 2), dkdv=(64, 32, 8, 2), dq=(32, 32, 4, 2)),
+    (128, 2): dict(fwd=(32, 64, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 64, 8, 2)),
+    (64, 4): dict(fwd=(32, 32, 8, 2), dkdv=(16, 32, 8, 1), dq=(16, 16, 4, 1)),
+    # fp32 above head dim 64: no tile without spills; the dispatcher does not give it to Triton
+    # (plugin.prefix_triton_fits)
+}
+KERNELS = ("fwd", "dkdv", "dq")
+
+
+def config(head_dim: int, dtype: torch.dtype, gpu: bool) -> dict[str, dict]:
+    """Tiles of each prefix-attention kernel ("fwd", "dkdv", "dq") for a head dim and element type (the
+    interpreter pays per element: small tiles)."""
+    bd = max(16, triton.next_power_of_2(head_dim))
+    if not gpu:
+        one = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, num_warps=4, num_stages=1)
+        return {k: dict(one) for k in KERNELS}
+    size = torch.empty((), dtype=dtype).element_size()
+    tiles = GPU_TILES[(max(64, bd), 4 if size == 4 else 2)]
+    return {k: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
+            for k, (bm, bn, w, st) in tiles.items()}
+
+
 def _common(q, pk, mask, scale, p, seed):
     """Launch arguments shared by every kernel."""
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     gpu = q.device.type == "cuda"
-    block = 64 if gpu else 16  # the interpreter pays per element: small tiles in tests
+    cfg = config(d, q.dtype, gpu)
     if mask is None:
         m_ptr, strides = q, (0, 0, 0, 0)  # never read (HAS_MASK is false)
     else:
         m_ptr = mask.view(torch.uint8)
         strides = tuple(0 if n == 1 else s for n, s in zip(mask.shape, m_ptr.stride()))
-    flags = dict(HAS_MASK=mask is not None, DROPOUT=p > 0, UPCAST=not gpu, BLOCK_D=max(16, triton.next_power_of_2(d)))
-    drop = (seed_key(seed), threshold(p), 1.0 / (1.0 - p)) if p > 0 else (0, 0, 1.0)
-    return scale, block, m_ptr, strides, flags, drop
+    flags = dict(HAS_MASK=mask is not None, DROPOUT=p > 0, UPCAST=not gpu)
+    if p > 0:
+        key = seed_key(seed)  # passed as an int32 bit pattern: one argument type for every seed (no recompiles)
+        drop = (key - (1 << 32) if key >= 1 << 31 else key, threshold(p), 1.0 / (1.0 - p))
+    else:
+        drop = (0, 0, 1.0)
+    return scale, m_ptr, strides, flags, drop, cfg
 
 
 def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
     b, h, tq, d = q.shape
     tk, n = k.shape[2], pk.shape[1]
-    scale, block, m_ptr, strides, flags, drop = _common(q, pk, mask, scale, p, seed)
+    scale, m_ptr, strides, flags, drop, cfg = _common(q, pk, mask, scale, p, seed)
     out = torch.empty_like(q)
     lse = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(tq, block), b * h)
+    grid = (triton.cdiv(tq, cfg["fwd"]["BLOCK_M"]), b * h)
     _fwd_kernel[grid](q, k, v, pk, pv, m_ptr, out, lse, h, tq, tk, n, d, scale, *drop, *strides,
-                      CAUSAL=causal, BLOCK_M=block, BLOCK_N=block, **flags)
+                      CAUSAL=causal, **flags, **cfg["fwd"])
     return out, lse
+
+
+def _prefix_splits(q: torch.Tensor, b: int, h: int, key_blocks: int) -> int:
+    """Batch splits of the prefix dk/dv grid: enough programs for about two per SM on a GPU."""
+    if q.device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(b, triton.cdiv(2 * sms, max(1, h * key_blocks))))
 
 
 def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
     b, h, tq, d = q.shape
     tk, n = k.shape[2], pk.shape[1]
-    scale, block, m_ptr, strides, flags, drop = _common(q, pk, mask, scale, p, seed)
-    delta = (dout.float() * out.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O)
+    scale, m_ptr, strides, flags, drop, cfg = _common(q, pk, mask, scale, p, seed)
+    dout, out = dout.contiguous(), out.contiguous()
+    rows = b * h * tq
+    delta = torch.empty(b, h, tq, device=q.device, dtype=torch.float32)  # rowsum(dO * O), one launch
+    _delta_kernel[(triton.cdiv(rows, 64),)](dout, out, delta, rows, d, BLOCK_M=64, BLOCK_D=cfg["fwd"]["BLOCK_D"])
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dpk, dpv = torch.empty_like(pk), torch.empty_like(pv)
-    common = dict(BLOCK_M=block, BLOCK_N=block, **flags)
-    _dkdv_kernel[(triton.cdiv(tk, block), b * h)](q, dout, lse, delta, k, v, dk, dv, m_ptr, b, h, tq, tk, n, d,
-                                                  scale, *drop, *strides, PREFIX=False, CAUSAL=causal, **common)
-    _dkdv_kernel[(triton.cdiv(n, block), h)](q, dout, lse, delta, pk, pv, dpk, dpv, m_ptr, b, h, tq, tk, n, d,
-                                             scale, *drop, *strides, PREFIX=True, CAUSAL=False, **common)
-    _dq_kernel[(triton.cdiv(tq, block), b * h)](q, dout, lse, delta, k, v, pk, pv, dq, m_ptr, h, tq, tk, n, d,
-                                                scale, *drop, *strides, CAUSAL=causal, **common)
-    return dq, dk, dv, dpk, dpv
+    bn = cfg["dkdv"]["BLOCK_N"]
+    _dkdv_kernel[(triton.cdiv(tk, bn), b * h, 1)](q, dout, lse, delta, k, v, dk, dv, m_ptr, b, h, tq, tk, n, d,
+                                                  scale, *drop, *strides, 1, PREFIX=False, CAUSAL=causal, **flags,
+                                                  **cfg["dkdv"])
+    splits = _prefix_splits(q, b, h, triton.cdiv(n, bn))
+    per_split = triton.cdiv(b, splits)
+    splits = triton.cdiv(b, per_split)
+    part = torch.empty(2, splits, h * n, d, device=q.device, dtype=torch.float32)
+    _dkdv_kernel[(triton.cdiv(n, bn), h, splits)](q, dout, lse, delta, pk, pv, part[0], part[1], m_ptr, b, h, tq, tk,
+                                                  n, d, scale, *drop, *strides, per_split, PREFIX=True, CAUSAL=False,
+                                                  **flags, **cfg["dkdv"])
+    dpk = reduce_partials(part[0], torch.empty(h * n, d, device=q.device, dtype=pk.dtype))
+    dpv = reduce_partials(part[1], torch.empty(h * n, d, device=q.device, dtype=pv.dtype))
+    _dq_kernel[(triton.cdiv(tq, cfg["dq"]["BLOCK_M"]), b * h)](q, dout, lse, delta, k, v, pk, pv, dq, m_ptr, h, tq, tk,
+                                                               n, d, scale, *drop, *strides, CAUSAL=causal, **flags,
+                                                               **cfg["dq"])
+    return dq, dk, dv, dpk.view(pk.shape), dpv.view(pv.shape)

@@ -4,10 +4,13 @@
 // regenerates it from (seed, row, col) with the hash of peftmed/kernels/dropout.py.
 //
 //   dropout_down:  xa (T, r) = (x * mask) A^T                   one block per row, r in tiles of 16
-//   dropout_dx:    dx (T, in) += mask * (gs A)                  one thread per element
+//   dropout_dx:    dx (T, in) += mask * (gs A)                  one thread per column, rows strided over
+//                                                               gridDim.y (at most 65,535 blocks on y)
 //   dropout_da:    partial[split] (r, in) = gs^T (x * mask)     fp32 partials, summed by the caller
 //
 // Plain CUDA only (see peftmed_cuda.cuh) so `nvcc -c` checks it without a CUDA torch.
+
+#include <algorithm>
 
 #include "peftmed_cuda.cuh"
 
@@ -16,6 +19,7 @@ namespace {
 using namespace peftmed;
 
 constexpr int R_TILE = 16;
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 __global__ void dropout_down_kernel(const T* __restrict__ x, const T* __restrict__ a, T* __restrict__ xa, int64_t rows,
@@ -46,12 +50,13 @@ template <typename T>
 __global__ void dropout_dx_kernel(const float* __restrict__ gs, const T* __restrict__ a, T* __restrict__ dx,
                                   int64_t rows, int64_t in, int r, uint32_t key, uint32_t threshold, float scale) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t t = blockIdx.y;
-  if (i >= in || t >= rows) return;
-  if (!keep(row_key(key, t), i, threshold)) return;
-  float up = 0.f;
-  for (int k = 0; k < r; ++k) up += gs[t * r + k] * to_f(a[k * in + i]);
-  dx[t * in + i] = from_f<T>(to_f(dx[t * in + i]) + scale * up);
+  if (i >= in) return;
+  for (int64_t t = blockIdx.y; t < rows; t += gridDim.y) {
+    if (!keep(row_key(key, t), i, threshold)) continue;
+    float up = 0.f;
+    for (int k = 0; k < r; ++k) up += gs[t * r + k] * to_f(a[k * in + i]);
+    dx[t * in + i] = from_f<T>(to_f(dx[t * in + i]) + scale * up);
+  }
 }
 
 template <typename T>
@@ -94,7 +99,8 @@ cudaError_t peftmed_lora_dropout_down(int dtype, const void* x, const void* a, v
 
 cudaError_t peftmed_lora_dropout_dx(int dtype, const float* gs, const void* a, void* dx, int64_t rows, int64_t in,
                                     int r, uint32_t key, uint32_t threshold, float scale, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((in + 255) / 256), static_cast<unsigned>(rows));
+  // gridDim.y is at most 65,535: rows beyond it are strided over by the same blocks
+  const dim3 grid(static_cast<unsigned>((in + 255) / 256), static_cast<unsigned>(std::min<int64_t>(rows, kMaxGridY)));
 #define LAUNCH(T)                                                                                         \
   dropout_dx_kernel<T><<<grid, 256, 0, stream>>>(gs, static_cast<const T*>(a), static_cast<T*>(dx), rows, in, r, \
                                                  key, threshold, scale)

@@ -1,0 +1,30 @@
+"""Stage 2 of the kernels' fp32 reductions in one launch: the partial rows every program wrote (stage 1)
+summed, scaled, cast and stored in the output's layout (e.g. transposed), instead of a torch sum, a multiply,
+a transpose and a cast (four launches and three temporaries)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reduce_kernel(part_ptr, out_ptr, S, R, N, s_or, s_on, scale, BLOCK_N: tl.constexpr):
+    """out[r, n] (at r * s_or + n * s_on) = scale * sum_s part[s, r, n] (part contiguous (S, R, N), fp32)."""
+    r = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for s in range(S):
+        acc += tl.load(part_ptr + (s * R + r).to(tl.int64) * N + rn, mask=rn < N, other=0.0)
+    tl.store(out_ptr + r.to(tl.int64) * s_or + rn.to(tl.int64) * s_on, (acc * scale).to(out_ptr.dtype.element_ty),
+             mask=rn < N)
+
+
+def reduce_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
+    """Write ``scale * part.sum(0)`` ((R, N), or its transpose (N, R) with ``transpose``) into ``out``."""
+    s, r, n = part.shape
+    s_or, s_on = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
+    block = 256 if part.device.type == "cuda" else 64
+    _reduce_kernel[(triton.cdiv(n, block), r)](part, out, s, r, n, s_or, s_on, float(scale), BLOCK_N=block)
+    return out

@@ -1,0 +1,122 @@
+"""The compile-time gate of the Triton kernels: every launch configuration the dispatcher can choose at the
+target shapes compiles for sm_90 and sm_80 with no register spill and within the target's shared memory
+(``peftmed.kernels.aot``, printed by ``benchmarks/kernels/aot_report.py``). No GPU needed: Triton compiles
+ahead of time for any NVIDIA target and ships ptxas.
+
+The report runs in a subprocess without TRITON_INTERPRET (under the interpreter ``triton.jit`` gives
+interpreted functions, which cannot be compiled)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ptxas_present() -> bool:
+    try:
+        import triton
+    except ImportError:
+        return False
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="triton's NVIDIA backend (ptxas) is not installed")
+
+
+def _clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
+                          timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aot") / "aot.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels" / "aot_report.py"), "--arch", "90",
+                           "--arch", "80", "--json", str(out)], capture_output=True, text=True, env=_clean_env(),
+                          cwd=ROOT, timeout=1800)
+    assert out.exists(), f"the report wrote nothing (exit {proc.returncode}): {proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_no_configuration_spills_or_exceeds_shared_memory(report):
+    proc, rows = report
+    bad = [f"{r['arch']} {r['kernel']} [{r['config']}] {r['warps']} warps: {r['registers']} registers, "
+           f"{r['spill_stores'] + r['spill_loads']} B spilled, {r['shared']} B shared (limit {r['shared_limit']})"
+           for r in rows if not r["ok"]]
+    assert not bad, "\n".join(bad)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_the_report_covers_every_kernel_on_both_targets(report):
+    from peftmed.kernels.plugin import TRITON_MAX
+
+    _, rows = report
+    seen = {(r["arch"], r["kernel"]) for r in rows}
+    kernels = {"_gemm_lora_kernel", "_down_kernel", "_wgrad_kernel", "_reduce_kernel", "_fwd_kernel", "_bwd_kernel",
+               "_dkdv_kernel", "_dq_kernel", "_delta_kernel"}
+    assert seen == {(a, k) for a in ("sm_90", "sm_80") for k in kernels}
+    configs = " ".join(r["config"] for r in rows)
+    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "N=768", "N=1024", f"N={TRITON_MAX['layer_norm']}",
+                   "D=64", "D=128", "mask+causal+dropout", "bf16", "fp16", "fp32"):
+        assert needed in configs, needed
+    # the tensor-core path is Hopper's on sm_90 for the bf16 GEMMs (not the Ampere mma.sync fallback)
+    gemm90 = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] == "_gemm_lora_kernel" and "bf16" in r["config"]]
+    assert gemm90 and all(r["mma"] == "wgmma" for r in gemm90)
+
+
+def test_the_gate_sees_a_spill():
+    """A configuration known to spill (a 16384-wide LayerNorm backward row in 16 warps: capped at 128
+    registers) is reported as not ok: the gate above can fail."""
+    proc = _run(
+        "import torch\n"
+        "from peftmed.kernels import aot\n"
+        "from peftmed.kernels.layer_norm import triton_impl as t\n"
+        "case = aot.AotCase('layer_norm', t._bwd_kernel, 'N=16384', aot._types(t._bwd_kernel, torch.bfloat16, (),"
+        " {'mean_ptr': '*fp32', 'rstd_ptr': '*fp32', 'pw_ptr': '*fp32', 'pb_ptr': '*fp32'}),"
+        " dict(NEED_DX=True, BLOCK_M=1, BLOCK_N=16384), 16, 1)\n"
+        "r = aot.compile_case(case, 90)\n"
+        "print(r['ok'], r['spill_stores'] + r['spill_loads'], r['registers'])\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok, spilled, regs = proc.stdout.split()
+    assert ok == "False" and int(spilled) > 0 and int(regs) <= 128
+
+
+def test_the_dispatcher_keeps_what_cannot_compile_away_from_triton(fresh_dispatch):
+    """Rows wider than the widest gated LayerNorm, ranks above the gated LoRA rank and heads above the gated
+    head dim are not Triton's to take."""
+    from peftmed.kernels import plugin
+
+    ln, lora = plugin._max_size("layer_norm"), plugin._max_size("lora_linear")
+    assert ln(plugin.TRITON_MAX["layer_norm"]) is None
+    assert "row width 8192 is above" in ln(8192)
+    assert lora(plugin.TRITON_MAX["lora_linear"]) is None
+    assert "rank" in lora(plugin.TRITON_MAX["lora_linear"] * 2)
+    assert plugin.PREFIX_MAX_HEAD_DIM["triton"] == 128
+    impls = {(k.op, k.name): k for k in plugin.builtin_impls()}
+    lora_t, prefix_t = impls[("lora_linear", "triton")], impls[("prefix_attention", "triton")]
+    # fp32 on a GPU stops lower (three TF32 passes hold more registers); bf16 does not; the CPU interpreter
+    # (no registers to spill) takes every size it took before
+    top = plugin.LORA_TRITON_FP32_MAX_RANK
+    assert lora_t.reject_reason("cuda", torch.float32, top, explicit=True) is None
+    assert f"fp32 at rank {top * 2} is above" in lora_t.reject_reason("cuda", torch.float32, top * 2, explicit=True)
+    assert lora_t.reject_reason("cuda", torch.bfloat16, top * 2, explicit=True) is None
+    assert "fp32 at head dim 128" in prefix_t.reject_reason("cuda", torch.float32, 128, explicit=True)
+    assert prefix_t.reject_reason("cuda", torch.bfloat16, 128, explicit=True) is None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert lora_t.reject_reason("cpu", torch.float32, top * 2, explicit=True) is None
