@@ -6,7 +6,8 @@ Layout under ``<output>/checkpoints``::
     step-00000100/
         adapter/            the adapter (adapter.json + adapter.safetensors), loadable by peftmed.load_adapter
         weights.safetensors the trainable tensors, for a model that is not a PeftModel
-        trainer_state.pt    optimizer, scheduler and RNG states (tensors and plain dicts; weights_only load)
+        trainer_state.pt    optimizer, scheduler, fp16 loss-scaler and RNG states (tensors and plain dicts;
+                            weights_only load)
         trainer.json        step, data position, config, recipe, backbone, loss history
 
 A checkpoint is written into a temporary folder, renamed into place, and only then named in

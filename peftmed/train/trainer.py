@@ -371,7 +371,8 @@ class Trainer:
             path = ckpt.write_checkpoint(
                 self.checkpoint_root, self.state["step"], model=find_peft_model(self.model) or self.model,
                 trainable=tensors,
-                state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs},
+                state={"optimizer": optim_state, "scheduler": self.scheduler.state_dict(), "rng": rngs,
+                       "scaler": self.scaler.state_dict()},  # fp16: the loss scale and its growth tracker
                 meta=self._meta(), keep=self.config.keep_checkpoints)
         self.dist.barrier()
         self._last_saved = self.state["step"]
@@ -433,6 +434,8 @@ class Trainer:
         state = ckpt.read_state(found)
         self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and state.get("scaler"):  # fp16 continues with the scale it had
+            self.scaler.load_state_dict(state["scaler"])
         rngs = state["rng"]
         if len(rngs) == self.dist.world_size:
             ckpt.set_rng_state(rngs[self.dist.rank])

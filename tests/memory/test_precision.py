@@ -106,3 +106,31 @@ def test_a_bad_base_dtype_is_named(bad):
 def test_precision_fp32_contradicts_a_bf16_base():
     with pytest.raises(ConfigError, match="contradicts --base-dtype bf16"):
         TrainConfig(steps=1, precision="fp32", base_dtype="bf16")
+
+
+def test_the_fp16_loss_scale_survives_a_resume(registry, tmp_path, monkeypatch):
+    """The GradScaler's scale and growth tracker are part of the checkpoint: a resumed fp16 run continues with
+    the scale it had (a fresh scaler would restart at 65536 and skip steps the uninterrupted run takes)."""
+    real = torch.amp.GradScaler
+
+    def trainer_for(out, steps):
+        model, pm = _model(registry)
+        set_base_dtype(pm, torch.float16)
+        config = TrainConfig(steps=steps, batch_size=4, lr=1e-3, progress=False, seed=0, warmup_steps=0,
+                             save_every=3, min_lr_ratio=1.0)  # a constant lr: a 3-step run is the 6-step run's start
+        data = [{k: v[i] for k, v in _batch(model).items()} for i in range(4)]
+        return Trainer(pm, data, config, collate_fn=_collate, output_dir=out)
+
+    # a scale that starts at 1 and doubles every step: its value tells how many steps it has seen
+    monkeypatch.setattr(torch.amp, "GradScaler",
+                        lambda device, enabled=True: real(device, init_scale=1.0, growth_interval=1, enabled=enabled))
+    whole = trainer_for(tmp_path / "whole", 6)
+    losses = whole.train().losses
+    first = trainer_for(tmp_path / "cut", 3)
+    first.train()
+    assert first.scaler.get_scale() == 8.0
+    monkeypatch.undo()  # the resumed run builds the default scaler (65536), as a new process would
+    resumed = trainer_for(tmp_path / "cut", 6)
+    result = resumed.train(resume=True)
+    assert resumed.scaler.get_scale() == whole.scaler.get_scale() == 64.0
+    assert result.losses == pytest.approx(losses, rel=1e-6)

@@ -142,7 +142,7 @@ def test_checkpoint_holds_only_trainable_tensors_and_loads_without_pickle(fake_r
     _, result = run(pm, records, tmp_path, steps=3)
     ck = result.checkpoint
     state = torch.load(ck / "trainer_state.pt", weights_only=True)
-    assert set(state) == {"optimizer", "scheduler", "rng"}
+    assert set(state) == {"optimizer", "scheduler", "rng", "scaler"}
     meta = json.loads((ck / "trainer.json").read_text())
     assert meta["step"] == 3 and meta["backbone"] == "fake-vqa" and meta["batch_in_epoch"] == 3
     assert set(meta["parameters"]) == set(pm.adapter_tensors())
