@@ -90,13 +90,15 @@ def lora_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
                 continue  # not the dispatcher's to choose
             dot = t._dot_args(dtype, gpu=True)
             tag = f"{DTYPE_NAMES[dtype]} r={rank}"
-            g = t.gemm_config(dtype, gpu=True, block_r=br)
-            tiles = {k: v for k, v in g.items() if k.startswith(("BLOCK", "GROUP"))}
-            for bias, dropout, what in ((True, False, "y = xW^T + b + s xa B^T"), (False, True, "dx, dropout")):
-                out.append(AotCase("lora_linear", t._gemm_lora_kernel, f"{tag} {what}",
-                                   _types(t._gemm_lora_kernel, dtype, ("alpha", "drop_scale")),
-                                   dict(HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=br, **tiles, **dot),
-                                   g["num_warps"], g["num_stages"]))
+            # the large tiles (8192 x 4096 output) and the small-grid ones (a BLIP layer, 560 x 768, on 132 SMs)
+            for shape, (m, n) in (("", (8192, 4096)), (" 560x768", (560, 768))):
+                g = t.gemm_config(dtype, gpu=True, block_r=br, m=m, n=n, sms=132)
+                tiles = {k: v for k, v in g.items() if k.startswith(("BLOCK", "GROUP"))}
+                for bias, dropout, what in ((True, False, "y = xW^T + b + s xa B^T"), (False, True, "dx, dropout")):
+                    out.append(AotCase("lora_linear", t._gemm_lora_kernel, f"{tag}{shape} {what}",
+                                       _types(t._gemm_lora_kernel, dtype, ("alpha", "drop_scale")),
+                                       dict(HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=br, **tiles, **dot),
+                                       g["num_warps"], g["num_stages"]))
             d = t.down_config(dtype, gpu=True, block_r=br)
             for dropout in (False, True):
                 out.append(AotCase("lora_linear", t._down_kernel, f"{tag} xa / gs, dropout={dropout}",

@@ -72,7 +72,7 @@ def test_the_report_covers_every_kernel_on_both_targets(report):
                "_dkdv_kernel", "_dq_kernel", "_delta_kernel"}
     assert seen == {(a, k) for a in ("sm_90", "sm_80") for k in kernels}
     configs = " ".join(r["config"] for r in rows)
-    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "N=768", "N=1024", f"N={TRITON_MAX['layer_norm']}",
+    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "560x768", "N=768", "N=1024", f"N={TRITON_MAX['layer_norm']}",
                    "D=64", "D=128", "mask+causal+dropout", "bf16", "fp16", "fp32"):
         assert needed in configs, needed
     # the tensor-core path is Hopper's on sm_90 for the bf16 GEMMs (not the Ampere mma.sync fallback)
@@ -120,3 +120,17 @@ def test_the_dispatcher_keeps_what_cannot_compile_away_from_triton(fresh_dispatc
     assert prefix_t.reject_reason("cuda", torch.bfloat16, 128, explicit=True) is None
     if os.environ.get("TRITON_INTERPRET") == "1":
         assert lora_t.reject_reason("cpu", torch.float32, top * 2, explicit=True) is None
+
+
+def test_lora_tiles_are_keyed_by_shape():
+    """Large outputs get 128-row tiles; an output with fewer such tiles than the GPU has SMs gets 64 x 64 ones
+    (both gated above); the interpreter keeps its small tiles whatever the shape."""
+    import torch
+
+    from peftmed.kernels.lora_linear.triton_impl import gemm_config
+
+    big = gemm_config(torch.bfloat16, True, 16, 8192, 4096, 132)
+    small = gemm_config(torch.bfloat16, True, 16, 560, 768, 132)
+    assert (big["BLOCK_M"], big["BLOCK_N"], big["num_warps"]) == (128, 128, 8)
+    assert (small["BLOCK_M"], small["BLOCK_N"], small["num_warps"]) == (64, 64, 4)
+    assert gemm_config(torch.bfloat16, False, 16, 560, 768, 132)["BLOCK_M"] == 32

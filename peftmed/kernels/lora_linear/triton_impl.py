@@ -146,15 +146,33 @@ def _drop_args(p: float, seed: int):
 # Tiles on a GPU per element type and BLOCK_R (the rank rounded up to a power of two >= 16): the largest with no
 # register spill at sm_90 and sm_80 (benchmarks/kernels/aot_report.py; tests/kernels/test_aot.py gates them).
 # fp32 ranks above 32 are not the Triton kernels' (plugin.lora_triton_fits): the tiles tried spill on sm_80.
-def gemm_config(dtype: torch.dtype, gpu: bool, block_r: int = 16) -> dict:
+def gemm_config(dtype: torch.dtype, gpu: bool, block_r: int = 16, m: int | None = None, n: int | None = None,
+                sms: int | None = None) -> dict:
     """Tiles of the (base GEMM + LoRA) kernel: a Hopper/Ampere-sized tile on a GPU, 8 warps (the LoRA term
-    seeds the accumulator), small tiles in the interpreter (each program costs milliseconds)."""
+    seeds the accumulator), small tiles in the interpreter (each program costs milliseconds). Keyed by shape
+    too: when the (m, n) output gives fewer large tiles than the GPU has SMs (a BLIP layer: 560 tokens x 768
+    is 30 tiles of 128 x 128 for 132 SMs), 64 x 64 tiles (4 warps), four times as many programs."""
     if not gpu:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # three TF32 passes per product: half the columns, half the K step
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
-    bn = 128 if block_r <= 64 else 64  # the (BLOCK_R, BLOCK_N) up-projection tile joins the registers
-    return dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+    else:
+        bn = 128 if block_r <= 64 else 64  # the (BLOCK_R, BLOCK_N) up-projection tile joins the registers
+        cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    if m is not None and n is not None and sms and \
+            triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]) < sms:
+        cfg = dict(cfg, BLOCK_M=64, BLOCK_N=64, num_warps=4)
+    return cfg
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
 
 
 def down_config(dtype: torch.dtype, gpu: bool, block_r: int = 16) -> dict:
@@ -193,7 +211,7 @@ def _gemm_lora(x, w, w_strides, n, bias, lo, up, up_strides, alpha, p, seed):
     r = lo.shape[1]
     c = torch.empty(m, n, device=x.device, dtype=x.dtype)
     gpu = x.device.type == "cuda"
-    cfg = gemm_config(x.dtype, gpu, _block_r(r))
+    cfg = gemm_config(x.dtype, gpu, _block_r(r), m, n, _sm_count(x.device) if gpu else None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
         x, w, bias if bias is not None else c, lo, up, c, m, n, k, r,
