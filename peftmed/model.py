@@ -499,6 +499,11 @@ class PeftModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge the active adapter and return the plain model with every adapter layer removed."""
         self.merge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """The base model with every adapter layer replaced by the module it wraps and every prompt module
+        detached, whatever was merged into the weights before (merge first to keep the adapters' effect)."""
         for mod_name, module in list(self.base_model.named_modules()):
             if isinstance(module, AdapterLayer) and ".base_layer" not in mod_name:
                 inner = module

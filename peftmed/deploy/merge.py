@@ -82,15 +82,7 @@ def merged_model(pm, *, keep_unmergeable: bool = False):
                 if name in layer.configs and name not in layer.merged_adapters:
                     layer.merge_into(name, layer.innermost)
                     layer.merged_adapters.append(name)
-    for mod_name, module in list(pm.base_model.named_modules()):
-        if isinstance(module, AdapterLayer) and ".base_layer" not in mod_name:
-            inner = module
-            while isinstance(inner, AdapterLayer):
-                inner = inner.base_layer
-            pm.base_model.set_submodule(mod_name, inner)
-    for module in pm.prompt_modules.values():
-        module.detach()
-    base = pm.base_model
+    base = pm.unload()
     for p in base.parameters():
         p.requires_grad_(False)
     return base, leftover
