@@ -5,8 +5,8 @@ paths, not measured. What a GPU run replaces with figures (benchmarks/gpu_check.
     python benchmarks/kernels/estimates.py                       # H100: 790 TFLOP/s bf16, 3.0 TB/s copy
     python benchmarks/kernels/estimates.py --tflops 790 --tbps 4.3   # H200's copy bandwidth
 
-The peaks are the ones measured on the lent machines (../DESIGN facts: ~790 TFLOP/s on a bf16 8192^3 GEMM,
-~3.0 TB/s H100 / ~4.3 TB/s H200 device copy counting read + write); a launch is taken as 4 us.
+The default peaks are measured figures (~790 TFLOP/s on a bf16 8192^3 GEMM; ~3.0 TB/s H100 / ~4.3 TB/s H200
+device copy counting read + write); a launch is taken as 4 us.
 """
 
 from __future__ import annotations
