@@ -31,13 +31,14 @@ def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=64) -> dict[str, list[Launch]
     ours = [Launch("xa = x A^T (_down_kernel)", 2 * t * k * r, e * (t * k + r * k + t * r)),
             Launch("y = x W^T + b + s xa B^T (_gemm_lora_kernel)", gemm + 2 * t * r * n,
                    e * (t * k + n * k + t * n + t * r + n * r)),
-            Launch("gs = s dy B (_down_kernel)", 2 * t * n * r, e * (t * n + n * r + t * r)),
+            # one pass over dy: gs and dB's partials (64 programs of 128 rows: one read-modify-write of each slice)
+            Launch("gs = s dy B and dB partials = dy^T xa (_gs_db_kernel)", 4 * t * n * r,
+                   e * (t * n + n * r + 2 * t * r) + 3 * part * n),
+            Launch("dB = s sum of partials (_reduce_kernel)", 0, part * n + e * r * n),
             Launch("dx = dy W + gs A (_gemm_lora_kernel)", gemm + 2 * t * r * k,
                    e * (t * n + n * k + t * k + t * r + r * k)),
             Launch("dA partials = gs^T x (_wgrad_kernel)", 2 * t * r * k, e * (t * r + t * k) + part * k),
-            Launch("dA = sum of partials (_reduce_kernel)", 0, part * k + e * r * k),
-            Launch("dB partials = xa^T dy (_wgrad_kernel)", 2 * t * r * n, e * (t * r + t * n) + part * n),
-            Launch("dB = s sum^T (_reduce_kernel)", 0, part * n + e * r * n)]
+            Launch("dA = sum of partials (_reduce_kernel)", 0, part * k + e * r * k)]
     # peft's LoRA layer (dropout 0: Identity): base linear, lora_A, lora_B, * scale, + result; and their backward
     peft = base + [Launch("x A^T", 2 * t * k * r, e * (t * k + r * k + t * r)),
                    Launch("(xa) B^T", 2 * t * r * n, e * (t * r + n * r + t * n)),

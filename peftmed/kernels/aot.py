@@ -105,6 +105,11 @@ def lora_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
                                    _types(t._down_kernel, dtype, ("alpha", "drop_scale")),
                                    dict(DROPOUT=dropout, BLOCK_M=d["BLOCK_M"], BLOCK_K=d["BLOCK_K"], BLOCK_R=br,
                                         **dot), d["num_warps"], d["num_stages"]))
+            gd = t.gs_db_config(dtype, gpu=True, block_r=br)
+            out.append(AotCase("lora_linear", t._gs_db_kernel, f"{tag} gs and dB partials, one pass over dy",
+                               _types(t._gs_db_kernel, dtype, ("alpha",), {"part_ptr": "*fp32"}),
+                               dict(BLOCK_M=gd["BLOCK_M"], BLOCK_N=gd["BLOCK_N"], BLOCK_R=br, **dot),
+                               gd["num_warps"], gd["num_stages"]))
             w = t.wgrad_config(dtype, gpu=True, block_r=br)
             for dropout in (False, True):
                 out.append(AotCase("lora_linear", t._wgrad_kernel, f"{tag} dA / dB, dropout={dropout}",

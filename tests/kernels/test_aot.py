@@ -68,7 +68,8 @@ def test_the_report_covers_every_kernel_on_both_targets(report):
 
     _, rows = report
     seen = {(r["arch"], r["kernel"]) for r in rows}
-    kernels = {"_gemm_lora_kernel", "_down_kernel", "_wgrad_kernel", "_reduce_kernel", "_fwd_kernel", "_bwd_kernel",
+    kernels = {"_gemm_lora_kernel", "_down_kernel", "_wgrad_kernel", "_gs_db_kernel", "_reduce_kernel", "_fwd_kernel",
+               "_bwd_kernel",
                "_dkdv_kernel", "_dq_kernel", "_delta_kernel"}
     assert seen == {(a, k) for a in ("sm_90", "sm_80") for k in kernels}
     configs = " ".join(r["config"] for r in rows)

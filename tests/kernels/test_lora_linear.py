@@ -99,6 +99,16 @@ def test_trainable_base_gets_weight_and_bias_gradients(impl, request):
     check_against_oracle(impl, 17, 33, 21, 4, True, 0.25, torch.float32, 3, base_trainable=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gs_and_db_in_one_pass_over_several_row_blocks(dtype):
+    """130 rows: each program of the one-pass gs/dB kernel walks several row blocks and adds them into its own
+    dB partial (the interpreter's tiles are 32 rows, 2 programs): dx, dA and dB equal the oracle's."""
+    ok, why = triton_runs_here()
+    if not ok:
+        pytest.skip(why)
+    check_against_oracle("triton", 130, 40, 70, 8, True, 0.25, dtype, 7)
+
+
 @pytest.mark.parametrize("impl", ["torch", "cpp"])
 def test_fp16(impl, request):
     if impl == "cpp":

@@ -1,6 +1,6 @@
 """lora_linear in Triton (GPU; on CPU through TRITON_INTERPRET=1 for tests).
 
-Three kernels, each written once over strides and reused by forward and backward:
+Four kernels, each written once over strides (the first three reused by forward and backward):
 
 - ``_down_kernel``:  out (M, R) = alpha * (X * mask) Wd^T        xa = dropout(x) A^T;  gs = s * dy B
 - ``_gemm_lora_kernel``: C (M, N) = X W (+ bias) + alpha * ((L Rm) * mask)
@@ -10,9 +10,12 @@ Three kernels, each written once over strides and reused by forward and backward
   so a wave of programs re-reads the same W columns from L2:  y = x W^T + b + s xa B^T,
   dx = dy W + dropout'(gs A)
 - ``_wgrad_kernel``: out (R, N) = alpha * G^T (X * mask), split over M into fp32 partials that one launch
-  (``triton_reduce``) sums, casts and stores transposed:  dA = gs^T dropout(x),  dB = s (xa^T dy)^T
+  (``triton_reduce``) sums, casts and stores (transposed where asked):  dA = gs^T dropout(x)
+- ``_gs_db_kernel``: one pass over dy for gs = s * dy B and dB's fp32 partials (dy^T xa), each program
+  adding its row blocks into its own partial slice; one reduce launch gives dB = s * sum
 
-Backward is 6 launches (gs, dx, dA and its reduction, dB and its reduction), no torch casts. Launch
+Backward is 5 launches (gs with dB's partials, dB's reduction, dx, dA and its reduction; was 11 with the
+torch casts, sums and transposes), dy read twice (gs/dB and dx). Launch
 configurations come from ``*_config`` functions, which ``peftmed.kernels.aot`` compiles for sm_90/sm_80
 to check registers, spills and shared memory. Offsets into the (M, N) tensors are 64-bit (M * N can pass
 2^31: a 128k-vocabulary head at 16k tokens). The dropout mask is the shared hash of
@@ -119,6 +122,43 @@ def _wgrad_kernel(g_ptr, x_ptr, part_ptr, M, N, R, rows_per_split, sgm, sgr, sxm
         acc = _dot(g, x, acc, PRECISION, UPCAST)  # (BLOCK_R, BLOCK_N)
     tl.store(part_ptr + (split * R + rr[:, None]).to(tl.int64) * N + rn[None, :], acc,
              mask=(rr[:, None] < R) & (rn[None, :] < N))
+
+
+@triton.jit
+def _gs_db_kernel(dy_ptr, b_ptr, xa_ptr, gs_ptr, part_ptr, M, N, R, rows_per_split, sdm, sdn, sbn, sbr, alpha,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    """One pass over dy for both: gs (M, R) = alpha * dy B and this split's dB partial (N, R) = sum dy^T xa.
+
+    A program owns rows_per_split rows (whole BLOCK_M blocks) and one fp32 partial slice part[split] (N, R):
+    per row block it walks dy's columns once, adding each (BLOCK_M, BLOCK_N) tile into gs (through B) and
+    into the partial (through xa); the first row block stores the partial, the next ones add to it (the
+    slice is the program's own: no atomics). The partials are summed by one reduce launch."""
+    split = tl.program_id(0)
+    rr = tl.arange(0, BLOCK_R)
+    m_end = tl.minimum(M, (split + 1) * rows_per_split)
+    first = split * rows_per_split
+    for m0 in range(first, m_end, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rm64 = rm.to(tl.int64)
+        row_ok = rm < m_end
+        xa = tl.load(xa_ptr + rm64[:, None] * R + rr[None, :], mask=row_ok[:, None] & (rr[None, :] < R), other=0.0)
+        gs = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            dy = tl.load(dy_ptr + rm64[:, None] * sdm + rn[None, :] * sdn, mask=row_ok[:, None] & (rn[None, :] < N),
+                         other=0.0)
+            b = tl.load(b_ptr + rn[:, None] * sbn + rr[None, :] * sbr, mask=(rn[:, None] < N) & (rr[None, :] < R),
+                        other=0.0)
+            gs = _dot(dy, b, gs, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_R)
+            db = _dot(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), PRECISION, UPCAST)
+            slot = part_ptr + (split * N + rn[:, None]).to(tl.int64) * R + rr[None, :]
+            ok = (rn[:, None] < N) & (rr[None, :] < R)
+            if m0 > first:
+                db += tl.load(slot, mask=ok, other=0.0)
+            tl.store(slot, db, mask=ok)
+        tl.store(gs_ptr + rm64[:, None] * R + rr[None, :], (gs * alpha).to(gs_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (rr[None, :] < R))
 
 
 def _block_r(r: int) -> int:
@@ -237,6 +277,32 @@ def _wgrad(g, x, p, seed, out: torch.Tensor, scale: float = 1.0, transpose: bool
     return reduce_partials(part, out, scale, transpose)  # stage 2 of the fp32 reduction, in one launch
 
 
+def gs_db_config(dtype: torch.dtype, gpu: bool, block_r: int = 16) -> dict:
+    if not gpu:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64 if block_r <= 16 else 32, BLOCK_N=32, num_warps=4 if block_r <= 16 else 8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64 if block_r <= 64 else 32, num_warps=4 if block_r <= 32 else 8, num_stages=3)
+
+
+def _gs_db(dy, b, xa, scaling, db_out):
+    """gs = s * dy B (in dy's dtype) and db_out = s * dy^T xa, reading dy once (plus one reduce launch)."""
+    m, n = dy.shape
+    r = b.shape[1]
+    gpu = dy.device.type == "cuda"
+    cfg = gs_db_config(dy.dtype, gpu, _block_r(r))
+    bm = cfg["BLOCK_M"]
+    splits = max(1, min(triton.cdiv(m, bm), 64 if gpu else 2))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
+    splits = triton.cdiv(m, rows_per_split)
+    gs = torch.empty(m, r, device=dy.device, dtype=dy.dtype)
+    part = torch.empty(splits, n, r, device=dy.device, dtype=torch.float32)
+    _gs_db_kernel[(splits,)](dy, b, xa.contiguous(), gs, part, m, n, r, rows_per_split, dy.stride(0), dy.stride(1),
+                             b.stride(0), b.stride(1), scaling, BLOCK_R=_block_r(r), **_dot_args(dy.dtype, gpu), **cfg)
+    reduce_partials(part, db_out, scaling)
+    return gs, db_out
+
+
 def forward(x, w, bias, a, b, scaling, p, seed):
     r = a.shape[0]
     xa = _down(x, (a.stride(0), a.stride(1)), a, r, 1.0, p, seed, x.dtype)  # (T, r)
@@ -250,16 +316,19 @@ def backward(dy, x, w, a, b, xa, scaling, p, seed, needs):
     need_dx, need_dw, need_dbias, need_da, need_db = needs
     r = a.shape[0]
     dx = dw = dbias = da = db = None
-    if need_dx or need_da:
+    if (need_dx or need_da) and need_db:  # gs and dB from one pass over dy
+        gs, db = _gs_db(dy, b, xa, scaling, torch.empty_like(b))
+    elif need_dx or need_da:
         # gs = s * dy B: the "down" kernel with Wd[r, k] = b[k, r], written in dy's dtype (what dx and dA read)
         gs = _down(dy, (b.stride(1), b.stride(0)), b, r, scaling, 0.0, seed, dy.dtype)
+    elif need_db:
+        db = _wgrad(xa, dy, 0.0, seed, torch.empty_like(b), scale=scaling, transpose=True)
+    if need_dx or need_da:
         if need_dx:
             dx = _gemm_lora(dy, w, (w.stride(0), w.stride(1)), w.shape[1], None, gs, a,
                             (a.stride(0), a.stride(1)), 1.0, p, seed)
         if need_da:
             da = _wgrad(gs, x, p, seed, torch.empty_like(a))
-    if need_db:
-        db = _wgrad(xa, dy, 0.0, seed, torch.empty_like(b), scale=scaling, transpose=True)
     if need_dw:
         dw = dy.t() @ x
     if need_dbias:
