@@ -91,7 +91,8 @@ def test_incompatible_version_refused(done, tmp_path, mini, capsys):
     assert "format version 99" in capsys.readouterr().err
 
 
-def test_compare_prints_both_folders(done, tmp_path, capsys):
+def test_compare_prints_both_folders(done, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without --output, compare.html goes to the current folder
     other = tmp_path / "other"
     doc = json.loads((done / "results.json").read_text())
     for row in doc["rows"] + doc["summary"]:
@@ -104,6 +105,7 @@ def test_compare_prints_both_folders(done, tmp_path, capsys):
     assert str(done) in text and str(other) in text
     line = next(l for l in text.splitlines() if l.startswith("*=bitfit"))
     assert "2.00" in line.split()  # B/A of the doubled throughput
+    assert (tmp_path / "compare.html").exists()
     line = next(l for l in text.splitlines() if l.startswith("*=layernorm"))
     cells = line.split()[1:]
     triples = list(zip(cells[0::3], cells[1::3], cells[2::3]))  # (A, B, B/A) per figure
