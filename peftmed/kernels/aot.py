@@ -275,5 +275,5 @@ def search_prefix_tiles(arches: Iterable[int] = (90, 80), workers: int = 2) -> d
         found = dict(pool.map(one, groups))
     table: dict = {}
     for (d, dtype, which), tile in found.items():
-        table.setdefault((d, torch.empty((), dtype=dtype).element_size()), {})[which] = tile
+        table.setdefault((d, dtype.itemsize), {})[which] = tile
     return table

@@ -1,4 +1,4 @@
-"""Stage 2 of the kernels' fp32 reductions in one launch: the partial rows every program wrote (stage 1)
+"""Stage 2 of the kernels' fp32 reductions in one launch (and stage 1's split of the rows over programs): the partial rows every program wrote (stage 1)
 summed, scaled, cast and stored in the output's layout (e.g. transposed), instead of a torch sum, a multiply,
 a transpose and a cast (four launches and three temporaries)."""
 
@@ -19,6 +19,25 @@ def _reduce_kernel(part_ptr, out_ptr, S, R, N, s_or, s_on, scale, BLOCK_N: tl.co
         acc += tl.load(part_ptr + (s * R + r).to(tl.int64) * N + rn, mask=rn < N, other=0.0)
     tl.store(out_ptr + r.to(tl.int64) * s_or + rn.to(tl.int64) * s_on, (acc * scale).to(out_ptr.dtype.element_ty),
              mask=rn < N)
+
+
+_SMS: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """The GPU's number of SMs (cached: the launchers ask on every call)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def row_splits(m: int, block_m: int, most: int) -> tuple[int, int]:
+    """Stage 1's split of m rows: at most ``most`` programs, each a whole number of ``block_m`` rows; returns
+    (programs, rows each)."""
+    splits = max(1, min(triton.cdiv(m, block_m), most))
+    rows_per_split = triton.cdiv(triton.cdiv(m, splits), block_m) * block_m
+    return triton.cdiv(m, rows_per_split), rows_per_split
 
 
 def reduce_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:

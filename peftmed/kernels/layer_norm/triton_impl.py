@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_reduce import reduce_partials
+from ..triton_reduce import reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -100,12 +100,9 @@ def forward(x, w, b, eps):
     return y, mean, rstd
 
 
-def _programs(x: torch.Tensor, m: int, bm: int) -> int:
-    if x.device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    else:
-        target = 4  # the interpreter: few programs, each costs milliseconds
-    return max(1, min(target, triton.cdiv(m, bm)))
+def _most_programs(x: torch.Tensor) -> int:
+    # a few programs per SM on a GPU; the interpreter: few programs, each costs milliseconds
+    return 4 * sm_count(x.device) if x.device.type == "cuda" else 4
 
 
 def backward(dy, x, w, mean, rstd, needs):
@@ -113,9 +110,7 @@ def backward(dy, x, w, mean, rstd, needs):
     m, n = x.shape
     cfg = bwd_config(n)
     bm = cfg["BLOCK_M"]
-    progs = _programs(x, m, bm)
-    rows_per_prog = triton.cdiv(triton.cdiv(m, progs), bm) * bm
-    progs = triton.cdiv(m, rows_per_prog)
+    progs, rows_per_prog = row_splits(m, bm, _most_programs(x))
     dx = torch.empty_like(x) if need_dx else x  # dx_ptr is not written when NEED_DX is false
     part = torch.empty(progs, 2, n, device=x.device, dtype=torch.float32)
     _bwd_kernel[(progs,)](dy, x, w, mean, rstd, dx, part, part[:, 1], m, n, rows_per_prog, NEED_DX=need_dx, **cfg)

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
-from ..triton_reduce import reduce_partials
+from ..triton_reduce import reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -205,16 +205,6 @@ def gemm_config(dtype: torch.dtype, gpu: bool, block_r: int = 16, m: int | None 
     return cfg
 
 
-_SMS: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def down_config(dtype: torch.dtype, gpu: bool, block_r: int = 16) -> dict:
     if not gpu:
         return dict(BLOCK_M=32, BLOCK_K=64, num_warps=4, num_stages=1)
@@ -251,7 +241,7 @@ def _gemm_lora(x, w, w_strides, n, bias, lo, up, up_strides, alpha, p, seed):
     r = lo.shape[1]
     c = torch.empty(m, n, device=x.device, dtype=x.dtype)
     gpu = x.device.type == "cuda"
-    cfg = gemm_config(x.dtype, gpu, _block_r(r), m, n, _sm_count(x.device) if gpu else None)
+    cfg = gemm_config(x.dtype, gpu, _block_r(r), m, n, sm_count(x.device) if gpu else None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
         x, w, bias if bias is not None else c, lo, up, c, m, n, k, r,
@@ -266,10 +256,7 @@ def _wgrad(g, x, p, seed, out: torch.Tensor, scale: float = 1.0, transpose: bool
     r = g.shape[1]
     gpu = x.device.type == "cuda"
     cfg = wgrad_config(x.dtype, gpu, _block_r(r))
-    bm = cfg["BLOCK_M"]
-    splits = max(1, min(triton.cdiv(m, bm), 64 if gpu else 1))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
-    splits = triton.cdiv(m, rows_per_split)
+    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], 64 if gpu else 1)
     part = torch.empty(splits, r, n, device=x.device, dtype=torch.float32)
     _wgrad_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         g, x, part, m, n, r, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
@@ -291,10 +278,7 @@ def _gs_db(dy, b, xa, scaling, db_out):
     r = b.shape[1]
     gpu = dy.device.type == "cuda"
     cfg = gs_db_config(dy.dtype, gpu, _block_r(r))
-    bm = cfg["BLOCK_M"]
-    splits = max(1, min(triton.cdiv(m, bm), 64 if gpu else 2))
-    rows_per_split = triton.cdiv(triton.cdiv(m, splits), bm) * bm
-    splits = triton.cdiv(m, rows_per_split)
+    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], 64 if gpu else 2)
     gs = torch.empty(m, r, device=dy.device, dtype=dy.dtype)
     part = torch.empty(splits, n, r, device=dy.device, dtype=torch.float32)
     _gs_db_kernel[(splits,)](dy, b, xa.contiguous(), gs, part, m, n, r, rows_per_split, dy.stride(0), dy.stride(1),

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
-from ..triton_reduce import reduce_partials
+from ..triton_reduce import reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -254,7 +254,7 @@ def config(head_dim: int, dtype: torch.dtype, gpu: bool) -> dict[str, dict]:
     if not gpu:
         one = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, num_warps=4, num_stages=1)
         return {k: dict(one) for k in KERNELS}
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     tiles = GPU_TILES[(max(64, bd), 4 if size == 4 else 2)]
     return {k: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
             for k, (bm, bn, w, st) in tiles.items()}
@@ -296,8 +296,7 @@ def _prefix_splits(q: torch.Tensor, b: int, h: int, key_blocks: int) -> int:
     """Batch splits of the prefix dk/dv grid: enough programs for about two per SM on a GPU."""
     if q.device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(b, triton.cdiv(2 * sms, max(1, h * key_blocks))))
+    return max(1, min(b, triton.cdiv(2 * sm_count(q.device), max(1, h * key_blocks))))
 
 
 def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
@@ -313,9 +312,7 @@ def backward(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse):
     _dkdv_kernel[(triton.cdiv(tk, bn), b * h, 1)](q, dout, lse, delta, k, v, dk, dv, m_ptr, b, h, tq, tk, n, d,
                                                   scale, *drop, *strides, 1, PREFIX=False, CAUSAL=causal, **flags,
                                                   **cfg["dkdv"])
-    splits = _prefix_splits(q, b, h, triton.cdiv(n, bn))
-    per_split = triton.cdiv(b, splits)
-    splits = triton.cdiv(b, per_split)
+    splits, per_split = row_splits(b, 1, _prefix_splits(q, b, h, triton.cdiv(n, bn)))
     part = torch.empty(2, splits, h * n, d, device=q.device, dtype=torch.float32)
     _dkdv_kernel[(triton.cdiv(n, bn), h, splits)](q, dout, lse, delta, pk, pv, part[0], part[1], m_ptr, b, h, tq, tk,
                                                   n, d, scale, *drop, *strides, per_split, PREFIX=True, CAUSAL=False,
