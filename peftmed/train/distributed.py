@@ -79,8 +79,14 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group. After a clean run every rank first meets the others at a barrier, so no
+        rank tears its connections down while a peer still has gloo/nccl work in flight (seen once as a
+        peer's abort, "terminate called without an active exception"); after an error there is no barrier
+        (the other ranks may never arrive)."""
         if self.owns_group and dist.is_initialized():
+            if clean and self.enabled:
+                dist.barrier()
             dist.destroy_process_group()
 
 

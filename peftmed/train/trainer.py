@@ -583,7 +583,7 @@ class Trainer:
             if self.reporter is not None and (sys.exc_info()[0] is not None or not self.keep_reporter_open):
                 self.reporter.close()  # an interrupted run keeps the curves it logged
                 self.reporter = None
-            d.close()
+            d.close(clean=sys.exc_info()[0] is None)
 
     def _loop(self) -> TrainResult:
         c, s, d = self.config, self.state, self.dist
