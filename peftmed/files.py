@@ -9,6 +9,7 @@ write leaves behind is recognisable (``remove_temporaries``) and nothing else is
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,7 +17,62 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 TMP_SUFFIX = ".tmp"
+
+
+def _limit(path: str, name: str, default: int) -> int:
+    try:
+        return int(os.pathconf(path, name))
+    except (OSError, ValueError):
+        return default
+
+
+def check_output_path(path: str | os.PathLike, *, flag: str = "--output", kind: str = "folder") -> Path:
+    """Refuse, before any work, an output path that cannot be written: a name longer than the file system
+    allows, a path over its length limit, a parent that is a file, a folder that cannot hold new files
+    (read-only, /proc, no permission), or a folder where a file is expected (and the reverse).
+
+    ``kind`` is ``"folder"`` (the command writes several files into ``path``) or ``"file"``. Nothing is
+    created: the check writes and removes one probe file in the nearest folder that exists."""
+    if path is None or str(path) == "":
+        raise ConfigError(f"{flag} is empty; pass a path")
+    text = os.fspath(path)
+    if "\x00" in text:
+        raise ConfigError(f"{flag} {text!r} holds a NUL character")
+    target = Path(text)
+    absolute = Path(os.path.abspath(text))
+    path_max = _limit("/", "PC_PATH_MAX", 4096)
+    if len(os.fsencode(str(absolute))) >= path_max:
+        raise ConfigError(f"{flag} is {len(os.fsencode(str(absolute)))} bytes long (as an absolute path); this file "
+                          f"system allows paths shorter than {path_max}: choose a shorter one")
+    name_max = _limit("/", "PC_NAME_MAX", 255)
+    for part in absolute.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(f"{flag} {text[:60]!r}...: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes; "
+                              f"this file system allows {name_max}")
+    if target.exists():
+        if kind == "folder" and not target.is_dir():
+            raise ConfigError(f"{flag} {text!r} is a file; pass a folder")
+        if kind == "file" and target.is_dir():
+            raise ConfigError(f"{flag} {text!r} is a folder; pass a file name")
+    existing = absolute if kind == "folder" else absolute.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {text!r} cannot be created: {str(existing)!r} is a file, not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".peftmed-probe.", suffix=TMP_SUFFIX, dir=existing)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            reason += " (no permission to write there)"
+        raise ConfigError(f"{flag} {text!r} cannot be written: creating a file in {str(existing)!r} fails: "
+                          f"{reason}") from None
+    os.close(fd)
+    os.unlink(probe)
+    return target
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .backbones.base import Backbone
-from .backbones.tokenizer_files import tokenizer_fingerprint
+from .tokenizer_files import tokenizer_fingerprint
 from .errors import AdapterError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
 from .methods.base import (
     AdapterLayer,
@@ -383,7 +383,8 @@ class PeftModel(nn.Module):
     def optimizer_options(self, name: str | None = None, *, lr: float, weight_decay: float,
                           method_lr: bool = False) -> dict[str, dict[str, float]]:
         """Learning rate and weight decay of each adapter tensor (canonical name): the recipe call's ``lr=`` /
-        ``weight_decay=``, else the method's ``default_lr`` when ``method_lr``, else ``lr`` / ``weight_decay``."""
+        ``weight_decay=``, else the method's ``default_lr`` when ``method_lr``, else ``lr`` / ``weight_decay``;
+        ``group`` names the component and method (``decoder.lora``), as the trainable report does."""
         name = name or self._require_active()
         out: dict[str, dict[str, float]] = {}
         for applied in self.adapters[name].applied:
@@ -391,7 +392,8 @@ class PeftModel(nn.Module):
             rate = cfg.lr if cfg.lr is not None else (method.default_lr if method_lr and method.default_lr else lr)
             decay = cfg.weight_decay if cfg.weight_decay is not None else weight_decay
             for k in applied.tensors(self, name):
-                out.setdefault(k, {"lr": float(rate), "weight_decay": float(decay)})
+                out.setdefault(k, {"lr": float(rate), "weight_decay": float(decay),
+                                   "group": f"{applied.component}.{method.name}"})
         return out
 
     def _require_active(self) -> str:
@@ -724,15 +726,20 @@ def read_manifest(path: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterError(f"{mpath} is not a peftmed adapter manifest (format is not {FORMAT!r})")
     _check_manifest(manifest, mpath)
+    if manifest.get("format_version", 1) > FORMAT_VERSION:
+        raise AdapterError(f"{mpath} was written by peftmed {manifest.get('peftmed_version', '?')} in adapter format "
+                           f"{manifest['format_version']}; this peftmed ({__version__}) reads format {FORMAT_VERSION} "
+                           f"and older. Upgrade peftmed to load it")
     unknown = sorted(set(manifest) - MANIFEST_KEYS)
-    if unknown or manifest.get("format_version", 1) > FORMAT_VERSION:
-        warnings.warn(
-            f"{mpath} was written by peftmed {manifest.get('peftmed_version', '?')} (format "
-            f"{manifest.get('format_version')}; this is {__version__}, format {FORMAT_VERSION}); "
-            f"ignoring unknown keys {unknown}",
-            stacklevel=3,
-        )
+    key = (str(mpath.resolve()), tuple(unknown))
+    if unknown and key not in _WARNED:  # once per file: a command reads a manifest several times
+        _WARNED.add(key)
+        warnings.warn(f"{mpath} was written by peftmed {manifest.get('peftmed_version', '?')} (this is "
+                      f"{__version__}); ignoring unknown keys {unknown}", stacklevel=3)
     return manifest
+
+
+_WARNED: set[tuple] = set()
 
 
 def _check_manifest(m: dict, mpath: Path) -> None:

@@ -34,6 +34,23 @@ def parse_scalar(text: str) -> Any:
     return token
 
 
+TRUE_WORDS = frozenset({"1", "true", "yes", "y", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "n", "off"})
+
+
+def parse_bool(text: Any) -> bool:
+    """'true'/'yes'/'1'/'on' -> True, 'false'/'no'/'0'/'off' -> False ('--flag False' means False: the reference
+    code got this wrong); anything else is a ConfigError naming it."""
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in TRUE_WORDS:
+        return True
+    if low in FALSE_WORDS:
+        return False
+    raise ConfigError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
+
+
 def parse_key_value(text: str, what: str = "option") -> tuple[str, Any]:
     """``"key=value"`` -> ``("key", parse_scalar("value"))``; dashes in the key become underscores."""
     if "=" not in str(text):
@@ -57,9 +74,36 @@ def parse_key_values(items: Iterable[str] | None, what: str = "option", *, split
     return out
 
 
+def _yaml_loader():
+    """yaml's SafeLoader that refuses a key written twice in one mapping (yaml itself keeps the last silently,
+    so a duplicated option would override the first without a word)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: yaml reports it below
+                    duplicate = False
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is written twice (line {key_node.start_mark.line + 1})",
+                        key_node.start_mark)
+                try:
+                    seen.add(key)
+                except TypeError:
+                    pass
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def read_structured_file(path: str | Path, what: str = "file") -> Any:
     """The data of a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file; any problem is a ConfigError
-    naming the file."""
+    naming the file (a key written twice in a YAML mapping, nesting too deep to read, invalid text)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
@@ -74,13 +118,16 @@ def read_structured_file(path: str | Path, what: str = "file") -> Any:
         if suffix in (".yaml", ".yml"):
             import yaml
 
-            return yaml.safe_load(text)
+            return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
         if suffix == ".toml":
             import tomllib
 
             return tomllib.loads(text)
         if suffix == ".json":
             return json.loads(text)
+    except RecursionError:
+        raise ConfigError(f"{what} {str(path)!r} is nested too deeply to read (expected a mapping of option: "
+                          f"value)") from None
     except Exception as exc:  # yaml, toml and json each raise their own error types
         raise ConfigError(f"{what} {str(path)!r} does not parse: {exc}") from None
     raise ConfigError(f"{what} {str(path)!r}: expected a .yaml, .yml, .toml or .json file")

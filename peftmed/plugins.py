@@ -12,10 +12,13 @@ Environment variables:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata as md
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,7 +246,13 @@ def build_registry(
     for info, load in candidates:
         plugin = None
         try:
-            plugin = load()
+            with _guarded_load() as interrupted:
+                try:
+                    plugin = load()
+                except KeyboardInterrupt:
+                    if interrupted:  # the user's Ctrl-C while loading: stop
+                        raise
+                    raise _PluginInterrupt("the plugin raised KeyboardInterrupt while loading") from None
             if pm.is_registered(plugin):
                 raise PluginError(f"is already registered under another name ({pm.get_name(plugin)})")
             pm.register(plugin, name=info.name)
@@ -265,6 +274,36 @@ def build_registry(
             log.warning(message)
         registry.plugins.append(info)
     return registry
+
+
+class _PluginInterrupt(Exception):
+    """A plugin stopped the process while loading (KeyboardInterrupt it raised itself, or os._exit)."""
+
+
+@contextlib.contextmanager
+def _guarded_load():
+    """While a plugin's module is imported: a KeyboardInterrupt the plugin raises itself is told apart from the
+    user's Ctrl-C (a real SIGINT is recorded in the yielded list), and ``os._exit`` raises instead of ending the
+    process, so the plugin is reported and skipped instead of stopping every command."""
+    interrupted: list[int] = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    def no_exit(code=0):
+        raise _PluginInterrupt(f"the plugin called os._exit({code!r}) while loading")
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if main else None
+    real_exit = os._exit
+    os._exit = no_exit
+    try:
+        yield interrupted
+    finally:
+        os._exit = real_exit
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
 
 def _check_unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> None:

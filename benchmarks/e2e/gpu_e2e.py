@@ -55,7 +55,7 @@ def run_one(name: str, steps: int, device: str) -> dict:
     texts = task.texts(records)
     torch.manual_seed(0)
     dev = torch.device(device)
-    from peftmed.train.commands import _accepts
+    from peftmed.run.model import accepts as _accepts
 
     with dev:
         model = backbone.build(texts=texts, **options) if _accepts(backbone.builder, "texts") else backbone.build(**options)

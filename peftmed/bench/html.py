@@ -72,6 +72,15 @@ SCRIPT = """
 """
 
 
+def script_json(data) -> str:
+    """JSON that can stand inside a <script> element and still parses: HTML escaping (&lt;) would break
+    JSON.parse, so the characters that could end the element or open a comment are written as JSON's own
+    \\u escapes, which JSON.parse turns back into the characters."""
+    text = json.dumps(data, default=str)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e") \
+        .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
 def _number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or math.isinf(value):
         return None
@@ -228,7 +237,7 @@ def html_document(runs: Sequence[tuple[str, dict]], task, title: str) -> str:
         "<h2>Charts</h2>", charts,
         "".join(_meta(name, data) for name, data in runs),
         f"<script>{SCRIPT}</script>",
-        f"<script type='application/json' id='results-data'>{html.escape(json.dumps(_rows(runs), default=str))}</script>",
+        f"<script type='application/json' id='results-data'>{script_json(_rows(runs))}</script>",
         "</body></html>",
     ]
     return "\n".join(doc)

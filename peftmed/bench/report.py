@@ -7,6 +7,7 @@ budget, and peak memory; below 1 means peftmed is faster / smaller) and peft's a
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,15 @@ def text_table(summary: Sequence[dict[str, Any]], task) -> str:
     return "\n".join([table_header(task, True)] + [table_line(g, task, True) for g in group_rows(summary)])
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+
+
+def md_text(text: str) -> str:
+    """A label as literal Markdown text: every character Markdown (or the HTML inside it) could read as markup
+    is backslash-escaped, line breaks become spaces."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
 def markdown_table(summary: Sequence[dict[str, Any]], task) -> str:
     cols = columns(task, True)
     lines = ["| " + " | ".join(h for h, _ in cols) + " |",
@@ -133,11 +143,11 @@ def markdown_table(summary: Sequence[dict[str, Any]], task) -> str:
     notes = []
     for group in group_rows(summary):
         cells, note = _cells(group, task, True)
-        cells[0] = cells[0].replace("|", "\\|")
+        cells[0] = md_text(cells[0])
         cells[1] = f"`{cells[1]}`" if cells[1] else ""
         lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 0 else c for i, c in enumerate(cells)) + " |")
         if note:
-            notes.append(f"- **{group[0]['label']}**: {note}")
+            notes.append(f"- **{md_text(group[0]['label'])}**: {md_text(note)}")
     return "\n".join(lines + ([""] + notes if notes else []))
 
 

@@ -200,17 +200,23 @@ def tidy_csv(rows: list[dict[str, Any]], summary: list[dict[str, Any]] = ()) -> 
     def cell(value):
         return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
+    def text(value):
+        """A text cell a spreadsheet shows as text: one starting with = + - @ (a formula) gets a leading '."""
+        value = str(value)
+        return "'" + value if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
     for row in rows:
         seed = row.get("seed", 0)
-        writer.writerow([row["label"], row["provider"], seed, "status", row["status"]])
+        label = text(row["label"])
+        writer.writerow([label, row["provider"], seed, "status", row["status"]])
         if row.get("error"):
-            writer.writerow([row["label"], row["provider"], seed, "error", row["error"]])
+            writer.writerow([label, row["provider"], seed, "error", text(row["error"])])
         for metric in figures(row):
-            writer.writerow([row["label"], row["provider"], seed, metric, cell(row[metric])])
+            writer.writerow([label, row["provider"], seed, metric, cell(row[metric])])
     for row in summary:
         for metric in figures(row) + [k for k in ("ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full",
                                                    "p_vs_best") if k in row and k not in figures(row)]:
-            writer.writerow([row["label"], row["provider"], "all", metric, cell(row.get(metric))])
+            writer.writerow([text(row["label"]), row["provider"], "all", metric, cell(row.get(metric))])
     return out.getvalue()
 
 

@@ -91,7 +91,7 @@ class BenchConfig:
         if self.train_test_overlap not in ("drop", "keep"):
             raise ConfigError(f"train_test_overlap must be drop or keep, got {self.train_test_overlap!r}")
         if self.report_to is not None:
-            from ..train.reporting import parse_targets
+            from ..run.config import parse_targets
 
             parse_targets(self.report_to)
 

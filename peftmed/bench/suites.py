@@ -15,6 +15,7 @@ Suite file (YAML shown; TOML and JSON hold the same keys)::
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,6 +162,8 @@ _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
 
 
 def slug(label: str) -> str:
-    """A file-name-safe form of a label (results are written per recipe under it)."""
-    text = _SAFE.sub("_", label.replace("*", "all").replace("|", "-")).strip("_")
-    return text[:80] or "recipe"
+    """A file-name-safe form of a label, unique by construction: a readable stem (at most 60 characters)
+    and the first 8 hex digits of the SHA-256 of the whole label (``x/y`` and ``x_y``, or two labels that share
+    their first 60 characters, get different names). Results are written per recipe under it."""
+    text = _SAFE.sub("_", label.replace("*", "all").replace("|", "-")).strip("_.")
+    return f"{text[:60] or 'recipe'}-{hashlib.sha256(label.encode('utf-8')).hexdigest()[:8]}"

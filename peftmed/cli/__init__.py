@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import PeftmedError
+from ..errors import ConfigError, PeftmedError
+from ..options import parse_bool
 
 
 @dataclass
@@ -33,13 +34,22 @@ def table(rows: list[list], header: list[str]) -> str:
 
 
 def str2bool(text: str) -> bool:
-    """Parse a boolean flag value; '--flag False' means False (the reference code got this wrong)."""
-    low = str(text).strip().lower()
-    if low in {"1", "true", "yes", "y", "on"}:
-        return True
-    if low in {"0", "false", "no", "n", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
+    """A boolean flag's value (``peftmed.options.parse_bool``) as argparse wants its errors."""
+    try:
+        return parse_bool(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a batch size, beams, tokens)."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
 
 
 def build_parser(registry=None) -> argparse.ArgumentParser:

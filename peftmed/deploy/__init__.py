@@ -6,6 +6,7 @@ peftmed). The commands are ``peftmed predict`` and ``peftmed merge``; the librar
 
 from __future__ import annotations
 
-from .predict import answer, image_batch, load_adapted
+from ..run.model import load_adapted
+from .predict import answer, image_batch
 
 __all__ = ["answer", "image_batch", "load_adapted"]

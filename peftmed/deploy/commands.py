@@ -7,9 +7,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import Command
+from ..cli import Command, positive_int
+from ..data.images import open_image
 from ..errors import ConfigError
+from ..files import check_output_path, write_text_atomic
 from ..hookspecs import hookimpl
+from .merge import merge_adapter
+from ..run.model import load_adapted
+from .predict import _question_limit, answer, run_task
 
 
 # ---- peftmed predict ---------------------------------------------------------------------------------
@@ -27,11 +32,13 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", help="an image file (PNG, JPEG...)")
     p.add_argument("--question", help="the question about --image")
     p.add_argument("--input", help="a JSONL file of {\"image\": ..., \"question\": ...} lines")
-    p.add_argument("--output", help="write the answers as JSONL here (default: print them)")
+    p.add_argument("--output", help="write the answers as JSONL here (default: print them); an existing file is "
+                                    "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     p.add_argument("--task", help="vqa or report [default: the adapter's run's task]")
-    p.add_argument("--batch-size", type=int, default=16, help="questions per batch [default: 16]")
-    p.add_argument("--num-beams", type=int, default=3, help="beams of answer generation [default: 3, as eval]")
-    p.add_argument("--max-new-tokens", type=int, help="longest answer in tokens [default: the task's]")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="questions per batch [default: 16]")
+    p.add_argument("--num-beams", type=positive_int, default=3, help="beams of answer generation [default: 3, as eval]")
+    p.add_argument("--max-new-tokens", type=positive_int, help="longest answer in tokens [default: the task's]")
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
     p.add_argument("--base-dtype", choices=["auto", "fp32", "bf16", "fp16"], help="[default: the run's]")
     p.add_argument("--quantize", choices=["none", "nf4"], help="[default: the run's]")
@@ -40,12 +47,22 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
 def _read_inputs(path: Path, needs_question: bool) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"--input {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--input {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                          f"UTF-8 (JSON Lines are UTF-8)") from None
+    except OSError as exc:
+        raise ConfigError(f"--input {str(path)!r} cannot be read: {exc.strerror or exc}") from None
     items = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
+        except RecursionError:
+            raise ConfigError(f"{path}:{n}: the JSON is nested too deeply; expected a flat object "
+                              f"{{\"image\": ..., \"question\": ...}}") from None
         except ValueError as exc:
             raise ConfigError(f"{path}:{n}: not a JSON object ({exc})") from None
         if not isinstance(item, dict) or not isinstance(item.get("image"), str):
@@ -61,11 +78,16 @@ def _read_inputs(path: Path, needs_question: bool) -> list[dict]:
 
 
 def _predict_run(args) -> int:
-    from ..data.images import open_image
-    from .predict import answer, load_adapted, run_task
-
     if bool(args.image) == bool(args.input):
         raise ConfigError("pass either --image (with --question) or --input FILE.jsonl")
+    if args.output:
+        out = check_output_path(args.output, flag="--output", kind="file")
+        if args.input and out.resolve() == Path(args.input).resolve():
+            raise ConfigError(f"--output {args.output!r} is the --input file; answers would replace the questions. "
+                              f"Choose another --output")
+        if out.exists() and not args.overwrite:
+            raise ConfigError(f"--output {args.output!r} exists; pass --overwrite to replace it, or choose another "
+                              f"--output")
     task_name = args.task
     needs_question = (task_name or run_task(args.adapter) or "vqa") != "report"
     if args.image:
@@ -85,8 +107,6 @@ def _predict_run(args) -> int:
                                 batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens)
     if truncated:
-        from .predict import _question_limit
-
         limit = _question_limit(model)
         print(f"note: {truncated} question(s) were longer than the model's limit"
               f"{f' of {limit} tokens' if limit else ''}; they were cut to it and answered as cut", file=sys.stderr)
@@ -96,8 +116,6 @@ def _predict_run(args) -> int:
         row["report" if task.name == "report" else "answer"] = text
         rows.append(row)
     if args.output:
-        from ..files import write_text_atomic
-
         write_text_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
         print(f"{len(rows)} answer(s) written to {args.output}")
     elif len(rows) == 1:
@@ -128,8 +146,6 @@ def _merge_configure(p: argparse.ArgumentParser) -> None:
 
 
 def _merge_run(args) -> int:
-    from .merge import merge_adapter
-
     result = merge_adapter(args.adapter, args.output, keep_unmergeable=args.keep_unmergeable,
                            base_dtype=args.base_dtype, overwrite=args.overwrite)
     print(f"merged {result['recipe']} into {result['backbone']}: {result['output']} ({', '.join(result['files'])})")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, PeftmedError
+from ..files import check_output_path
 
 log = logging.getLogger("peftmed.merge")
 
@@ -120,12 +121,10 @@ def merge_adapter(adapter, output, *, registry=None, keep_unmergeable: bool = Fa
     """Merge the adapter folder ``adapter`` (rebuilt on its run's base) and write the model to ``output``."""
     from ..model import apply, find_peft_model
     from ..plugins import default_registry
-    from .predict import load_adapted
+    from ..run.model import load_adapted
 
     registry = registry or default_registry()
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {str(output)!r} is a file; pass a folder")
+    output = check_output_path(output, flag="--output", kind="folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
         raise ConfigError(f"output folder {str(output)!r} is not empty; choose another or pass --overwrite (files of "
                           f"the same names are replaced, nothing else is touched)")

@@ -8,81 +8,29 @@ the run trained), so the frozen weights, the tokenizer and the image size are th
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 import torch
+from PIL import Image
 
+from ..data.dataset import image_to_tensor
+from ..data.images import open_image
 from ..errors import ConfigError
+from ..memory import autocast_for
+from ..run.model import load_adapted, run_options
 
 log = logging.getLogger("peftmed.predict")
 
 
-def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto", base_dtype: str | None = None,
-                 quantize: str | None = None, task: str | None = None):
-    """(task, task model, run options, manifest) for the adapter folder ``adapter``.
-
-    ``base_dtype`` / ``quantize``: override the run's (e.g. ``quantize="none"`` for an adapter trained on a
-    4-bit base); ``task``: must be the run's task when the run names one."""
-    from ..memory import prepare
-    from ..model import load_adapter, read_manifest
-    from ..plugins import default_registry
-    from ..runtime import resolve_device
-    from ..train.commands import RUN_CONFIG, TOKENIZER_DIR, _accepts, build_model, find_run
-
-    registry = registry or default_registry()
-    adapter = Path(adapter)
-    manifest = read_manifest(adapter)
-    run_dir = find_run(adapter)
-    opts: dict[str, Any] = json.loads((run_dir / RUN_CONFIG).read_text()) if run_dir else {}
-    backbone = registry.backbone(manifest["backbone"])
-    run_task = opts.get("task")
-    if task is not None and run_task is not None and task != run_task:
-        raise ConfigError(f"the adapter {str(adapter)!r} was trained for the task {run_task!r}; it cannot answer "
-                          f"--task {task!r} (train an adapter for {task!r})")
-    task_obj = registry.get("task", task or run_task or "vqa")
-    tokenizer_dir = run_dir / TOKENIZER_DIR if run_dir else None
-    trains_vocab = backbone.builder is not None and _accepts(backbone.builder, "texts") and not opts.get("pretrained")
-    if trains_vocab and not (tokenizer_dir and tokenizer_dir.is_dir() and any(tokenizer_dir.iterdir())):
-        raise ConfigError(f"the adapter {str(adapter)!r} has no run folder with the tokenizer its training built "
-                          f"(expected {TOKENIZER_DIR}/ beside train_config.json above the adapter); backbone "
-                          f"{backbone.name!r} trains its vocabulary on the data, so answers need that tokenizer")
-    model = build_model(backbone, opts, tokenizer_dir=tokenizer_dir)
-    pm = load_adapter(model, adapter, backbone=backbone, registry=registry)
-    dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-    q = quantize or opts.get("quantize") or "none"
-    prepare(pm, base_dtype=base_dtype or opts.get("base_dtype") or "auto", quantize=q,
-            quantize_components=opts.get("quantize_components"), device=dev if q != "none" else None)
-    task_model = task_obj.wrap(pm)
-    task_model.to(dev)
-    task_model.eval()
-    return task_obj, task_model, opts, manifest
-
-
 def run_task(adapter) -> str | None:
     """The task the adapter's run trained for (None when it has no run folder)."""
-    from ..train.commands import RUN_CONFIG, find_run
-
-    run_dir = find_run(Path(adapter))
-    if run_dir is None:
-        return None
-    try:
-        return json.loads((run_dir / RUN_CONFIG).read_text()).get("task")
-    except (OSError, ValueError):
-        return None
+    return run_options(adapter)[1].get("task")
 
 
 def image_batch(images: Sequence, size: int) -> torch.Tensor:
     """uint8 (B, 3, size, size) from image paths, PIL images or uint8 (3, H, W) tensors, prepared as the
     training data was (RGB, bicubic resize); a missing or unreadable file is an error naming it."""
-    from PIL import Image
-
-    from ..data.dataset import image_to_tensor
-    from ..data.images import open_image
-
     out = []
     for i, image in enumerate(images):
         if isinstance(image, torch.Tensor):
@@ -126,7 +74,6 @@ def answer(task, model, images: Sequence, questions: Sequence[str] | None = None
     for key, value in (("batch_size", batch_size), ("num_beams", num_beams)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    from ..memory import autocast_for
 
     size = int(getattr(model, "image_size"))
     device = next(model.parameters()).device

@@ -23,7 +23,8 @@ from ..errors import ConfigError
 QUANT_TYPES = ("nf4",)
 
 
-def _bitsandbytes():
+def bitsandbytes_module():
+    """bitsandbytes, imported only when 4-bit quantization is asked for (its import is slow and logs on CPUs)."""
     # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 about an optional hub kernel it
     # cannot fetch; peftmed never fetches anything, so that line is noise here
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
@@ -91,7 +92,7 @@ def quantize_nf4(peft_model, components=None, compute_dtype: torch.dtype | None 
     ``compute_dtype``: what the 4-bit matmul computes in (default: fp32 on a CPU, bf16 on a GPU; a run with
     --base-dtype uses that). Returns ``{"layers": n, "weights": values quantized}``.
     """
-    bnb = _bitsandbytes()
+    bnb = bitsandbytes_module()
     model = peft_model.base_model
     layers = weights = 0
     comps, found_all = quantizable_linears(peft_model, components)

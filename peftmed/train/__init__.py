@@ -14,7 +14,7 @@
 """
 
 from .checkpoint import CheckpointError, find_checkpoint, latest_checkpoint
-from .config import TrainConfig
+from ..run.config import TrainConfig
 from .evaluate import EvalResult, baseline_scores, evaluate
 from .trainer import (NonFiniteLossError, Trainer, TrainingInterrupted, TrainResult, seed_everything,
                       trainable_parameters)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -90,11 +91,18 @@ def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, to
         root.mkdir(parents=True, exist_ok=True)
         final = _write_checkpoint(root, name, model=model, trainable=trainable, state=state, meta=meta)
     except (OSError, RuntimeError) as exc:  # disk full, read-only folder; safetensors raises its own type
-        previous = latest_checkpoint(root) if root.is_dir() else None
-        kept = f"the previous checkpoint {previous} is kept" if previous else "no earlier checkpoint exists"
+        try:
+            previous = latest_checkpoint(root) if root.is_dir() else None
+        except CheckpointError:
+            previous = None
+        if previous is not None:
+            advice = (f"the previous checkpoint {previous} is kept: free some disk space (or move the run) and "
+                      f"continue from it with --resume")
+        else:
+            advice = (f"no earlier checkpoint exists, so the {step} step(s) trained so far are lost (--save-every N "
+                      f"keeps checkpoints along the way): free some disk space and train again")
         raise CheckpointError(
-            f"could not write checkpoint {name} under {str(root)!r}: {type(exc).__name__}: {exc}; {kept}. "
-            f"Free some disk space (or choose another --output) and continue with --resume") from exc
+            f"could not write checkpoint {name} under {str(root)!r}: {type(exc).__name__}: {exc}; {advice}") from exc
     prune(root, keep)
     return final
 
@@ -170,7 +178,14 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer} cannot be read ({exc}); it was damaged") from None
+    if not re.fullmatch(r"step-\d{8}", name):
+        raise CheckpointError(f"{pointer} names {name[:80]!r}, which is not a checkpoint of this folder (expected "
+                              f"step-NNNNNNNN, a folder beside it); it was edited or damaged: fix it or remove it")
+    path = root / name
     return path if (path / META).is_file() else None
 
 
@@ -204,7 +219,11 @@ def read_state(ckpt: Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated files raise assorted pickle/zip errors
-        raise CheckpointError(f"checkpoint state {str(path)!r} is missing or corrupt: {exc}") from exc
+        # torch's own message goes on to suggest weights_only=False, which would run code from the file
+        reason = str(exc).split("\n")[0].split(" Re-running `torch.load`")[0][:200]
+        raise CheckpointError(f"checkpoint state {str(path)!r} is missing, damaged or holds objects other than "
+                              f"tensors and plain values ({type(exc).__name__}: {reason}); peftmed never unpickles "
+                              f"other objects. Resume from another checkpoint or train again") from None
 
 
 def read_trainable(ckpt: Path) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ from ..errors import ConfigError, PeftmedError
 from ..runtime import seed_everything
 from . import checkpoint as ckpt
 from . import distributed
-from .config import TrainConfig
+from ..run.config import TrainConfig
 
 log = logging.getLogger("peftmed.train")
 
@@ -179,8 +179,8 @@ class Trainer:
         self.model, self.data, self.config = model, train_data, config
         self.collate_fn, self.eval_fn, self.lr_of = collate_fn, eval_fn, lr_of
         self.log_dir = Path(log_dir) if log_dir is not None else None
-        self.reporter = None
-        self.keep_reporter_open = False  # the caller logs a final evaluation, then calls close_reporter()
+        self.loggers = None
+        self.keep_loggers_open = False  # the caller logs a final evaluation, then calls close_loggers()
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.run_info = dict(run_info or {})
         self.run_info.setdefault("backbone", getattr(getattr(model, "backbone", None), "name", None))
@@ -267,11 +267,11 @@ class Trainer:
         if self.dist.is_main and self.checkpoint_root is not None:
             ckpt.remove_stale_temporaries(self.checkpoint_root)
         if self.dist.is_main and c.report_to:
-            self.reporter = self._reporter()
+            self.loggers = self._open_loggers()
 
-    def _reporter(self):
+    def _open_loggers(self):
         from ..model import find_peft_model
-        from .reporting import Reporter
+        from .loggers import Loggers
 
         folder = self.log_dir or (self.output_dir / "logs" if self.output_dir is not None else None)
         if folder is None:
@@ -286,32 +286,33 @@ class Trainer:
                    **{k: v for k, v in self.config.to_dict().items() if k not in ("progress", "report_to")}}
         hparams.pop("trainable", None)
         name = self.config.run_name or (self.output_dir.name if self.output_dir is not None else "run")
-        return Reporter(self.config.report_to, folder, name, hparams, texts)
+        return Loggers(self.config.report_to, folder, name, hparams, texts)
 
-    def close_reporter(self, scores: Mapping[str, Any] | None = None) -> None:
+    def close_loggers(self, scores: Mapping[str, Any] | None = None) -> None:
         """Log ``scores`` (a final evaluation) and close the --report-to targets with the run's final values."""
-        if self.reporter is None:
+        if self.loggers is None:
             return
         s = self.state
         numbers = {k: v for k, v in (scores or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numbers:
-            self.reporter.scalars(s["step"], {f"eval/{k}": v for k, v in numbers.items()})
+            self.loggers.scalars(s["step"], {f"eval/{k}": v for k, v in numbers.items()})
         final = dict(numbers) or {k: v for k, v in (s["evals"][-1] if s["evals"] else {}).items() if k != "step"}
         final["final_loss"] = s["losses"][-1] if s["losses"] else float("nan")
-        self.reporter.close(final)
-        self.reporter = None
+        self.loggers.close(final)
+        self.loggers = None
 
     def _report_step(self, loss: float, rate: float) -> None:
         values = {"train/loss": loss, "train/grad_norm": getattr(self, "last_grad_norm", None),
                   "train/samples_per_s": rate, "memory/peak_mib": _peak_mib(self.dist.device)}
-        for i, group in enumerate(self.optimizer.param_groups):
-            values[f"train/lr/group{i}"] = group["lr"]
-        self.reporter.scalars(self.state["step"], values)
+        for group in self.optimizer.param_groups:
+            values.setdefault(f"train/lr/{group.get('name', 'params')}", group["lr"])
+        self.loggers.scalars(self.state["step"], values)
 
     def _param_groups(self) -> list[dict]:
-        """AdamW groups: one per (learning rate, weight decay). Matrices get the weight decay; biases and 1-d
-        tensors (norms, IA3 vectors) none. A PeftModel gives each method's tensors the rate and decay of its
-        recipe call (``lr=``, ``weight_decay=``), else the run's."""
+        """AdamW groups, one per (component and method, learning rate, weight decay), named as the trainable
+        report names them (``decoder.lora``; ``params`` for a model that is not a PeftModel). Matrices get the
+        weight decay; biases and 1-d tensors (norms, IA3 vectors) none. A PeftModel gives each method's tensors
+        the rate and decay of its recipe call (``lr=``, ``weight_decay=``), else the run's."""
         from ..model import find_peft_model
 
         c = self.config
@@ -319,14 +320,15 @@ class Trainer:
         peft = find_peft_model(self.model)
         if peft is not None and peft.active_adapter is not None:
             options = peft.optimizer_options(lr=c.lr, weight_decay=c.weight_decay, method_lr=c.method_lr)
-        groups: dict[tuple[float, float], list] = {}
+        groups: dict[tuple[str, float, float], list] = {}
         for name, p in self.params.items():
             opt = options.get(name, {})
             lr = self.lr_of(name) if self.lr_of is not None else opt.get("lr", c.lr)
             decays = p.ndim >= 2 and not name.endswith("bias")
             wd = opt.get("weight_decay", c.weight_decay) if decays else 0.0
-            groups.setdefault((float(lr), float(wd)), []).append(p)
-        return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+            groups.setdefault((opt.get("group", "params"), float(lr), float(wd)), []).append(p)
+        return [{"params": ps, "lr": lr, "weight_decay": wd, "name": label}
+                for (label, lr, wd), ps in groups.items()]
 
     def _autocast_dtype(self) -> torch.dtype | None:
         from ..memory import base_dtype_of
@@ -405,6 +407,10 @@ class Trainer:
         state = {index[n]: {k: distributed.shard_like(v, by_name[n]) if torch.is_tensor(v) and v.dim() else v
                             for k, v in st.items()}
                  for n, st in saved["state"].items() if n in index}
+        if len(saved["param_groups"]) != len(self.optimizer.param_groups):
+            raise ckpt.CheckpointError(
+                f"cannot resume: the checkpoint's optimizer has {len(saved['param_groups'])} parameter groups, this "
+                f"run's has {len(self.optimizer.param_groups)} (written by another peftmed version?); train a new run")
         groups = []
         for g, old in zip(self.optimizer.param_groups, saved["param_groups"]):
             groups.append({**{k: v for k, v in old.items() if k != "params"},
@@ -580,9 +586,9 @@ class Trainer:
                 self._last_saved = -1
             return self._loop()
         finally:
-            if self.reporter is not None and (sys.exc_info()[0] is not None or not self.keep_reporter_open):
-                self.reporter.close()  # an interrupted run keeps the curves it logged
-                self.reporter = None
+            if self.loggers is not None and (sys.exc_info()[0] is not None or not self.keep_loggers_open):
+                self.loggers.close()  # an interrupted run keeps the curves it logged
+                self.loggers = None
             d.close(clean=sys.exc_info()[0] is None)
 
     def _loop(self) -> TrainResult:
@@ -624,7 +630,7 @@ class Trainer:
                                             refresh=False)
                         if d.is_main and s["step"] % c.log_every == 0:
                             log.info("step %d  loss %.4f  lr %.3e  %.1f samples/s", s["step"], loss, lr, rate)
-                        if self.reporter is not None:
+                        if self.loggers is not None:
                             self._report_step(loss, rate)
                         signum = self._signal_received(caught)
                         if signum is not None:
@@ -650,8 +656,8 @@ class Trainer:
             tensors = self._full_tensors()  # a collective when sharded
             if d.is_main:
                 self.model.save_adapter(self.output_dir / "adapter", tensors=tensors)
-        if self.reporter is not None and not self.keep_reporter_open:
-            self.close_reporter()
+        if self.loggers is not None and not self.keep_loggers_open:
+            self.close_loggers()
         return TrainResult(
             step=s["step"], epoch=s["epoch"] + s["sample_in_epoch"] / n,
             losses=list(s["losses"]), lrs=list(s["lrs"]), evals=list(s["evals"]), stopped_by=stopped,
@@ -711,8 +717,8 @@ class Trainer:
             finally:
                 self.model.train(was_training)
             self.state["evals"].append({"step": self.state["step"], **scores})
-            if self.reporter is not None:
-                self.reporter.scalars(self.state["step"], {f"eval/{k}": v for k, v in scores.items()
+            if self.loggers is not None:
+                self.loggers.scalars(self.state["step"], {f"eval/{k}": v for k, v in scores.items()
                                                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
             log.info("step %d  eval %s", self.state["step"],
                      "  ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))

@@ -110,3 +110,20 @@ def test_extensions_are_built_before_any_timing_and_the_report_says_so(tmp_path,
     done = runner.prebuild_kernels("cpu", lines.append)
     assert built == ["lora_linear_cpu", "layer_norm_cpu"]  # the CPU ones; CUDA ones only on a GPU
     assert all(d["built"] for d in done) and any("before any timing" in line for line in lines)
+
+
+def test_result_files_of_different_labels_never_collide(tmp_path):
+    """Labels become file names: `x/y` and `x_y`, or two long labels that share their first 80 characters,
+    used to map to one file, so one recipe overwrote the other's runs/ and predictions/ files."""
+    from peftmed.bench import results
+
+    long = "fusion=lora(r=8,alpha=16,dropout=0.05,roles=[attn.q,attn.k,attn.v,attn.o,cross.q,cross.k]) "
+    labels = ["x/y", "x_y", "x y", long + "decoder=lora(r=4)", long + "decoder=lora(r=8)", "*=lora", "all=lora"]
+    for i, label in enumerate(labels):
+        results.save_job(tmp_path, {"label": label, "provider": "peftmed", "score": i, "predictions": {"q": label}},
+                         {"fp": 1})
+    for i, label in enumerate(labels):
+        assert results.load_job(tmp_path, label, "peftmed", {"fp": 1})["score"] == i
+        assert results.load_predictions(tmp_path, label, "peftmed") == {"q": label}
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(names) == len(labels) and all(len(n) < 100 for n in names)

@@ -71,8 +71,7 @@ def test_recipe_json_raises_only_peftmed_errors(data, registry):
 @given(content=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())),
        suffix=st.sampled_from([".yaml", ".toml", ".json"]))
 def test_experiment_files_raise_only_peftmed_errors(content, suffix, tmp_path_factory):
-    from peftmed.train.commands import DICT_OPTIONS, RUN_OPTIONS
-    from peftmed.train.config import TrainConfig, coerce, field_names, read_config_file
+    from peftmed.run.config import DICT_OPTIONS, RUN_OPTIONS, TrainConfig, coerce, field_names, read_config_file
 
     path = tmp_path_factory.mktemp("cfg") / f"exp{suffix}"
     path.write_bytes(content)

@@ -133,7 +133,19 @@ def register_methods(register):
 
 
 
-@pytest.mark.parametrize("source, needle", [(EXITING_PLUGIN, "SystemExit(3)"), (EXITING_HOOK_PLUGIN, "SystemExit('bye')")])
+INTERRUPTING_PLUGIN = '''
+raise KeyboardInterrupt
+'''
+
+OS_EXIT_PLUGIN = '''
+import os
+os._exit(7)
+'''
+
+
+@pytest.mark.parametrize("source, needle", [(EXITING_PLUGIN, "SystemExit(3)"), (EXITING_HOOK_PLUGIN, "SystemExit('bye')"),
+                                            (INTERRUPTING_PLUGIN, "raised KeyboardInterrupt while loading"),
+                                            (OS_EXIT_PLUGIN, "called os._exit(7) while loading")])
 def test_a_plugin_calling_sys_exit_is_reported_and_every_command_still_runs(tmp_path, source, needle):
     import os
     import subprocess

@@ -7,7 +7,11 @@ import pytest
 
 import peftmed
 from peftmed.cli import build_parser, main
-from peftmed.train.commands import resolve_options
+from peftmed.train.commands import resolve_options as resolve_with_given
+
+
+def resolve_options(args):
+    return resolve_with_given(args)[0]
 
 
 def parse(registry, *argv):

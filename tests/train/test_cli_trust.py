@@ -111,7 +111,7 @@ def test_a_non_empty_output_is_refused_and_overwrite_replaces_only_peftmeds_file
 def test_resume_with_another_backbone_or_without_a_checkpoint_is_refused(run_dir, tmp_path):
     other = [a if a != "miss-tiny" else "hf-blip-vqa" for a in TRAIN]
     refused(peftmed("train", *other, "--resume", "--output", run_dir),
-            "its run trained backbone 'miss-tiny'", "hf-blip-vqa")
+            "its run was trained with backbone 'miss-tiny'", "hf-blip-vqa")
     (tmp_path / "empty").mkdir()
     refused(peftmed("train", *TRAIN, "--resume", "--output", tmp_path / "empty"), "no checkpoint to resume from",
             "--overwrite")

@@ -110,10 +110,25 @@ def load_weights(model_class, folder: Path, what: str, strict: bool = True):
 
 def weight_files(folder: Path, what: str) -> list[Path]:
     """The safetensors files of a checkpoint folder (one file, or the shards its index names); pickled
-    ``.bin`` weights are refused (loading them would run code from the file)."""
+    ``.bin`` weights are refused (loading them would run code from the file). An index is read like a
+    manifest: a JSON object whose ``weight_map`` maps names to file names of this folder (a name that leaves
+    the folder, e.g. ``/etc/passwd`` or ``../x``, is refused before anything is opened)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        try:
+            data = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise PeftmedError(f"{what}: {index} is not valid JSON ({str(exc)[:120]}); the index is damaged") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise PeftmedError(f"{what}: {index} must hold {{\"weight_map\": {{tensor name: shard file}}}}; "
+                               f"the index is damaged")
+        names = sorted(set(weight_map.values()))
+        for name in names:  # a plain file name (a Hub snapshot's shards may be links into its blob store)
+            if Path(name).name != name or name in (".", "..") or "\\" in name:
+                raise PeftmedError(f"{what}: {index} names shard {name!r}, which is not a file name inside "
+                                   f"{str(folder)!r}; shards are read from the checkpoint folder only")
         files = [folder / n for n in names]
         absent = [str(f.name) for f in files if not f.is_file()]
         if absent:
@@ -121,7 +136,7 @@ def weight_files(folder: Path, what: str) -> list[Path]:
         return files
     if (folder / "model.safetensors").is_file():
         return [folder / "model.safetensors"]
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
     if files:
         return files
     pickled = sorted(p.name for p in folder.glob("*.bin"))
@@ -129,6 +144,19 @@ def weight_files(folder: Path, what: str) -> list[Path]:
         raise PeftmedError(f"{what}: {str(folder)!r} holds pickled weights ({', '.join(pickled[:3])}); peftmed reads "
                            f"safetensors only (a pickle can run code). Convert them to safetensors first")
     raise PeftmedError(f"{what}: no *.safetensors weights in {str(folder)!r}")
+
+
+def tensor_shapes(file: Path, what: str) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of a safetensors file, from its header; a truncated or damaged file
+    (an interrupted download) is an error naming it."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header or a short file
+        raise PeftmedError(f"{what}: {str(file)!r} is not a complete safetensors file ({type(exc).__name__}: "
+                           f"{str(exc)[:160]}); it was damaged or not fully downloaded") from None
 
 
 def load_state_strict(model: nn.Module, folder: Path, what: str, strict: bool = True) -> nn.Module:

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, PeftmedError
-from ..files import write_json_atomic
+from .errors import ConfigError, PeftmedError
+from .files import write_json_atomic
 
 IDENTITY_FILE = "peftmed_tokenizer.json"
 
@@ -84,7 +84,15 @@ def load_tokenizer(backbone, folder: str | Path) -> Any:
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"tokenizer folder {str(folder)!r} does not exist")
-    tok = backbone.load_tokenizer(folder)
+    try:
+        tok = backbone.load_tokenizer(folder)
+    except PeftmedError:
+        raise
+    except Exception as exc:  # tokenizers, transformers and json raise their own types for a damaged file
+        files = ", ".join(sorted(p.name for p in folder.iterdir() if p.is_file())[:6]) or "no files"
+        raise ConfigError(f"the tokenizer in {str(folder)!r} ({files}) cannot be read by backbone "
+                          f"{getattr(backbone, 'name', '?')!r}: {type(exc).__name__}: {str(exc)[:200]}; the files were "
+                          f"changed or damaged (restore them from the run, or train a new run)") from None
     identity = read_identity(folder)
     if identity is not None and identity.get("sha256"):
         found = tokenizer_fingerprint(tok)

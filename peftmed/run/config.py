@@ -1,25 +1,88 @@
-"""The training configuration, and experiment files (YAML, TOML or JSON) whose keys are CLI flags.
+"""A run's options: what to train (``RUN_OPTIONS``: backbone, recipe, dataset, output...) and how
+(:class:`TrainConfig`: budget, optimiser, schedule, precision...), and experiment files (YAML, TOML or
+JSON) whose keys are CLI flags.
 
-Every field of :class:`TrainConfig` is also a ``peftmed train`` flag (``batch_size`` ->
-``--batch-size``) and a key of an experiment file; flags given on the command line override the
-file. ``read_config_file`` reads a file into a flat dict, refusing unknown keys by name.
+Every option is also a ``peftmed train`` flag (``batch_size`` -> ``--batch-size``) and a key of an
+experiment file; flags given on the command line override the file. ``read_config_file`` reads a file
+into a flat dict, refusing unknown keys by name; ``check_options`` validates a run's options as they are
+read back from its folder (``train_config.json``), naming the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UnknownNameError
+from ..options import parse_bool, read_structured_file
 
 PRECISIONS = ("auto", "bf16", "fp32")
 BASE_DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_CHOICES = ("none", "nf4")
 STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+# --report-to targets and the package each needs (checked when the config is made, before any work)
+REPORT_TARGETS = ("tensorboard", "wandb", "mlflow")
+REPORT_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def _installed(target: str) -> bool:
+    return importlib.util.find_spec(REPORT_MODULES[target]) is not None
+
+
+def parse_targets(value) -> tuple[str, ...]:
+    """``"tensorboard,wandb"`` / ``"all"`` / ``"none"`` -> the targets; unknown or missing ones are named."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = [str(v).strip().lower() for v in items if str(v).strip()]
+    if names in ([], ["none"]):
+        return ()
+    if names == ["all"]:
+        return tuple(t for t in REPORT_TARGETS if _installed(t))
+    for name in names:
+        if name not in REPORT_TARGETS:
+            raise ConfigError(f"--report-to: unknown target {name!r}; expected a comma list of "
+                              f"{', '.join(REPORT_TARGETS)} (or all, none)")
+        if not _installed(name):
+            raise ConfigError(f"--report-to {name}: the {REPORT_MODULES[name]} package is not installed "
+                              f"(pip install {REPORT_MODULES[name]})")
+    return tuple(dict.fromkeys(names))
+
+
+# Options of a run beyond TrainConfig: (type, default, help). Dict-valued ones take KEY=VALUE.
+RUN_OPTIONS: dict[str, tuple[Any, Any, str]] = {
+    "backbone": (str, None, "a registered backbone (see 'peftmed backbones'), e.g. miss-tiny"),
+    "recipe": (str, None, "which method each component gets, e.g. '*=lora(r=8)' or 'T|LoRA|LoRA'"),
+    "dataset": (str, None, "a registered dataset, e.g. phantom, vqa-rad, slake"),
+    "data_dir": (str, None, "the dataset's folder (vqa-rad, slake)"),
+    "data_options": (dict, {}, "a dataset option KEY=VALUE (repeatable), e.g. --data-options domain=mr"),
+    "backbone_options": (dict, {}, "a backbone build option KEY=VALUE (repeatable), e.g. size=tiny"),
+    "pretrained": (str, None, "load the backbone from this checkpoint folder instead of a random init"),
+    "train_split": (str, "train", "split to train on"),
+    "eval_split": (str, "test", "split to evaluate on (during and after training)"),
+    "output": (str, None, "output folder (default runs/<backbone>-<dataset>)"),
+    "resume": (bool, False, "continue from the latest checkpoint in --output"),
+    "overwrite": (bool, False, "train a new run into a non-empty --output: peftmed's files of the earlier run "
+                               "(adapter, checkpoints, tokenizer, metrics) are replaced, nothing else is touched"),
+    "evaluate": (bool, True, "evaluate on --eval-split after training"),
+    "task": (str, None, "a registered task (vqa, report...: 'peftmed tasks'); default: the dataset's"),
+    "train_test_overlap": (str, "drop", "training records that repeat a test question (same image and question; "
+                                        "VQA-RAD's common split has 3): drop or keep"),
+    "instruction_format": (bool, False, "train and evaluate on the MILE paper's instruction-format questions "
+                                        "(templates with answer options; refused if a test question is in the "
+                                        "training data)"),
+}
+DICT_OPTIONS = tuple(k for k, (t, _, _) in RUN_OPTIONS.items() if t is dict)
+# What decides the frozen base model of a run: fixed for its whole life (a resume may not change them)
+BASE_MODEL_OPTIONS = ("backbone", "backbone_options", "pretrained", "seed")
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -134,9 +197,13 @@ class TrainConfig:
                               f"computes under {self.base_dtype} autocast); drop one of them")
         if self.quantize_components and self.quantize == "none":
             raise ConfigError(f"--quantize-components {self.quantize_components} needs --quantize nf4")
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise ConfigError(f"adam_eps must be a positive number (AdamW divides by sqrt(v) + eps: 0 turns a zero "
+                              f"gradient into NaN), got adam_eps={self.adam_eps}")
+        if not (math.isfinite(self.max_grad_norm) and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"weight_decay and max_grad_norm must be finite, got {self.weight_decay} and "
+                              f"{self.max_grad_norm}")
         if self.report_to is not None:
-            from .reporting import parse_targets
-
             parse_targets(self.report_to)
         if self.steps is None and self.epochs is None and self.time_budget is None:
             raise ConfigError("no training budget: give steps, epochs or time_budget (e.g. --steps 500)")
@@ -149,8 +216,6 @@ class TrainConfig:
         names = field_names(cls)
         unknown = sorted(set(data) - set(names))
         if unknown:
-            from ..errors import UnknownNameError
-
             raise UnknownNameError("training option", unknown[0], names)
         return cls(**{k: coerce(cls, k, v) for k, v in data.items()})
 
@@ -161,8 +226,6 @@ def field_names(cls: type = TrainConfig) -> list[str]:
 
 def field_type(cls: type, name: str) -> type:
     """The base type of a field (``int | None`` -> int); dataclass annotations are strings here."""
-    import typing
-
     hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
@@ -176,14 +239,14 @@ def coerce(cls: type, name: str, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        from ..cli import str2bool
-
         try:
-            return str2bool(value)
-        except Exception:
+            return parse_bool(value)
+        except ConfigError:
             raise ConfigError(f"{name} expects true or false, got {value!r}") from None
     if kind in (int, float, str):
-        if kind is int and isinstance(value, float) and not value.is_integer():
+        if isinstance(value, (dict, list, tuple, set)) or (kind is not str and isinstance(value, bool)):
+            raise ConfigError(f"{name} expects {kind.__name__}, got {value!r}")
+        if kind is int and isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
             raise ConfigError(f"{name} expects an integer, got {value!r}")
         try:
             return kind(value)
@@ -199,8 +262,6 @@ def read_config_file(path: str | Path, known: Iterable[str], mappings: Iterable[
     table/mapping is flattened (``train: {lr: 1e-4}`` -> ``lr``) so files can group options, except
     the keys in ``mappings``, whose values are mappings themselves (e.g. ``data_options``).
     """
-    from ..options import read_structured_file
-
     path = Path(path)
     data = read_structured_file(path, "config file")
     if data is None:
@@ -212,8 +273,6 @@ def read_config_file(path: str | Path, known: Iterable[str], mappings: Iterable[
     for key, value in _flatten(data, {m.replace("-", "_") for m in mappings}):
         name = key.replace("-", "_")
         if name not in known:
-            from ..errors import UnknownNameError
-
             raise UnknownNameError(f"option in {path.name}", key, sorted(known))
         flat[name] = value
     return flat
@@ -225,3 +284,53 @@ def _flatten(data: Mapping, keep: set[str]):
             yield from _flatten(value, keep)
         else:
             yield str(key), value
+
+
+def default_options() -> dict[str, Any]:
+    """Every run option and TrainConfig field at its default."""
+    opts: dict[str, Any] = {k: (dict(d) if isinstance(d, dict) else d) for k, (_, d, _) in RUN_OPTIONS.items()}
+    opts.update({f.name: f.default for f in dataclasses.fields(TrainConfig)})
+    return opts
+
+
+def check_options(data: Any, where: str) -> dict[str, Any]:
+    """A run's options as read back from ``where`` (its ``train_config.json``), each checked against its
+    type like a manifest: the error names the file and the field. Unknown keys are refused (a typo would
+    otherwise be ignored and the run rebuilt differently)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must hold a JSON object of option: value, got {type(data).__name__}")
+    known = set(RUN_OPTIONS) | set(field_names(TrainConfig))
+    out = default_options()
+    for key, value in data.items():
+        if key not in known:
+            raise UnknownNameError(f"option in {where}", str(key), sorted(known))
+        if key in RUN_OPTIONS:
+            kind = RUN_OPTIONS[key][0]
+            if value is None and RUN_OPTIONS[key][1] is None:
+                out[key] = None
+            elif kind is dict:
+                if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                    raise ConfigError(f"{where}: {key} must be a mapping of option: value, got {value!r}")
+                out[key] = dict(value)
+            elif kind is bool:
+                if not isinstance(value, bool):
+                    raise ConfigError(f"{where}: {key} must be true or false, got {value!r}")
+                out[key] = value
+            elif not isinstance(value, str):
+                raise ConfigError(f"{where}: {key} must be a string, got {value!r}")
+            else:
+                out[key] = value
+        else:
+            try:
+                out[key] = coerce(TrainConfig, key, value)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            kind = field_type(TrainConfig, key)
+            if value is not None and kind in (int, float) and (isinstance(value, (str, bool))):
+                raise ConfigError(f"{where}: {key} must be a number, got {value!r}")
+    try:
+        # --report-to is not checked here: a run logged to wandb is still evaluated where wandb is not installed
+        TrainConfig.from_dict({**{k: out[k] for k in field_names(TrainConfig)}, "report_to": None})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return out
