@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
+from ..files import check_output_path
 from ..hookspecs import hookimpl
 
 DESCRIPTION = """\
@@ -157,6 +158,8 @@ def run(args) -> int:
     if args.compare:
         from ..plugins import default_registry
 
+        if args.output:
+            check_output_path(args.output, flag="--output", kind="folder")
         a, b = (read_results(path) for path in args.compare)
         registry, cfg = default_registry(), a["meta"].get("config", {})
         task = registry.get("task", cfg.get("task") or registry.get("dataset", cfg.get("dataset")).task)
@@ -174,6 +177,8 @@ def run(args) -> int:
         return 0
     if args.resume and not args.output:
         raise ConfigError("--resume continues a results folder: name it with --output FOLDER")
+    if args.output:
+        check_output_path(args.output, flag="--output", kind="folder")
     data = run_bench(build_config(args))
     if args.json:
         print(dumps(data))

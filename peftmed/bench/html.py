@@ -20,7 +20,6 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..files import write_text_atomic
 

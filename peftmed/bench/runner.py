@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..files import check_output_path
 from . import report, results
 from . import task as glue
 from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
@@ -356,14 +357,8 @@ def _prepare_folder(folder: Path, config: BenchConfig) -> None:
     elif folder.exists() and any(p for p in folder.iterdir() if p.name not in ("runs", "predictions", ".cache",
                                                                                "source")):
         raise ConfigError(f"output folder {str(folder)!r} exists and is not a bench results folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".peftmed-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"cannot write the results to --output {str(folder)!r}: {exc.strerror or exc}; choose a "
-                          f"folder you can write to") from None
+    check_output_path(folder, flag="--output", kind="folder")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _shared_options(config: BenchConfig, backbone, registry) -> dict:

@@ -18,7 +18,8 @@ from ..data.dataset import image_to_tensor
 from ..data.images import open_image
 from ..errors import ConfigError
 from ..memory import autocast_for
-from ..run.model import load_adapted, run_options
+from ..run.model import run_options
+from ..tasks import check_generation_length
 
 log = logging.getLogger("peftmed.predict")
 
@@ -78,6 +79,7 @@ def answer(task, model, images: Sequence, questions: Sequence[str] | None = None
     size = int(getattr(model, "image_size"))
     device = next(model.parameters()).device
     tokens = max_new_tokens or task.max_new_tokens
+    check_generation_length(model, tokens)
     before = _truncated(model)
     out: list[str] = []
     for start in range(0, len(images), batch_size):

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
-from ..cli import Command
+from ..cli import Command, positive_int
+from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from ..options import parse_key_values
+from ..runtime import resolve_device
+from .plan import plan_memory
 
 GIB = 1024**3
 
@@ -23,15 +28,15 @@ def _configure(p: argparse.ArgumentParser) -> None:
         "      --base-dtype bf16 --grad-checkpoint llm --quantize nf4 --seq-len 64 --gpu-gb 24")
     p.add_argument("--backbone", "-b", required=True, help="a registered backbone (see 'peftmed backbones')")
     p.add_argument("--recipe", "-r", required=True, help="e.g. 'vision=lora(r=8) llm=lora(r=16)'")
-    p.add_argument("--batch-size", type=int, default=1, help="samples per step [default: 1]")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="samples per step [default: 1]")
     p.add_argument("--base-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype of the frozen weights [default: fp32]")
     p.add_argument("--grad-checkpoint", metavar="COMPONENTS", help="checkpointed components (comma list or all)")
     p.add_argument("--quantize", choices=["none", "nf4"], default="none", help="4-bit frozen linear weights")
     p.add_argument("--quantize-components", metavar="COMPONENTS", help="what --quantize applies to [default: llm]")
-    p.add_argument("--seq-len", type=int, default=32, help="question tokens per sample [default: 32]")
-    p.add_argument("--answer-len", type=int, default=8, help="answer tokens per sample [default: 8]")
-    p.add_argument("--image-size", type=int, help="image side in pixels [default: the backbone's]")
+    p.add_argument("--seq-len", type=positive_int, default=32, help="question tokens per sample [default: 32]")
+    p.add_argument("--answer-len", type=positive_int, default=8, help="answer tokens per sample [default: 8]")
+    p.add_argument("--image-size", type=positive_int, help="image side in pixels [default: the backbone's]")
     p.add_argument("--gpu-gb", type=float, help="the GPU's memory in GB (e.g. 24, 40, 80)")
     p.add_argument("--reserve-gb", type=float, default=1.0,
                    help="kept free for the CUDA context and allocator fragmentation [default: 1.0]")
@@ -41,20 +46,32 @@ def _configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
-def _positive(name: str, value, kind=int) -> None:
-    from ..errors import ConfigError
+# What plan measures activations at (a shallow copy at this batch, length and image size really runs): bounds
+# that keep a typo from exhausting this machine's memory, with room beyond any real training step.
+LIMITS = {"batch_size": 4096, "seq_len": 32768, "answer_len": 32768, "image_size": 4096}
+GPU_GB_MAX = 100_000  # 100 TB: beyond any single accelerator
+LARGEST_BATCH_SHOWN = 1 << 20
 
-    if value is not None and not (isinstance(value, kind) and value > 0):
-        raise ConfigError(f"{name} must be a positive number, got {value!r}")
+
+def check_plan_arguments(args) -> None:
+    """Every number plan takes, checked before anything is built: the error names the flag and the value."""
+    for name, limit in LIMITS.items():
+        value = getattr(args, name)
+        if value is not None and not (1 <= value <= limit):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a whole number from 1 to {limit:,} (plan measures a "
+                              f"training step at that size), got {value}")
+    if args.gpu_gb is not None and not (0 < args.gpu_gb <= GPU_GB_MAX):
+        raise ConfigError(f"--gpu-gb must be a GPU's memory in GB, more than 0 and at most {GPU_GB_MAX:,}, "
+                          f"got {args.gpu_gb}")
+    if not (math.isfinite(args.reserve_gb) and args.reserve_gb >= 0):
+        raise ConfigError(f"--reserve-gb must be 0 or more GB, got {args.reserve_gb}")
+    if args.gpu_gb is not None and args.reserve_gb >= args.gpu_gb:
+        raise ConfigError(f"--reserve-gb {args.reserve_gb:g} leaves nothing of --gpu-gb {args.gpu_gb:g}")
+    resolve_device(args.device)
 
 
 def _run(args) -> int:
-    from ..options import parse_key_values
-    from .plan import plan_memory
-
-    for name in ("batch_size", "seq_len", "answer_len", "image_size"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
-    _positive("--gpu-gb", args.gpu_gb, (int, float))
+    check_plan_arguments(args)
     plan = plan_memory(args.backbone, args.recipe, batch_size=args.batch_size, seq_len=args.seq_len,
                        answer_len=args.answer_len, image_size=args.image_size, base_dtype=args.base_dtype,
                        grad_checkpoint=args.grad_checkpoint, quantize=args.quantize,
@@ -67,7 +84,7 @@ def _run(args) -> int:
     if args.gpu_gb:
         gpu, reserve = args.gpu_gb * GIB, args.reserve_gb * GIB
         data["gpu_gb"] = args.gpu_gb
-        data["largest_batch"] = plan.largest_batch(gpu, reserve)
+        data["largest_batch"] = min(plan.largest_batch(gpu, reserve), LARGEST_BATCH_SHOWN)
         if plan.weights + reserve > gpu:
             status = 1
             lines.append(f"does not fit: the weights alone take {plan.weights / GIB:.2f} GB of the {args.gpu_gb:g} GB "
@@ -79,8 +96,10 @@ def _run(args) -> int:
                          + (f"the largest batch that fits is {data['largest_batch']}"
                             if data["largest_batch"] else "no batch fits: " + _alternatives(args, plan)))
         else:
+            most = data["largest_batch"]
             lines.append(f"fits: {plan.total / GIB:.2f} GB + {args.reserve_gb:g} GB reserve of {args.gpu_gb:g} GB; the "
-                         f"largest batch that fits is about {data['largest_batch']}")
+                         f"largest batch that fits is " + (f"about {most:,}" if most < LARGEST_BATCH_SHOWN else
+                                                            f"more than {LARGEST_BATCH_SHOWN:,}"))
     if args.json:
         print(json.dumps(data, indent=2))
         return status

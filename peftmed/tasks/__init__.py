@@ -156,6 +156,25 @@ def build_options(task: Task, backbone, options: dict | None = None) -> dict:
     return {**defaults, **dict(options or {})}
 
 
+def generation_room(model: nn.Module) -> int | None:
+    """The longest text ``model`` can generate, in tokens, as its ``text_limits`` says (its position
+    embeddings), or None when it does not say."""
+    for module in model.modules():
+        text_limits = getattr(type(module), "text_limits", None)
+        if callable(text_limits):
+            room = text_limits(module, "").room
+            return None if room is None else int(room)
+    return None
+
+
+def check_generation_length(model: nn.Module, max_new_tokens: int) -> None:
+    """Refuse a generation length the model's positions cannot hold (it would index past them)."""
+    room = generation_room(model)
+    if room is not None and max_new_tokens > room:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} is more than this model can generate: its position "
+                          f"embeddings hold {room} text tokens; pass --max-new-tokens {room} or less")
+
+
 def _device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -181,6 +200,7 @@ def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, 
     for key, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    check_generation_length(model, max_new_tokens)
     records = list(records)
     if not records:
         raise ConfigError("nothing to evaluate: the record list is empty")
@@ -239,5 +259,5 @@ def baseline_scores(task: Task, train_records: Sequence, test_records: Sequence,
     return score(task, task.baseline(train_records, test_records), test_records, registry)
 
 
-__all__ = ["EvalResult", "ScoreColumn", "Task", "baseline_scores", "build_options", "check_backbone", "evaluate",
-           "resolve_task", "score"]
+__all__ = ["EvalResult", "ScoreColumn", "Task", "baseline_scores", "build_options", "check_backbone",
+           "check_generation_length", "evaluate", "generation_room", "resolve_task", "score"]

@@ -197,3 +197,148 @@ def test_the_command_line(tmp_path):
     assert again.returncode != 0 and "not empty" in again.stderr and "Traceback" not in again.stderr
     bad = run("llava-med", str(tmp_path / "nowhere"), str(tmp_path / "out3"))
     assert bad.returncode != 0 and "no config.json" in bad.stderr and "Traceback" not in bad.stderr
+
+
+# ---- the source is never touched; damaged checkpoints are named, never tracebacks ----------------------
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "peftmed", "convert", *map(str, args)], capture_output=True,
+                          text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_the_reference_is_drawn_from_its_seed():
+    """LLaVA v1's linear projector used to be drawn from the global random state after the seeded build."""
+    a, b = _reference("llama", "linear"), _reference("llama", "linear")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    root = tmp_path_factory.mktemp("convert")
+    return _write_original(_reference("llama", "linear"), root / "original", "llama", "linear")
+
+
+@pytest.mark.parametrize("dst", ["{src}", "{src}/.", "{src}/sub/out", "{parent}"])
+def test_an_output_that_is_contains_or_lies_inside_the_source_is_refused_untouched(original, tmp_path, dst):
+    """`peftmed convert llava-med SRC SRC --overwrite` used to delete the source's shards and index first."""
+    import shutil
+
+    src = tmp_path / "ckpt" / "original"
+    shutil.copytree(original, src)
+    before = _files(tmp_path / "ckpt")
+    r = _cli("llava-med", src, dst.format(src=src, parent=tmp_path / "ckpt"), "--overwrite")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "SRC" in r.stderr and ("is SRC" in r.stderr or "inside" in r.stderr or "contains" in r.stderr), r.stderr
+    assert _files(tmp_path / "ckpt") == before  # not one byte of the source changed
+
+
+def test_overwrite_replaces_only_what_a_conversion_wrote(original, tmp_path):
+    dst = tmp_path / "out"
+    assert convert_llava(original, dst)["shards"] == ["model.safetensors"]
+    (dst / "notes.txt").write_text("mine")
+    convert_llava(original, dst, overwrite=True, shard_size=20_000)  # several shards replace the single file
+    assert (dst / "notes.txt").read_text() == "mine" and not (dst / "model.safetensors").exists()
+    llava.load(dst)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"mine": true}')  # a user's file of a name the converter writes
+    with pytest.raises(ConversionError, match="config.json.*no earlier conversion wrote"):
+        convert_llava(original, other, overwrite=True)
+    assert json.loads((other / "config.json").read_text()) == {"mine": True}
+    assert sorted(p.name for p in other.iterdir()) == ["config.json"]  # nothing left behind
+
+
+def _damage(original, tmp_path, how):
+    import shutil
+
+    src = tmp_path / "damaged"
+    shutil.copytree(original, src)
+    index = src / "model.safetensors.index.json"
+    shard = sorted(src.glob("model-*.safetensors"))[0]
+    config = json.loads((src / "config.json").read_text())
+    if how == "half a shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif how == "garbage index":
+        index.write_text("{not json")
+    elif how == "index naming /etc/passwd":
+        data = json.loads(index.read_text())
+        data["weight_map"]["lm_head.weight"] = "/etc/passwd"
+        index.write_text(json.dumps(data))
+    elif how == "index leaving the folder":
+        data = json.loads(index.read_text())
+        data["weight_map"]["lm_head.weight"] = "../original/" + shard.name
+        index.write_text(json.dumps(data))
+    elif how == "config of wrong types":
+        config["hidden_size"] = "thirty-two"
+        (src / "config.json").write_text(json.dumps(config))
+    elif how == "config is a list":
+        (src / "config.json").write_text("[1, 2]")
+    elif how == "garbage tokenizer":
+        (src / "tokenizer.json").write_text('{"model": 12}')
+    elif how == "ten million layers":
+        config["num_hidden_layers"] = 10_000_000
+        (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+@pytest.mark.parametrize("how, needle", [
+    ("half a shard", "not a complete safetensors file"),
+    ("garbage index", "is not valid JSON"),
+    ("index naming /etc/passwd", "'/etc/passwd', which is not a file name inside"),
+    ("index leaving the folder", "which is not a file name inside"),
+    ("config of wrong types", "hidden_size must be a whole number >= 1, got 'thirty-two'"),
+    ("config is a list", "must hold a JSON object"),
+    ("garbage tokenizer", "tokenizer.json"),
+    ("ten million layers", "num_hidden_layers 10000000, the weights hold 2 layers"),
+])
+def test_a_damaged_checkpoint_is_named_before_anything_is_built(original, tmp_path, how, needle):
+    import time
+
+    src = _damage(original, tmp_path, how)
+    t0 = time.perf_counter()
+    r = _cli("llava-med", src, tmp_path / "out")
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr and needle in r.stderr, r.stderr[-2000:]
+    assert time.perf_counter() - t0 < 60  # a config of 10 million layers once ran 269 s into a MemoryError
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_converted_llava_v1_loads_correctly_in_plain_transformers(original, tmp_path):
+    """LLaVA v1's single linear projector: plain from_pretrained used to build the two-layer projector and leave
+    its second layer to a random init (logits off by 0.57). Loaded here in a process that never imports peftmed."""
+    dst = tmp_path / "out"
+    convert_llava(original, dst)
+    reference = _reference("llama", "linear")
+    ids = [[1] + [VOCAB] * 16 + [5, 6, 7]]
+    code = ("import json, sys, torch\n"
+            "from transformers import LlavaForConditionalGeneration\n"
+            "m = LlavaForConditionalGeneration.from_pretrained(sys.argv[1]).eval()\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "pixels = torch.randn(1, 3, 32, 32, generator=g)\n"
+            "with torch.no_grad():\n"
+            "    out = m(input_ids=torch.tensor(json.loads(sys.argv[2])), pixel_values=pixels).logits\n"
+            "assert 'peftmed' not in sys.modules\n"
+            "print(json.dumps(out.flatten().tolist()))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(dst), json.dumps(ids)], capture_output=True, text=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = torch.tensor(json.loads(r.stdout.strip().splitlines()[-1]))
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor(ids), pixel_values=pixels).logits.flatten()
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_a_position_ids_buffer_in_the_tower_is_accepted(tmp_path):
+    """CLIP checkpoints saved before transformers 4.31 carry `embeddings.position_ids`: a buffer, not a weight."""
+    reference = _reference("mistral", "mlp")
+    positions = torch.arange(17).unsqueeze(0)
+    src = _write_original(reference, tmp_path / "original", "mistral", "mlp", extra={
+        "model.vision_tower.vision_tower.vision_model.embeddings.position_ids": positions})
+    convert_llava(src, tmp_path / "out")
+    converted = llava.load(tmp_path / "out")
+    torch.testing.assert_close(_logits(converted.model.eval(), 16), _logits(reference, 16), rtol=0, atol=1e-5)

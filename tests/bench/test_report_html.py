@@ -46,6 +46,21 @@ def test_the_page_holds_every_row_and_fetches_nothing(bench):
     assert compare.count('data-key="run"') == 1 and ">a<" in compare and ">b<" in compare
 
 
+def test_the_data_block_parses_whatever_the_labels(bench, registry):
+    """The JSON block was HTML-escaped inside <script>, so JSON.parse failed on a label with a quote or an &."""
+    from peftmed.bench.html import html_document
+
+    data = json.loads((bench / "a" / "results.json").read_text())
+    evil = '</script><script>alert(1)</script> & "q" <!-- '
+    for row in data["rows"] + data["summary"]:
+        row["label"] = evil + row["label"]
+    page = html_document([("a", data)], registry.get("task", "vqa"), "t")
+    block = page.split("id='results-data'>", 1)[1].split("</script>", 1)[0]
+    parsed = json.loads(block)  # what the page's script reads with JSON.parse(textContent)
+    assert all(r["label"].startswith(evil) for r in parsed) and len(parsed) >= len(data["summary"])
+    assert "<script>alert(1)" not in page
+
+
 def test_pareto_front():
     points = [(0, 0.55, "frozen"), (2560, 0.565, "ln"), (3456, 0.558, "ia3"), (10240, 0.573, "lora"),
               (455621, 0.587, "full"), (198528, 0.565, "ffn")]

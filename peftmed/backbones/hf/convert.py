@@ -228,6 +228,8 @@ def _plan(sources, projector: str, expected: dict[str, tuple]) -> list[tuple[Pat
                 candidates = map_key(key, projector)
                 if not candidates and ".rotary_emb." in key:
                     continue  # rotary tables are recomputed from the config
+            if key.endswith("embeddings.position_ids"):
+                continue  # a buffer (arange), saved by transformers before 4.31; the model makes its own
             new = next((c for c in candidates if c in expected), None)
             if new is None:
                 unknown.append(key)

@@ -89,12 +89,14 @@ def llava_model(config, seed: int | None = 0):
     says ``peftmed_projector="linear"``."""
     from transformers import LlavaForConditionalGeneration
 
-    model = seeded_model(LlavaForConditionalGeneration, config, seed)
-    if projector_of(config) == "linear":
-        device = model.model.multi_modal_projector.linear_1.weight.device
-        with torch.device(device):
-            model.model.multi_modal_projector = LinearProjector(config)
-    return model
+    def build(config):
+        model = LlavaForConditionalGeneration(config)
+        if projector_of(config) == "linear":  # drawn from the same seed as the rest of the model
+            with torch.device(model.model.multi_modal_projector.linear_1.weight.device):
+                model.model.multi_modal_projector = LinearProjector(config)
+        return model
+
+    return seeded_model(build, config, seed)
 
 
 class HFLlava(VQAModule):
