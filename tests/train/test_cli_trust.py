@@ -187,6 +187,8 @@ def test_disk_full_while_checkpointing_is_a_message(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert code == 2 and "could not write checkpoint step-00000002" in err and "No space left on device" in err
     assert "Traceback" not in err
+    # --save-every 0 wrote nothing earlier: the message says the steps are lost instead of advising --resume
+    assert "the 2 step(s) trained so far are lost" in err and "--resume" not in err
 
 
 @pytest.mark.parametrize("change, needle", [
