@@ -54,7 +54,8 @@ def unknown_message(kind: str, name: str, known: Iterable[str], hint: str = "", 
     close = difflib.get_close_matches(str(name), known, n=1, cutoff=0.5)
     if close:
         msg += f"; did you mean {close[0]!r}?"
-    msg += f" Known {kind}s: {', '.join(known) if known else '(none)'}."
+    listed = ", ".join(known) if known else "(none)"
+    msg += f" Known {kind}s: {listed}." if " " not in kind else f" Known: {listed}."
     if hint:
         msg += " " + hint
     return msg

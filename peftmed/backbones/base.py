@@ -21,6 +21,8 @@ For a model of your own, write a role map in a few lines::
 
 from __future__ import annotations
 
+import inspect
+
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +51,20 @@ class TextLimits:
     specials: int
     room: int | None
     hint: str
+
+
+def _check_options(fn, options: dict, kind: str, skip: int = 0) -> None:
+    """An option ``fn`` does not take is named with the ones it takes (a builder with ``**kwargs`` takes any)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    for name in options:
+        if name not in known:
+            raise UnknownNameError(kind, name, known)
 
 
 def _is_norm(name: str, module: nn.Module) -> bool:
@@ -127,12 +143,16 @@ class Backbone:
             raise PeftmedError(
                 f"backbone {self.name!r} has no builder; pass your own model to peftmed.apply(model, ...)"
             )
-        return self._tag(self.builder(**{**self.defaults, **options}))
+        options = {**self.defaults, **options}
+        _check_options(self.builder, options, f"build option of backbone {self.name!r}")
+        return self._tag(self.builder(**options))
 
     def from_pretrained(self, path, **options) -> nn.Module:
         if self.loader is None:
             raise PeftmedError(f"backbone {self.name!r} cannot load checkpoints (it has no loader)")
-        return self._tag(self.loader(path, **{**self.defaults, **options}))
+        options = {**self.defaults, **options}
+        _check_options(self.loader, options, f"load option of backbone {self.name!r}", skip=1)
+        return self._tag(self.loader(path, **options))
 
     def wrap_for_prefix(self, module: nn.Module) -> nn.Module | None:
         """A prefix-capable stand-in for ``module`` (see ``prefix_wrapper``), or None."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     except PeftmedError as exc:
         print(f"peftmed {args.command}: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a defect, shown as such
+            raise
+        # a path that cannot be used (too long a name, no permission, a device that fails): name it
+        where = repr(os.fsdecode(exc.filename)) if isinstance(exc.filename, (str, bytes)) else repr(exc.filename)
+        print(f"peftmed {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"peftmed {args.command}: interrupted", file=sys.stderr)
         return 130

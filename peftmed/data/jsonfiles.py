@@ -34,6 +34,10 @@ def read_records(path: Path) -> list[dict]:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} is not valid JSON: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); the file is damaged") from None
+    except RecursionError:
+        raise DataError(f"{path} is nested too deeply; expected a JSON list of question records") from None
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of question records, got {type(data).__name__}")
     for i, rec in enumerate(data):

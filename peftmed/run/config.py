@@ -157,6 +157,19 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the bad value and the valid range."""
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, kinds = getattr(self, f.name), typing.get_args(hints[f.name]) or (hints[f.name],)
+            if value is None and type(None) in kinds:
+                continue
+            base = [k for k in kinds if k is not type(None)][0]
+            ok = isinstance(value, bool) if base is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) if base is float else
+                isinstance(value, base) and not isinstance(value, bool) if base is int else isinstance(value, base))
+            if not ok:
+                want = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}[base]
+                raise ConfigError(f"{f.name} must be {want}{' or none' if type(None) in kinds else ''}, "
+                                  f"got {f.name}={value!r}")
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "num_beams": self.num_beams,
                     "keep_checkpoints": self.keep_checkpoints, "log_every": self.log_every}
         for key in ("steps", "eval_samples", "eval_batch_size", "max_new_tokens"):

@@ -53,10 +53,7 @@ def build_model(backbone, opts: dict[str, Any], *, texts: list[str] | None = Non
         options.setdefault("tokenizer", load_tokenizer(backbone, tokenizer_dir))
     elif texts is not None and backbone.builder is not None and accepts(backbone.builder, "texts"):
         options.setdefault("texts", texts)
-    try:
-        return backbone.build(**options)
-    except TypeError as exc:  # a build option the builder does not take (a typo in --backbone-options)
-        raise ConfigError(f"backbone {backbone.name!r} cannot be built with options {options!r}: {exc}") from None
+    return backbone.build(**options)
 
 
 def save_tokenizer(model, folder: Path, backbone) -> None:
