@@ -35,7 +35,8 @@ FORMAT_VERSION = 2  # 2: rows per seed, a summary with intervals and paired test
 METRICS = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", "throughput",
            "step_time_median_s", "train_time_s", "steps_done", "final_loss", "eval_time_s")
 NOT_FIGURES = {"label", "recipe", "provider", "status", "error", "traceback", "row", "memory_method", "device",
-               "peft_note", "resumed", "metrics_version", "n_train", "n_test", "seed", "seeds", "n_seeds"}
+               "peft_note", "resumed", "metrics_version", "n_train", "n_test", "seed", "seeds", "n_seeds",
+               "max_new_tokens", "answers_reachable", "answers_total"}
 
 
 def figures(row: dict[str, Any]) -> list[str]:

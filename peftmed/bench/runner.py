@@ -296,8 +296,26 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     report.write_report(folder, data, task)
     echo("\n" + report.text_table(data["summary"], task))
     echo(f"\n{winner(data['summary'], task)['text']}\n{efficiency(data['summary'], task)}")
+    reach = answers_note(rows)
+    if reach:
+        meta["answers"] = reach
+        echo(reach)
     echo(f"wrote {folder / 'results.json'}, results.csv, report.md and plots/ in {meta['elapsed_s']:.0f} s")
     return data
+
+
+def answers_note(rows: list[dict[str, Any]]) -> str | None:
+    """How many test answers generation could reach (the same for every job: one model family, one tokenizer);
+    a warning when any could not."""
+    done = [r for r in rows if isinstance(r.get("answers_total"), (int, float)) and r.get("answers_total")]
+    if not done:
+        return None
+    row = min(done, key=lambda r: r["answers_reachable"])
+    text = (f"answers: {int(row['answers_reachable'])} of {int(row['answers_total'])} test answers are reachable "
+            f"within {int(row['max_new_tokens'])} generated tokens (derived from the training answers)")
+    if row["answers_reachable"] < row["answers_total"]:
+        text = "warning: " + text + "; the others can never be answered right"
+    return text
 
 
 def _trains(entry: SuiteEntry, backbone, registry) -> bool:

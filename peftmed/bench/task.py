@@ -26,6 +26,8 @@ def registry_with(plugins: Sequence[str] = ()):
         return default_registry()
     modules = []
     for name in plugins:
+        if not name or not all(part.isidentifier() for part in name.split(".")):
+            raise ConfigError(f"--plugin {name!r} is not a module name (expected e.g. my_plugin or pkg.plugin)")
         try:
             modules.append(importlib.import_module(name))
         except ImportError as exc:
@@ -113,13 +115,14 @@ def image_size(model) -> int:
     return size
 
 
-def evaluate(task, model, records, job, registry) -> dict[str, Any]:
+def evaluate(task, model, records, job, registry, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Predictions for the test records and the task's scores (floats; NaN where the metric gives none)."""
     from ..tasks import evaluate as run
 
     dataset = task.dataset(records, image_size(model), cache_dir=job.cache_dir)
+    tokens = max_new_tokens or job.max_new_tokens or task.max_new_tokens
     result = run(task, model, records, registry=registry, batch_size=job.eval_batch_size, num_beams=job.num_beams,
-                 max_new_tokens=job.max_new_tokens or task.max_new_tokens, progress=job.progress, dataset=dataset)
+                 max_new_tokens=tokens, progress=job.progress, dataset=dataset)
     scores = result.scores
     out: dict[str, Any] = {c.key: (math.nan if scores.get(c.key) is None else float(scores[c.key]))
                            for c in task.columns}

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..tasks import answer_lengths
 from . import task as glue
 from .memory import MemoryProbe
 from .suites import slug
@@ -110,6 +111,10 @@ def _run(job: Job, registry) -> dict[str, Any]:
     model, lr_of, info = _apply(job, model, backbone, registry, total)
     model = task.wrap(model)
     model.to(device)
+    lengths = None
+    if task.targets is not None:  # the generation length from the training answers, as peftmed train derives it
+        lengths = answer_lengths(model, task.targets(train_records), task.targets(test_records),
+                                 max_new_tokens=job.max_new_tokens)
 
     stats = {"steps_done": 0, "train_time_s": 0.0, "step_time_median_s": math.nan, "throughput": math.nan,
              "final_loss": math.nan}
@@ -119,7 +124,11 @@ def _run(job: Job, registry) -> dict[str, Any]:
     if job.save_model:
         glue.save_source(getattr(model, "base_model", model), job.save_model)
     t0 = time.perf_counter()
-    scores = glue.evaluate(task, model, test_records, job, registry)
+    scores = glue.evaluate(task, model, test_records, job, registry,
+                           max_new_tokens=lengths.max_new_tokens if lengths is not None else None)
+    if lengths is not None:
+        scores.update(max_new_tokens=lengths.max_new_tokens, answers_reachable=lengths.reachable,
+                      answers_total=lengths.total)
     return {**info, **stats, **scores, "peak_memory_mib": peak, "memory_method": probe.method,
             "eval_time_s": time.perf_counter() - t0, "n_train": len(train_records), "n_test": len(test_records),
             "device": str(device)}

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..files import sha256_file
 from .records import DataError, MissingDataError, VQARecord
 
 log = logging.getLogger("peftmed.data")
@@ -84,3 +85,14 @@ def drop_missing_images(records: list[VQARecord], dataset: str, skip_missing: bo
         log.warning("dataset %r: skipped %d question(s) whose image is missing (first: qid %r, %s)",
                     dataset, len(missing), missing[0].qid, missing[0].image)
     return kept
+
+
+def release_of(dataset: str, root: Path, files: dict[str, str]) -> str:
+    """``dataset: <label> <file> (N questions, sha256 <12 hex>); ...`` for the files of ``files`` (label ->
+    file name) that exist in ``root``: which release a result was scored on."""
+    parts = []
+    for label, name in files.items():
+        path = root / name
+        if path.is_file():
+            parts.append(f"{label} {name} ({len(read_records(path)):,} questions, sha256 {sha256_file(path)[:12]})")
+    return f"{dataset}: " + ("; ".join(parts) or "no annotation files found")

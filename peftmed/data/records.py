@@ -110,6 +110,9 @@ class DatasetSpec:
       options: option name -> one-line help, for listings and error messages.
       transfer: (source options, target options) of the bench's default transfer protocol on this dataset
         (train fully on the source, adapt each recipe to the target), or None.
+      release: ``release(data_dir, **options) -> str``: which release of the data files was read (file names,
+        question counts per split, a digest of the split files), so a result names its split; None for data
+        that is not read from files.
     """
 
     name: str
@@ -120,6 +123,14 @@ class DatasetSpec:
     needs_data_dir: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
     transfer: tuple[Mapping[str, Any], Mapping[str, Any]] | None = None
+    release: Callable[..., str] | None = None
+
+    def describe(self, data_dir=None, **options) -> str:
+        """One line saying what was read (``release``), or the dataset's name and options."""
+        if self.release is not None:
+            return self.release(data_dir, **options)
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
+        return f"{self.name}" + (f" ({shown})" if shown else "")
 
     def check_split(self, split: str) -> None:
         if split not in self.splits:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .images import dataset_file
-from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
+from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records, release_of
 from .records import DatasetSpec, VQARecord
 
 SPLITS = ("train", "validate", "test")
@@ -49,6 +49,12 @@ def load(split: str, data_dir=None, lang: str = "en", skip_missing: bool = False
     return drop_missing_images(records, "slake", skip_missing)
 
 
+def release(data_dir=None, **options) -> str:
+    """Which SLAKE files were read, with question counts (all languages) and a digest of each."""
+    root = data_root(data_dir, "slake", must_contain=("imgs",))
+    return release_of("slake", root, {split: f"{split}.json" for split in SPLITS})
+
+
 SPEC = DatasetSpec(
     name="slake",
     description="SLAKE bilingual radiology VQA (official layout, English by default); needs --data-dir",
@@ -57,4 +63,5 @@ SPEC = DatasetSpec(
     needs_data_dir=True,
     options={"lang": "question language: en (default), zh or all",
              "skip_missing": "skip (and log) questions whose image file is missing instead of failing"},
+    release=release,
 )

@@ -13,9 +13,8 @@ official release. Questions are answered about shared images, so ``image_id`` is
 
 from __future__ import annotations
 
-
 from .images import dataset_file
-from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records
+from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records, release_of
 from .records import DataError, DatasetSpec, VQARecord
 
 OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
@@ -59,6 +58,13 @@ def load(split: str, data_dir=None, skip_missing: bool = False) -> list[VQARecor
     return drop_missing_images(records, "vqa-rad", skip_missing)
 
 
+def release(data_dir=None, **options) -> str:
+    """Which VQA-RAD files were read: the official release and the split files, with question counts and a
+    digest of each (a result names the split it was scored on)."""
+    root = data_root(data_dir, "vqa-rad", must_contain=("images",))
+    return release_of("vqa-rad", root, {"official release": OFFICIAL_JSON, **SPLIT_FILES})
+
+
 SPEC = DatasetSpec(
     name="vqa-rad",
     description="VQA-RAD radiology VQA (315 images; train 1,798 / test 450 questions); needs --data-dir",
@@ -66,4 +72,5 @@ SPEC = DatasetSpec(
     splits=("train", "test", "all"),
     needs_data_dir=True,
     options={"skip_missing": "skip (and log) questions whose image file is missing instead of failing"},
+    release=release,
 )

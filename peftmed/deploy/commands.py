@@ -38,7 +38,8 @@ def _predict_configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="vqa or report [default: the adapter's run's task]")
     p.add_argument("--batch-size", type=positive_int, default=16, help="questions per batch [default: 16]")
     p.add_argument("--num-beams", type=positive_int, default=3, help="beams of answer generation [default: 3, as eval]")
-    p.add_argument("--max-new-tokens", type=positive_int, help="longest answer in tokens [default: the task's]")
+    p.add_argument("--max-new-tokens", type=positive_int,
+                   help="longest answer in tokens [default: the run's, derived from its training answers]")
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
     p.add_argument("--base-dtype", choices=["auto", "fp32", "bf16", "fp16"], help="[default: the run's]")
     p.add_argument("--quantize", choices=["none", "nf4"], help="[default: the run's]")
@@ -99,13 +100,13 @@ def _predict_run(args) -> int:
     for i, item in enumerate(items):  # every image readable before a model is built
         item["_pil"] = open_image(item["_path"], what=f"image {item['image']!r}" if len(items) == 1 else
                                   f"line {i + 1} ({item['image']!r})")
-    task, model, _, manifest = load_adapted(args.adapter, device=args.device, base_dtype=args.base_dtype,
+    task, model, opts, manifest = load_adapted(args.adapter, device=args.device, base_dtype=args.base_dtype,
                                             quantize=args.quantize, task=task_name)
     if task.name == "vqa" and any(not str(it.get("question") or "").strip() for it in items):
         raise ConfigError("the adapter answers questions (task vqa): every image needs a \"question\"")
     answers, truncated = answer(task, model, [it["_pil"] for it in items], [it.get("question") or "" for it in items],
                                 batch_size=args.batch_size, num_beams=args.num_beams,
-                                max_new_tokens=args.max_new_tokens)
+                                max_new_tokens=args.max_new_tokens or opts.get("max_new_tokens"))
     if truncated:
         limit = _question_limit(model)
         print(f"note: {truncated} question(s) were longer than the model's limit"

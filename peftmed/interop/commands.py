@@ -56,12 +56,14 @@ def _convert_configure(p):
 
 
 def _convert_run(args) -> int:
+    import math
+
     import torch
 
     from ..backbones.hf.convert import CONVERTERS
     from ..errors import ConfigError
 
-    if not args.shard_size > 0:
+    if not (args.shard_size > 0 and math.isfinite(args.shard_size)):
         raise ConfigError(f"--shard-size must be a positive number of GB, got {args.shard_size}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(args.dtype)
     summary = CONVERTERS[args.format](args.src, args.dst, vision_tower=args.vision_tower, dtype=dtype,

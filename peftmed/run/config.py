@@ -123,8 +123,8 @@ class TrainConfig:
     eval_samples: int | None = _f(None, "evaluate on at most N records during training (all at the end)")
     eval_batch_size: int | None = _f(None, "batch size of evaluation (default: --batch-size)")
     num_beams: int = _f(3, "beams of answer generation")
-    max_new_tokens: int | None = _f(None, "longest generated text, in tokens (default: the task's: 10 for "
-                                          "answers, 100 for reports)")
+    max_new_tokens: int | None = _f(None, "longest generated text, in tokens (default: derived from the data: the "
+                                          "longest training answer in the model's tokens + 2; reports: 100)")
     # ---- checkpoints and logging ----
     save_every: int = _f(0, "write a checkpoint every N optimizer steps (0: only at the end)")
     keep_checkpoints: int = _f(1, "how many checkpoints to keep (the newest)")

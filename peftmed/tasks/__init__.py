@@ -14,6 +14,7 @@ train``, ``eval`` and ``bench`` look the task up by name and never branch on it;
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,8 @@ class Task:
         are 0/1 (right/wrong). None: the bench shows no intervals.
       bench_steps, bench_batch_size, bench_eval_samples: the bench's default budget for the task on a
         CPU (steps x batch per recipe, test records scored; None: the whole test split).
+      targets: ``targets(records) -> list[str]``: the texts the model learns to generate (VQA: the answers), from
+        which the generation length is derived (:func:`answer_lengths`); None: the task sets its own lengths.
     """
 
     name: str
@@ -97,6 +100,7 @@ class Task:
     bench_steps: int = 40
     bench_batch_size: int = 8
     bench_eval_samples: int | None = None
+    targets: Callable[[Sequence], list[str]] | None = None
 
     def __post_init__(self):
         if not self.capability:
@@ -165,6 +169,82 @@ def generation_room(model: nn.Module) -> int | None:
             room = text_limits(module, "").room
             return None if room is None else int(room)
     return None
+
+
+def _method(model: nn.Module, name: str):
+    """``name`` of the first module (the model or one it wraps) whose class defines it, bound to that module."""
+    for module in model.modules():
+        fn = getattr(type(module), name, None)
+        if callable(fn):
+            return fn.__get__(module)
+    return None
+
+
+@dataclass
+class AnswerLengths:
+    """How long the answers of a run are in the model's tokens, and what that means for generation.
+
+    ``longest``: the longest training answer; ``max_new_tokens``: the generation length used (derived from
+    ``longest`` unless given); ``training_cap``: the answer length the loss sees (raised to fit ``longest``
+    unless given); ``reachable`` of ``total`` test answers fit in ``max_new_tokens`` (``unreachable``: a few
+    that do not)."""
+
+    longest: int
+    max_new_tokens: int
+    training_cap: int | None
+    reachable: int
+    total: int
+    unreachable: list[str] = field(default_factory=list)
+    derived: bool = True
+
+    def summary(self) -> str:
+        text = (f"answers: the longest training answer is {self.longest} tokens; generating up to "
+                f"{self.max_new_tokens}{' (derived from the data)' if self.derived else ''}; {self.reachable} of "
+                f"{self.total} test answers are reachable")
+        if self.unreachable:
+            text += f" (not: {', '.join(repr(a) for a in self.unreachable[:3])}{' ...' if len(self.unreachable) > 3 else ''})"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+ANSWER_MARGIN = 2  # generation room beyond the longest training answer (a test answer may be a little longer)
+
+
+def answer_lengths(model: nn.Module, train_answers: Sequence[str], test_answers: Sequence[str], *,
+                   max_new_tokens: int | None = None, fix_training_cap: bool = True) -> AnswerLengths | None:
+    """Derive the generation length from the data (the longest training answer in the model's tokens plus a
+    margin) unless ``max_new_tokens`` is given, raise the model's training answer length to fit that answer
+    (unless ``fix_training_cap`` is False), and count the test answers generation can reach. None for a model
+    that cannot count its answer tokens (it has no ``answer_tokens(text)``)."""
+    count = _method(model, "answer_tokens")
+    if count is None or not train_answers:
+        return None
+    longest = max(count(str(a)) for a in train_answers)
+    room = generation_room(model)
+    derived = max_new_tokens is None
+    if derived:
+        max_new_tokens = longest + ANSWER_MARGIN
+        if room is not None:
+            max_new_tokens = min(max_new_tokens, room)
+    cap = None
+    text_limits = _method(model, "text_limits")
+    if text_limits is not None:
+        limits = text_limits("")
+        current = getattr(limits.owner, limits.attr, None)
+        if isinstance(current, int):
+            cap = current
+            wanted = longest + limits.specials
+            if limits.room is not None:
+                wanted = min(wanted, limits.room + limits.specials)
+            if fix_training_cap and wanted > current:
+                setattr(limits.owner, limits.attr, wanted)
+                cap = wanted
+    lengths = [(a, count(str(a))) for a in test_answers]
+    unreachable = [a for a, n in lengths if n > max_new_tokens]
+    return AnswerLengths(longest, int(max_new_tokens), cap, len(lengths) - len(unreachable), len(lengths),
+                         [str(a) for a in unreachable[:10]], derived)
 
 
 def check_generation_length(model: nn.Module, max_new_tokens: int) -> None:
@@ -259,5 +339,6 @@ def baseline_scores(task: Task, train_records: Sequence, test_records: Sequence,
     return score(task, task.baseline(train_records, test_records), test_records, registry)
 
 
-__all__ = ["EvalResult", "ScoreColumn", "Task", "baseline_scores", "build_options", "check_backbone",
+__all__ = ["AnswerLengths", "EvalResult", "ScoreColumn", "Task", "answer_lengths", "baseline_scores", "build_options",
+           "check_backbone",
            "check_generation_length", "evaluate", "generation_room", "resolve_task", "score"]

@@ -74,6 +74,7 @@ VQA = Task(
     record_scores=_record_scores,
     binary=True,
     default_dataset="phantom",
+    targets=lambda records: [r.answer for r in records],
 )
 
 

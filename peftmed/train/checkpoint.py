@@ -206,12 +206,41 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((Path(ckpt) / META).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read {META}: {exc}") from exc
-    if meta.get("format") != FORMAT:
+        meta = json.loads((Path(ckpt) / META).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"checkpoint {str(ckpt)!r}: cannot read {META}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt / META} is not a peftmed checkpoint (format is not {FORMAT!r})")
+    _check_meta(meta, Path(ckpt) / META)
     return meta
+
+
+# what a resume reads from trainer.json, with the types it must have (an edited or damaged file is named here)
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "step": (int,), "epoch": (int,), "samples": (int,), "train_seconds": (int, float), "losses": (list,),
+    "lrs": (list,), "evals": (list,), "config": (dict,), "sample_in_epoch": (int,), "batch_in_epoch": (int,),
+    "global_batch": (int,), "world_size": (int,), "dataset_size": (int,), "backbone": (str, type(None)),
+    "recipe_json": (dict, type(None)),
+}
+REQUIRED_META = ("step", "epoch", "samples", "train_seconds", "losses", "lrs", "evals", "config")
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise CheckpointError(f"{path} lacks {key!r}; the checkpoint is damaged (resume from another one)")
+    for key, kinds in META_TYPES.items():
+        if key in meta:
+            value = meta[key]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise CheckpointError(f"{path}: {key} is {value!r}, expected {' or '.join(k.__name__ for k in kinds)}; "
+                                      f"the checkpoint was edited or damaged")
+            if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+                raise CheckpointError(f"{path}: {key} is {value!r}, expected a count >= 0")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta["losses"] + meta["lrs"]):
+        raise CheckpointError(f"{path}: losses and lrs must be lists of numbers; the checkpoint is damaged")
+    if not all(isinstance(e, dict) for e in meta["evals"]):
+        raise CheckpointError(f"{path}: evals must be a list of objects; the checkpoint is damaged")
 
 
 def read_state(ckpt: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -44,7 +44,7 @@ from ..run.folder import (RUN_CONFIG, RUN_FILES, TOKENIZER_DIR, TOKENIZER_FILES,
                           check_same_base, read_run_config)
 from ..run.model import build_model, load_adapted, run_options, save_tokenizer
 from ..runtime import resolve_device
-from ..tasks import baseline_scores, build_options, check_backbone, evaluate, resolve_task
+from ..tasks import answer_lengths, baseline_scores, build_options, check_backbone, evaluate, resolve_task
 from ..tokenizer_files import IDENTITY_FILE
 from . import checkpoint, distributed
 from .trainer import Trainer, TrainingInterrupted
@@ -274,12 +274,20 @@ def _train_in(out: Path, d, task, opts, registry, backbone, spec, recipe, config
     test = _load(spec.name, opts["eval_split"], opts, registry)
     verify_images(train + test, where=f"{spec.name} ({opts['train_split']} and {opts['eval_split']})")
     train, test = prepare_records(train, test, opts, spec.name)
+    data = spec.describe(opts.get("data_dir"), **(opts.get("data_options") or {}))
     tokenizer_dir = out / TOKENIZER_DIR
     model = build_model(backbone, opts, texts=task.texts(train),
                         tokenizer_dir=tokenizer_dir if opts["resume"] else None)
     pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
     memory = prepare_memory(pm, config)
     task_model = task.wrap(pm)
+    lengths = None
+    if task.targets is not None:  # generation and training answer lengths from the data, unless set
+        lengths = answer_lengths(task_model, task.targets(train), task.targets(test),
+                                 max_new_tokens=config.max_new_tokens,
+                                 fix_training_cap="max_answer_tokens" not in (opts.get("backbone_options") or {}))
+    tokens = lengths.max_new_tokens if lengths is not None else (config.max_new_tokens or task.max_new_tokens)
+    opts["max_new_tokens"] = tokens  # eval and predict answer with the run's length
     if main:
         out.mkdir(parents=True, exist_ok=True)
         if opts.get("overwrite") and not opts["resume"]:
@@ -294,6 +302,13 @@ def _train_in(out: Path, d, task, opts, registry, backbone, spec, recipe, config
               file=sys.stderr)
         if memory:
             print(f"memory: {describe_memory(memory)}", file=sys.stderr)
+        print(f"data: {data}", file=sys.stderr)
+        if lengths is not None:
+            print(lengths.summary(), file=sys.stderr)
+            if lengths.reachable < lengths.total:
+                log.warning("%d of %d %s answers are longer than %d tokens and cannot be generated; pass a larger "
+                            "--max-new-tokens to reach them", lengths.total - lengths.reachable, lengths.total,
+                            opts["eval_split"], lengths.max_new_tokens)
         print(f"train: {len(train)} {task.noun} ({opts['train_split']}), eval: {len(test)} ({opts['eval_split']})",
               file=sys.stderr)
     d.barrier()  # the run folder is written before any rank goes on
@@ -301,7 +316,6 @@ def _train_in(out: Path, d, task, opts, registry, backbone, spec, recipe, config
     image_size = int(getattr(task_model, "image_size"))
     test_set = task.dataset(test, image_size)
     eval_batch = config.eval_batch_size or config.batch_size
-    tokens = config.max_new_tokens or task.max_new_tokens
 
     def evaluate_now(m, limit=None, progress=False):
         return evaluate(task, m, test, registry=registry, batch_size=eval_batch, num_beams=config.num_beams,
@@ -322,8 +336,9 @@ def _train_in(out: Path, d, task, opts, registry, backbone, spec, recipe, config
     if not main:
         return 0
     summary: dict[str, Any] = {"task": task.name, "backbone": backbone.name, "recipe": recipe.to_text(),
-                               "dataset": spec.name, "eval_split": opts["eval_split"], "train": result.to_dict(),
-                               "memory": memory}
+                               "dataset": spec.name, "data": data, "eval_split": opts["eval_split"],
+                               "n_train": len(train), "n_eval": len(test), "train": result.to_dict(),
+                               "memory": memory, "answers": lengths.to_dict() if lengths is not None else None}
     scores = None
     if distributed.is_fsdp(trainer.wrapped):
         # a sharded model answers on no single rank: evaluate the adapter
@@ -425,7 +440,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=16, help="questions per batch [default: 16]")
     p.add_argument("--num-beams", type=positive_int, default=3, help="beams of answer generation [default: 3]")
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
-                   help="longest generated text in tokens [default: the task's: 10 for answers, 100 for reports]")
+                   help="longest generated text in tokens [default: the run's (derived from its training answers)]")
     p.add_argument("--task", help="a registered task (default: the run's, else the dataset's)")
     p.add_argument("--output", help="folder for predictions.json and metrics.json (default: print only)")
     p.add_argument("--device", default="auto", help="cpu, cuda... [default: auto]")
@@ -472,12 +487,23 @@ def run_eval(args: argparse.Namespace) -> int:
     _, task_model, _, _ = load_adapted(adapter, registry=registry, device=args.device, base_dtype=args.base_dtype,
                                        quantize=args.quantize, task=task.name,
                                        texts=task.texts(train) if train is not None else None)
+    tokens = args.max_new_tokens or opts.get("max_new_tokens") or task.max_new_tokens
+    lengths = None
+    if task.targets is not None and train is not None:
+        lengths = answer_lengths(task_model, task.targets(train), task.targets(test), max_new_tokens=tokens,
+                                 fix_training_cap=False)
+        print(lengths.summary(), file=sys.stderr)
+        if lengths.reachable < lengths.total:
+            log.warning("%d of %d %s answers are longer than %d tokens and cannot be generated; pass a larger "
+                        "--max-new-tokens to reach them", lengths.total - lengths.reachable, lengths.total, args.split,
+                        tokens)
     result = evaluate(task, task_model, test, registry=registry, batch_size=args.batch_size,
-                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens or task.max_new_tokens,
-                      progress=args.progress)
+                      num_beams=args.num_beams, max_new_tokens=tokens, progress=args.progress)
     print(f"{spec.name}/{args.split} with {manifest['recipe']}: {result.summary()}")
     summary: dict[str, Any] = {"task": task.name, "adapter": str(adapter), "dataset": spec.name, "split": args.split,
-                               "recipe": manifest["recipe"], "scores": result.scores}
+                               "data": spec.describe(opts.get("data_dir"), **data_options), "n_eval": len(test),
+                               "recipe": manifest["recipe"], "scores": result.scores, "max_new_tokens": tokens,
+                               "answers": lengths.to_dict() if lengths is not None else None}
     if train is not None:
         summary[task.baseline_name] = baseline_scores(task, train, test, registry)
         print(f"{task.baseline_label} {task.summary(summary[task.baseline_name])}")

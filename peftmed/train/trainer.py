@@ -438,14 +438,23 @@ class Trainer:
             for name, p in self.params.items():
                 p.copy_(distributed.shard_like(tensors[name].to(p.device, p.dtype), p))
         state = ckpt.read_state(found)
-        self._load_optimizer_state(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and state.get("scaler"):  # fp16 continues with the scale it had
-            self.scaler.load_state_dict(state["scaler"])
-        rngs = state["rng"]
-        if len(rngs) == self.dist.world_size:
-            ckpt.set_rng_state(rngs[self.dist.rank])
-        else:
+        try:
+            self._load_optimizer_state(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler.is_enabled() and state.get("scaler"):  # fp16 continues with the scale it had
+                self.scaler.load_state_dict(state["scaler"])
+            rngs = state["rng"]
+            same_layout = len(rngs) == self.dist.world_size
+            if same_layout:
+                ckpt.set_rng_state(rngs[self.dist.rank])
+        except ckpt.CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise ckpt.CheckpointError(f"checkpoint state {str(found / ckpt.STATE)!r} does not hold this run's "
+                                       f"optimizer, scheduler and random states ({type(exc).__name__}: "
+                                       f"{str(exc)[:160]}); it was damaged: resume from another checkpoint or train "
+                                       f"again") from None
+        if not same_layout:
             log.warning("checkpoint was written by %d processes, this run has %d: RNG states reseeded, so "
                         "dropout masks differ from an uninterrupted run", len(rngs), self.dist.world_size)
             seed_everything(self.config.seed + 7919 * self.dist.rank + meta["step"])

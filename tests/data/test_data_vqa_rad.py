@@ -99,3 +99,21 @@ def test_reduced_scale_decode_stays_close_to_a_full_decode(vqa_rad_dir):
     full = np.asarray(Image.open(rec.image).convert("RGB").resize((64, 64), Image.BICUBIC)).astype(float)
     assert Image.open(rec.image).size[0] >= 4 * 64  # the scan is large enough for a reduced-scale decode
     assert np.abs(fast - full).mean() < 4.0  # out of 255
+
+
+def test_the_loader_states_which_release_it_read(vqa_rad_dir, tmp_path):
+    """A result names its split: the files read, their question counts and digests (metrics.json keeps it)."""
+    from peftmed.data.vqa_rad import SPEC
+
+    text = SPEC.describe(vqa_rad_dir)
+    assert "VQA_RAD Dataset Public.json (2,248 questions" in text
+    assert "trainset.json (1,798 questions" in text and "testset.json (450 questions" in text
+    import shutil
+
+    other = tmp_path / "vqa_rad"
+    shutil.copytree(vqa_rad_dir, other, ignore=shutil.ignore_patterns("images"))
+    (other / "images").mkdir()
+    rows = json.loads((other / "testset.json").read_text())
+    (other / "testset.json").write_text(json.dumps(rows[:-1]))
+    changed = SPEC.describe(other)
+    assert "testset.json (449 questions" in changed and changed != text  # another split is another statement

@@ -9,7 +9,6 @@ that training and generation see the same masks and the same start token: the an
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 
@@ -19,7 +18,7 @@ from ...errors import ConfigError
 from ..base import Backbone, TextLimits
 from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer,
-    seeded_model,
+    preset_spec, seeded_model,
 )
 from .prefix import make_prefix_capable
 from ..wordpiece import detokenize
@@ -72,6 +71,10 @@ class HFBlipVQA(VQAModule):
     def text_limits(self, prompt: str) -> TextLimits:
         positions = self.model.config.text_config.max_position_embeddings
         return TextLimits(self, "max_answer_tokens", 0, positions - 2, "use a text config with more positions")
+
+    def answer_tokens(self, answer: str) -> int:
+        """How many tokens generation must produce to write ``answer`` (its word pieces; [DEC] and [SEP] aside)."""
+        return len(self.tokenizer(str(answer), add_special_tokens=False)["input_ids"])
 
     # ---- encoding ---------------------------------------------------------------------------------
     def _questions(self, questions: list[str]):
@@ -151,16 +154,7 @@ def blip_config(preset: str = "tiny", vocab_size: int | None = None, image_size:
                 vision_layers: int | None = None, text_layers: int | None = None, **ids):
     from transformers import BlipConfig
 
-    if preset not in PRESETS:
-        raise ConfigError(f"hf-blip-vqa: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    spec = copy.deepcopy(PRESETS[preset])
-    if image_size is not None:
-        spec["vision"]["image_size"] = int(image_size)
-    for part, layers in (("vision", vision_layers), ("text", text_layers)):
-        if layers is not None:  # a shallower (or deeper) model of the same widths, e.g. for peftmed plan
-            if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-                raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
-            spec[part]["num_hidden_layers"] = layers
+    spec = preset_spec(PRESETS, preset, "hf-blip-vqa", image_size, vision_layers, text_layers)
     text = dict(spec["text"], **ids)
     if vocab_size is not None:
         text["vocab_size"] = vocab_size

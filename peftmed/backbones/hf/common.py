@@ -8,6 +8,7 @@ tokenizer files) plus ``preprocessor_config.json`` with ``image_mean``, ``image_
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -84,6 +85,28 @@ def saved_tokenizer(folder) -> object:
         return PreTrainedTokenizerFast.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises several types for broken tokenizer files
         raise PeftmedError(f"cannot read the tokenizer in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
+
+
+def preset_spec(presets: dict, preset: str, what: str, image_size=None, vision_layers=None, text_layers=None) -> dict:
+    """A copy of ``presets[preset]`` (``{"vision": {...}, "text": {...}}``) with the image size and the depths of
+    its layer stacks set (a shallower or deeper model of the same widths, e.g. for peftmed plan); each value is
+    checked: an image side is a positive multiple of the patch size."""
+    if preset not in presets:
+        raise ConfigError(f"{what}: unknown preset {preset!r}; expected one of {sorted(presets)}")
+    spec = copy.deepcopy(presets[preset])
+    if image_size is not None:
+        patch = int(spec["vision"].get("patch_size", 1))
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < patch \
+                or image_size % patch:
+            raise ConfigError(f"{what}: image_size must be a positive multiple of the patch size {patch}, "
+                              f"got {image_size!r}")
+        spec["vision"]["image_size"] = image_size
+    for part, layers in (("vision", vision_layers), ("text", text_layers)):
+        if layers is not None:
+            if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+                raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
+            spec[part]["num_hidden_layers"] = layers
+    return spec
 
 
 def seeded_model(model_class, config, seed: int | None):

@@ -13,7 +13,6 @@ only, and generation continues the prompt (left-padded) until ``</s>``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 
@@ -24,7 +23,7 @@ from ...errors import ConfigError
 from ..base import Backbone, TextLimits
 from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_state_strict, load_tokenizer, load_weights, local_folder, read_image_stats,
-    saved_tokenizer, seeded_model,
+    preset_spec, saved_tokenizer, seeded_model,
 )
 from .prefix import make_prefix_capable
 from .tokenizer import bpe_tokenizer, check_vocab
@@ -140,6 +139,10 @@ class HFLlava(VQAModule):
         return TextLimits(self, "max_answer_tokens", 0, positions - prompt_len - 1,
                           "use a language model with more positions or a shorter prompt")
 
+    def answer_tokens(self, answer: str) -> int:
+        """How many tokens generation must produce to write ``answer`` (as the loss writes it: after a space)."""
+        return len(self._ids(" " + str(answer).strip()))
+
     # ---- prompts --------------------------------------------------------------------------------------
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -233,16 +236,7 @@ def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | 
                  text_layers: int | None = None):
     from transformers import LlavaConfig
 
-    if preset not in PRESETS:
-        raise ConfigError(f"hf-llava: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
-    spec = copy.deepcopy(PRESETS[preset])
-    if image_size is not None:
-        spec["vision"]["image_size"] = int(image_size)
-    for part, layers in (("vision", vision_layers), ("text", text_layers)):
-        if layers is not None:  # a shallower (or deeper) model of the same widths, e.g. for peftmed plan
-            if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
-                raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
-            spec[part]["num_hidden_layers"] = layers
+    spec = preset_spec(PRESETS, preset, "hf-llava", image_size, vision_layers, text_layers)
     text = dict(spec["text"], pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     text.setdefault("vocab_size", vocab_size)  # a real architecture's vocabulary is fixed; a tiny one fits its tokenizer
     # vision_feature_layer=-2 and dropping the CLS feature are LLaVA(-Med)'s choices

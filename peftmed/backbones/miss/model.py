@@ -73,6 +73,10 @@ class MissForVQA(nn.Module):
                           "build it with a larger max_position_embeddings (e.g. --backbone-options "
                           "max_position_embeddings=128)")
 
+    def answer_tokens(self, answer: str) -> int:
+        """How many tokens generation must produce to write ``answer`` (its word pieces; [DEC] and [SEP] aside)."""
+        return len(self.tokenizer.backend.encode(str(answer)).ids) - 2
+
     # ---- encoders -----------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         pixels = prepare_images(images.to(self.device), self.image_size, self.image_mean, self.image_std,
