@@ -74,6 +74,7 @@ class AppliedMethod:
     layers: dict[str, AdapterLayer] = field(default_factory=dict)  # inject: module name -> layer
     params: dict[str, nn.Parameter] = field(default_factory=dict)  # select (+ inject extras)
     prompt_key: str | None = None  # prompt: key in PeftModel.prompt_modules
+    skipped: dict[str, int] = field(default_factory=dict)  # modules/parameters left out: they cannot learn
 
     def tensors(self, owner: PeftModel, adapter: str) -> dict[str, nn.Parameter]:
         """Canonical tensor name -> parameter, as saved in an adapter file."""
@@ -117,6 +118,9 @@ class PeftModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
         self.base_counts = self._count_base()
+        # parts of the model whose outputs never reach the loss: no method is placed there (Backbone.unused)
+        unused = backbone.unused(model) if backbone.unused is not None else ()
+        object.__setattr__(self, "unreachable", tuple(canonical_name(n) for n in unused))
 
     def __deepcopy__(self, memo):
         """Copy the model and adapters; the registry and backbone description are shared."""
@@ -192,9 +196,10 @@ class PeftModel(nn.Module):
         try:
             for component, method, config, from_wildcard in plan:
                 ctx = ApplyContext(self.base_model, self.backbone, component, method, config, name,
-                                   registry=self.registry)
+                                   registry=self.registry, unreachable=self.unreachable)
                 try:
                     state.applied.append(self._apply_one(ctx))
+                    state.applied[-1].skipped = dict(ctx.skipped)
                 except NoMatchError as exc:
                     if not from_wildcard:
                         raise
@@ -439,7 +444,8 @@ class PeftModel(nn.Module):
                 method.default_lr if method_lr and method.default_lr else lr)
             decay = cfg.weight_decay if cfg.weight_decay is not None else weight_decay
             rows.append(ReportRow(applied.component, method.name, cfg.to_dict(), count,
-                                  self.base_counts[applied.component], rate, decay))
+                                  self.base_counts[applied.component], rate, decay,
+                                  skipped=sum(applied.skipped.values()), skipped_names=sorted(applied.skipped)))
         return TrainableReport(
             backbone=self.backbone.name, recipe=self.adapters[name].recipe.to_text(),
             row=self.adapters[name].recipe.row(list(self.backbone.components), self.registry),
@@ -648,6 +654,8 @@ class ReportRow:
     component_total: int
     lr: float | None = None  # the learning rate its tensors train with (None: the run's, not known here)
     weight_decay: float | None = None
+    skipped: int = 0  # parameters of the method's roles left out because they cannot receive a gradient
+    skipped_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -683,7 +691,8 @@ class TrainableReport:
             "rows": [
                 {"component": r.component, "method": r.method, "config": r.config, "trainable": r.trainable,
                  "component_total": r.component_total, "lr": r.lr, "weight_decay": r.weight_decay,
-                 "percent_of_model": 100.0 * r.trainable / self.total_base if self.total_base else 0.0}
+                 "percent_of_model": 100.0 * r.trainable / self.total_base if self.total_base else 0.0,
+                 "skipped_cannot_learn": r.skipped, "skipped_modules": r.skipped_names}
                 for r in self.rows
             ],
         }
@@ -703,6 +712,10 @@ class TrainableReport:
         if self.added:
             lines.append(f"{'':<10} {'':<12} {'':>13} {'':>13} {self.percent_with_added:>8.3f}%"
                          f"   of model + {self.added:,} added (how peft and the MILE paper count)")
+        for r in self.rows:
+            if r.skipped_names:
+                lines.append(f"skipped    {r.method:<12} {r.skipped:,} parameters of {r.component} that cannot learn: "
+                             f"{', '.join(r.skipped_names)} feed(s) nothing the loss sees")
         return "\n".join(lines)
 
 

@@ -111,6 +111,10 @@ class Backbone:
       depth_options: builder option -> the components whose layer stacks it sizes (e.g. ``{"text_layers":
         ("fusion", "decoder")}``): how ``peftmed plan`` builds shallower copies of the model to measure the
         activation memory a layer adds.
+      unused: ``unused(model) -> module names`` whose outputs never reach the loss (e.g. LLaVA takes its image
+        features from the vision tower's second-to-last layer, so the last layer and the final norm feed
+        nothing): methods skip them, since nothing placed there could receive a gradient, and the trainable
+        report says how many parameters were skipped.
     """
 
     name: str
@@ -127,6 +131,7 @@ class Backbone:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     depth_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    unused: Callable[[nn.Module], Iterable[str]] | None = None
     tiny: bool = False  # its default build is small enough for CPU tests (the conformance kit runs on it)
 
     def __post_init__(self):

@@ -2,13 +2,17 @@
 
 Every recipe is scored on the same test records, so comparisons are paired. For each recipe the task
 gives a per-record score whose mean is its primary score (Med-VQA: 1 for a correct answer, else 0; report
-generation: the report's ROUGE-L). With several seeds a record's score is its mean over the seeds.
+generation: the report's ROUGE-L). With several seeds a record's score is its mean over the seeds: the
+records (questions) are the units of every test, and a question's seeds stay together. Treating each
+(question, seed) pair as an independent observation would count a recipe's consistent advantage on some
+questions once per seed and make p-values too small (``tests/bench/test_stats.py`` simulates it).
 
 - 95% confidence interval of the primary score: a bootstrap over records (``scipy.stats.bootstrap``,
-  percentile method, 2,000 resamples, seeded).
-- Paired comparison of two recipes on the same records: McNemar's exact test for right/wrong scores
-  (``scipy.stats.binomtest`` on the discordant pairs, pooled over seeds), a paired permutation test of the
-  mean difference otherwise (``scipy.stats.permutation_test``). Two-sided p-values.
+  percentile method, 2,000 resamples, seeded), each record's score averaged over its seeds.
+- Paired comparison of two recipes on the same records, on each record's difference averaged over seeds:
+  with one seed and right/wrong scores, McNemar's exact test (``scipy.stats.binomtest`` on the discordant
+  records); otherwise a sign-flip permutation test of the mean difference (``scipy.stats.permutation_test``,
+  10,000 resamples). Two-sided p-values.
 - Naming a winner: the best recipe is compared with every other; Holm's step-down correction keeps the
   family-wise error at 5%; a winner is named only if it is significantly better than all of them.
 """
@@ -23,6 +27,7 @@ import numpy as np
 
 ALPHA = 0.05
 RESAMPLES = 2000
+PERMUTATIONS = 10_000
 
 
 @dataclass
@@ -38,17 +43,13 @@ class RecordScores:
         return np.array([np.mean([self.values[s][i] for s in seeds]) for i in ids], dtype=float)
 
     def paired(self, other: RecordScores, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(self, other) scores paired by (seed, record); a recipe run with one seed only (frozen: no
-        training, so no seed) is paired with each of the other's seeds."""
-        a, b = [], []
-        for seed in sorted(set(self.values) | set(other.values)):
-            va = self.values.get(seed, next(iter(self.values.values())) if len(self.values) == 1 else None)
-            vb = other.values.get(seed, next(iter(other.values.values())) if len(other.values) == 1 else None)
-            if va is None or vb is None:
-                continue
-            a += [va[i] for i in ids]
-            b += [vb[i] for i in ids]
-        return np.array(a, dtype=float), np.array(b, dtype=float)
+        """(self, other) per-record scores, each averaged over its recipe's seeds, in ``ids`` order: the
+        records are the paired units (a recipe run with one seed only, frozen, is its one run)."""
+        return self.mean_per_record(ids), other.mean_per_record(ids)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.values)
 
 
 def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -64,19 +65,24 @@ def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, seed: int = 0) ->
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def paired_p(a: np.ndarray, b: np.ndarray, binary: bool, seed: int = 0) -> float:
-    """Two-sided p-value that paired scores ``a`` and ``b`` have the same mean."""
+def paired_p(a: np.ndarray, b: np.ndarray, binary: bool, seed: int = 0, resamples: int = PERMUTATIONS) -> float:
+    """Two-sided p-value that paired per-record scores ``a`` and ``b`` have the same mean. ``binary``: both are
+    0/1 (one seed each): McNemar's exact test; otherwise (scores averaged over seeds, continuous scores) a
+    sign-flip permutation test of the mean per-record difference."""
     from scipy.stats import binomtest, permutation_test
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if binary:
+    exact01 = binary and np.all((a == 0) | (a == 1)) and np.all((b == 0) | (b == 1))
+    if exact01:
         better, worse = int(np.sum(a > b)), int(np.sum(a < b))
         n = better + worse
         return 1.0 if n == 0 else float(binomtest(better, n, 0.5).pvalue)
-    if np.allclose(a, b):
+    d = a - b
+    if np.allclose(d, 0):
         return 1.0
-    res = permutation_test((a, b), lambda x, y: np.mean(x - y), permutation_type="samples", n_resamples=RESAMPLES,
-                           alternative="two-sided", rng=np.random.default_rng(seed))
+    res = permutation_test((d,), lambda x, axis: np.mean(x, axis=axis), permutation_type="samples",
+                           vectorized=True, n_resamples=resamples, alternative="two-sided",
+                           rng=np.random.default_rng(seed))
     return float(res.pvalue)
 
 

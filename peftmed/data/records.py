@@ -149,6 +149,9 @@ def load_records(name: str, split: str, data_dir=None, registry=None, **options)
         registry = default_registry()
     spec: DatasetSpec = registry.get("dataset", name)
     spec.check_split(split)
+    unknown = sorted(set(options) - set(spec.options or {}))
+    if unknown:
+        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], spec.options or {})
     if spec.needs_data_dir and data_dir is None:
         raise MissingDataError(
             f"dataset {spec.name!r} reads files: pass data_dir= (CLI: --data-dir) pointing at its folder"

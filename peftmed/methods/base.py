@@ -154,7 +154,17 @@ class ApplyContext:
     config: MethodConfig
     adapter_name: str
     registry: Any = None  # the registry the model is applied with (kernels dispatch through it)
+    unreachable: tuple[str, ...] = ()  # module names whose outputs never reach the loss (Backbone.unused)
+    skipped: dict[str, int] = field(default_factory=dict)  # parts left out (they cannot learn) -> parameters
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def cannot_learn(self, name: str) -> str | None:
+        """The part of the model (one of ``unreachable``) that module or parameter ``name`` sits in, whose
+        outputs never reach the loss; None when it does reach it."""
+        return next((u for u in self.unreachable if name == u or name.startswith(u + ".")), None)
+
+    def _skip(self, part: str, count: int) -> None:
+        self.skipped[part] = self.skipped.get(part, 0) + count
 
     @property
     def component_module(self) -> nn.Module:
@@ -169,14 +179,28 @@ class ApplyContext:
         out: dict[str, nn.Parameter] = {}
         for path, root in self.backbone.component_roots(self.model, self.component):
             for n, p in base_named_parameters(root):
-                out[canonical_name(f"{path}.{n}" if path else n)] = p
+                name = canonical_name(f"{path}.{n}" if path else n)
+                part = self.cannot_learn(name)
+                if part is not None:
+                    self._skip(part, p.numel())
+                    continue
+                out[name] = p
         return out
 
     def roles(self) -> tuple[str, ...]:
         return self.method.roles_for(self.config)
 
     def match(self, role: str) -> dict[str, nn.Module]:
-        return self.backbone.match(self.model, self.component, role)
+        """The modules of ``role`` in this component; those whose outputs never reach the loss are left out
+        (and recorded in ``skipped``)."""
+        found = {}
+        for name, module in self.backbone.match(self.model, self.component, role).items():
+            part = self.cannot_learn(canonical_name(name))
+            if part is not None:
+                self._skip(part, sum(p.numel() for p in module.parameters()))
+                continue
+            found[name] = module
+        return found
 
     def matched(self, *, require: bool = True) -> dict[str, tuple[nn.Module, str]]:
         """name -> (module, role) over this method's roles; raises if nothing matches."""
@@ -191,11 +215,13 @@ class ApplyContext:
             for name, module in self.match(role).items():
                 found.setdefault(name, (module, role))
         if require and not found:
+            why = (f"; {len(self.skipped)} module(s) of those roles feed nothing the loss sees "
+                   f"({next(iter(self.skipped))}...)" if self.skipped else "")
             raise NoMatchError(
                 f"method {self.method.name!r} on component {self.component!r} of backbone "
                 f"{self.backbone.name!r} matches no module: it asks for roles {list(self.roles())}, "
                 f"and this component has none of them (its roles: "
-                f"{', '.join(self.available_roles()) or 'none'}). Pass roles=[...] to choose others."
+                f"{', '.join(self.available_roles()) or 'none'}){why}. Pass roles=[...] to choose others."
             )
         return found
 

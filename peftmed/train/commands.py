@@ -145,9 +145,9 @@ def _check_before_training(opts: dict[str, Any], registry) -> tuple[Any, Any, An
     spec = registry.get("dataset", opts["dataset"])
     for split in (opts["train_split"], opts["eval_split"]):
         spec.check_split(split)
-    unknown = sorted(set(opts["data_options"]) - set(getattr(spec, "options", {}) or {}))
-    if unknown:
-        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], getattr(spec, "options", {}) or {})
+    unknown = sorted(set(opts["data_options"]) - set(spec.options or {}))
+    if unknown:  # (load_records checks too; here it is named before anything else is done)
+        raise UnknownNameError(f"option of dataset {spec.name!r}", unknown[0], spec.options or {})
     if getattr(spec, "needs_data_dir", False) and not opts.get("data_dir"):
         raise ConfigError(f"dataset {spec.name!r} reads files: pass --data-dir pointing at its folder")
     task = resolve_task(registry, opts.get("task"), spec)
@@ -492,6 +492,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if task.targets is not None and train is not None:
         lengths = answer_lengths(task_model, task.targets(train), task.targets(test), max_new_tokens=tokens,
                                  fix_training_cap=False)
+    if lengths is not None:
         print(lengths.summary(), file=sys.stderr)
         if lengths.reachable < lengths.total:
             log.warning("%d of %d %s answers are longer than %d tokens and cannot be generated; pass a larger "

@@ -121,3 +121,47 @@ def test_seeds_average_per_record_and_give_a_spread():
     a = next(r for r in summary if r["label"] == "a")
     assert a["n_seeds"] == 2 and a["seed_sd"] is not None and a["seed_sd"] > 0
     assert math.isclose(a["acc_overall"], (rows[1]["acc_overall"] + rows2[0]["acc_overall"]) / 2)
+
+
+# ---- seeds: the questions are the units ---------------------------------------------------------------
+def _null_bench(rng, n_questions: int, n_seeds: int):
+    """Two recipes of the same accuracy over the question population: each question has its difficulty and a
+    recipe-question interaction (A better on some questions, B on others, the same on every seed), symmetric
+    around zero; each seed draws right/wrong answers anew."""
+    difficulty = rng.normal(0.3, 1.5, n_questions)
+    interaction = rng.normal(0.0, 2.5, n_questions)
+    p_a = 1 / (1 + np.exp(-(difficulty + interaction / 2)))
+    p_b = 1 / (1 + np.exp(-(difficulty - interaction / 2)))
+    ids = [str(i) for i in range(n_questions)]
+    a = {s: dict(zip(ids, (rng.random(n_questions) < p_a).astype(float))) for s in range(n_seeds)}
+    b = {s: dict(zip(ids, (rng.random(n_questions) < p_b).astype(float))) for s in range(n_seeds)}
+    return stats.RecordScores(a, True), stats.RecordScores(b, True), ids
+
+
+@pytest.mark.parametrize("n_seeds", [1, 3, 5])
+def test_false_positives_stay_at_the_level_with_any_number_of_seeds(n_seeds):
+    """On null data (equal accuracy) the paired test rejects at most 5% of the time (within simulation error:
+    800 simulations, 2.5 standard errors), whatever the number of seeds. Pairing (question, seed) as independent
+    units, as the bench did, rejected far more often with several seeds (checked below as the control)."""
+    rng = np.random.default_rng(100 + n_seeds)
+    sims, rejected, naive_rejected = 800, 0, 0
+    for _ in range(sims):
+        a, b, ids = _null_bench(rng, 200, n_seeds)
+        rejected += stats.paired_p(*a.paired(b, ids), binary=True, resamples=1000) < 0.05
+        pooled_a = np.concatenate([[a.values[s][i] for i in ids] for s in a.values])
+        pooled_b = np.concatenate([[b.values[s][i] for i in ids] for s in b.values])
+        naive_rejected += stats.paired_p(pooled_a, pooled_b, binary=True) < 0.05
+    rate, limit = rejected / sims, 0.05 + 2.5 * (0.05 * 0.95 / sims) ** 0.5
+    assert rate <= limit, (n_seeds, rate)
+    if n_seeds == 5:  # the control: the simulation tells a wrong test apart
+        assert naive_rejected / sims > 2 * limit, (n_seeds, naive_rejected / sims)
+
+
+def test_a_real_difference_is_found_with_seeds():
+    rng = np.random.default_rng(7)
+    ids = [str(i) for i in range(300)]
+    p = rng.uniform(0.3, 0.8, 300)
+    a = stats.RecordScores({s: dict(zip(ids, (rng.random(300) < np.minimum(p + 0.12, 1)).astype(float)))
+                            for s in range(3)}, True)
+    b = stats.RecordScores({s: dict(zip(ids, (rng.random(300) < p).astype(float))) for s in range(3)}, True)
+    assert stats.paired_p(*a.paired(b, ids), binary=True) < 0.001

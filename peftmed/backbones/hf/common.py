@@ -109,6 +109,23 @@ def preset_spec(presets: dict, preset: str, what: str, image_size=None, vision_l
     return spec
 
 
+def unused_tower_modules(tower_path: str, tower: nn.Module, feature_layer, *, final_norm: str | None) -> list[str]:
+    """Modules of a vision tower that feed nothing when a model takes its features from
+    ``hidden_states[feature_layer]`` (an int or a list of them): the layers after the deepest one taken, and
+    the tower's final norm (``final_norm``) when the features are not its last output."""
+    layers = next((m for n, m in tower.named_modules() if n.endswith("encoder.layers") or n == "layers"), None)
+    if layers is None:
+        return []
+    count = len(layers)
+    picks = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    deepest = max(p if p >= 0 else count + 1 + p for p in picks)  # hidden_states[k]: the output of layer k - 1
+    prefix = next(n for n, m in tower.named_modules() if m is layers)
+    out = [f"{tower_path}.{prefix}.{i}" for i in range(deepest, count)]
+    if final_norm is not None and hasattr(tower, final_norm):
+        out.append(f"{tower_path}.{final_norm}")
+    return out
+
+
 def seeded_model(model_class, config, seed: int | None):
     """``model_class(config)`` with weights drawn from ``seed`` (the same model every build), leaving the
     caller's global random state as it was."""

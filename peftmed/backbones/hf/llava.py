@@ -23,7 +23,7 @@ from ...errors import ConfigError
 from ..base import Backbone, TextLimits
 from .common import (
     CLIP_MEAN, CLIP_STD, VQAModule, load_state_strict, load_tokenizer, load_weights, local_folder, read_image_stats,
-    preset_spec, saved_tokenizer, seeded_model,
+    preset_spec, saved_tokenizer, seeded_model, unused_tower_modules,
 )
 from .prefix import make_prefix_capable
 from .tokenizer import bpe_tokenizer, check_vocab
@@ -304,6 +304,15 @@ ROLES = {
     "self_attention": r"self_attn$",
 }
 
+def unused(model) -> list[str]:
+    """LLaVA takes its image features from ``hidden_states[vision_feature_layer]`` (-2: the second-to-last
+    layer): the layers after it and the tower's post_layernorm (applied to the pooled output only) feed
+    nothing."""
+    root = "model.model.vision_tower"
+    return unused_tower_modules(root, model.get_submodule(root), model.model.config.vision_feature_layer,
+                                final_norm="post_layernorm")
+
+
 BACKBONE = Backbone(
     name="hf-llava",
     components={"vision": "model.model.vision_tower", "projector": "model.model.multi_modal_projector",
@@ -317,6 +326,7 @@ BACKBONE = Backbone(
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa", "report"),
     depth_options={"vision_layers": ("vision",), "text_layers": ("llm",)},
+    unused=unused,
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )
 
