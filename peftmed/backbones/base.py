@@ -111,6 +111,9 @@ class Backbone:
       depth_options: builder option -> the components whose layer stacks it sizes (e.g. ``{"text_layers":
         ("fusion", "decoder")}``): how ``peftmed plan`` builds shallower copies of the model to measure the
         activation memory a layer adds.
+      width_option: a builder option dividing every width of the model by an integer (the heads kept): how
+        ``peftmed plan`` measures the activations of a large model quickly (two narrow copies, extrapolated to
+        the real width: activations are a width-proportional part plus a part that does not depend on it).
       unused: ``unused(model) -> module names`` whose outputs never reach the loss (e.g. LLaVA takes its image
         features from the vision tower's second-to-last layer, so the last layer and the final norm feed
         nothing): methods skip them, since nothing placed there could receive a gradient, and the trainable
@@ -132,6 +135,7 @@ class Backbone:
     aliases: tuple[str, ...] = ()
     depth_options: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     unused: Callable[[nn.Module], Iterable[str]] | None = None
+    width_option: str | None = None
     tiny: bool = False  # its default build is small enough for CPU tests (the conformance kit runs on it)
 
     def __post_init__(self):

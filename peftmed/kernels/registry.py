@@ -168,6 +168,36 @@ def resolve(op: str, impl: str | None, device: torch.device | str, dtype: torch.
     return found
 
 
+_by_key: dict[str, tuple[KernelImpl, Mapping[str, Callable]]] = {}
+
+
+def dispatch(op: str, impl: str | None, device: torch.device | str, dtype: torch.dtype, size: int | None = None,
+             registry=None) -> tuple[str, KernelImpl, Mapping[str, Callable]]:
+    """:func:`resolve`, plus a string key naming the decision: what an op passes to its ``torch.library`` custom
+    ops under ``torch.compile`` (which take no Python objects), so a compiled call runs the implementation the
+    model's registry chose, exactly as an eager call does (one dispatch path for both)."""
+    kernel, fns = resolve(op, impl, device, dtype, size, registry)
+    key = f"{op}/{kernel.name}/{id(kernel):x}"  # the KernelImpl of this registry (kept alive below: ids stay unique)
+    _by_key.setdefault(key, (kernel, fns))
+    return key, kernel, fns
+
+
+@torch._dynamo.assume_constant_result
+def dispatch_key(op: str, impl: str | None, device_type: str, dtype: torch.dtype, size: int | None = None,
+                 registry=None) -> str:
+    """:func:`dispatch`'s key alone, as a constant of a compiled graph: ``torch.compile`` calls it once while
+    tracing (the decision is the model registry's, as in eager mode) and keeps the string."""
+    return dispatch(op, impl, device_type, dtype, size, registry)[0]
+
+
+def resolved(key: str) -> Mapping[str, Callable]:
+    """The callables a :func:`dispatch` key names (inside a compiled graph's custom op)."""
+    try:
+        return _by_key[key][1]
+    except KeyError:
+        raise KernelUnavailableError(f"kernel dispatch key {key!r} was not resolved in this process") from None
+
+
 def _explicit(op, wanted, impls, device_type, dtype, size):
     by_name = {k.name: k for k in impls}
     if wanted not in by_name:

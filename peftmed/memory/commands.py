@@ -117,36 +117,9 @@ def _depths(d: dict) -> str:
 
 def _alternatives(args, plan) -> str:
     """Weights under the memory options this plan does not use yet."""
-    from ..model import apply
-    from ..plugins import default_registry
-    from .plan import _static_rows
-    from .quantize import default_components
-
-    import torch
-
-    registry = default_registry()
-    backbone = registry.backbone(args.backbone)
-    with torch.device("meta"):
-        pm = apply(backbone.build(), args.recipe, backbone=backbone, registry=registry, keep_base=False)
-    options = []
-    if args.base_dtype == "fp32":
-        options.append(("--base-dtype bf16", torch.bfloat16, "none"))
-    if args.quantize == "none":
-        try:
-            default_components(backbone) if not args.quantize_components else None
-            options.append(("--base-dtype bf16 --quantize nf4", torch.bfloat16, "nf4"))
-        except Exception:  # no llm component: quantization would need --quantize-components
-            pass
-    if not options:
+    if not plan.alternatives:
         return "nothing smaller is available: a larger GPU, or a recipe that trains less"
-    parts = []
-    for label, dtype, quantize in options:
-        try:
-            weights = sum(r.weights for r in _static_rows(pm, dtype, quantize, args.quantize_components))
-        except Exception:  # e.g. a component trained in full cannot be quantized
-            continue
-        parts.append(f"{label}: weights {weights / GIB:.2f} GB")
-    return "with " + "; ".join(parts) if parts else "a larger GPU, or a recipe that trains less"
+    return "with " + "; ".join(f"{label}: weights {weights / GIB:.2f} GB" for label, weights in plan.alternatives.items())
 
 
 @hookimpl

@@ -37,6 +37,8 @@ from ..errors import ConfigError
 GIB = 1024**3
 MIB = 1024**2
 ADAM_BYTES = 8  # two fp32 moments per trainable value
+MEASURE_AT_FULL_WIDTH = 1_500_000_000  # parameters: above this, activations are measured on narrow copies
+WIDTH_DIVISORS = (16, 32)
 # words whose word pieces are single tokens in every built-in tokenizer (the synthetic questions repeat them)
 FILLER = "lung"
 
@@ -65,6 +67,8 @@ class MemoryPlan:
     transient: int  # activation memory not saved by a component (logits, backward buffers, recomputation)
     depths: dict[str, int]  # full depth of each layer stack the activations were extrapolated to
     measured_depths: list[dict[str, int]]  # the reduced models measured
+    optimizer_temporaries: int = 0  # what AdamW's update holds beside its states (after the backward pass)
+    alternatives: dict[str, int] = dataclasses.field(default_factory=dict)  # memory options not used -> weights
 
     @property
     def weights(self) -> int:
@@ -81,13 +85,15 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.fixed + self.activations
+        """The step's peak: the weights, gradients and AdamW states, plus the larger of what the forward and
+        backward passes hold (activations) and what the optimizer's update holds (its temporaries)."""
+        return self.fixed + max(self.activations, self.optimizer_temporaries)
 
     def largest_batch(self, gpu_bytes: float, reserve: float) -> int:
         """The largest batch whose estimate fits in ``gpu_bytes - reserve`` (activations linear in batch)."""
         room = gpu_bytes - reserve - self.fixed
         per_sample = self.activations / self.batch_size
-        if room <= 0 or per_sample <= 0:
+        if room <= 0 or per_sample <= 0 or room < self.optimizer_temporaries:
             return 0
         return int(room // per_sample)
 
@@ -95,7 +101,8 @@ class MemoryPlan:
         return {"backbone": self.backbone, "recipe": self.recipe, "batch_size": self.batch_size,
                 "settings": self.settings, "depths": self.depths, "measured_depths": self.measured_depths,
                 "rows": [dataclasses.asdict(r) for r in self.rows], "transient": self.transient,
-                "weights": self.weights, "activations": self.activations, "total": self.total}
+                "weights": self.weights, "activations": self.activations,
+                "optimizer_temporaries": self.optimizer_temporaries, "total": self.total}
 
     def table(self) -> str:
         head = f"{'component':<10} {'weights':>10} {'gradients':>10} {'optimizer':>10} {'activations':>12} {'total':>10}"
@@ -112,6 +119,9 @@ class MemoryPlan:
         opt = sum(r.optimizer for r in self.rows)
         lines.append(f"{'total':<10} {_size(self.weights):>10} {_size(grads):>10} {_size(opt):>10} "
                      f"{_size(self.activations):>12} {_size(self.total):>10}")
+        if self.optimizer_temporaries > self.activations:
+            lines.append(f"the optimizer's update holds {_size(self.optimizer_temporaries)} beside its states, more than "
+                         f"the activations: the step's peak ({_size(self.total)}) is at the update")
         return "\n".join(lines)
 
 
@@ -158,13 +168,15 @@ def _static_rows(pm, base_dtype: torch.dtype | None, quantize: str, quantize_com
                 row.weights += 4 * p.numel()
             else:
                 row.weights += (low if p.is_floating_point() else p.element_size()) * p.numel()
-    for module in pm.prompt_modules.values():  # prompt-family parameters live outside the base model
+    # prompt-family parameters live outside the base model; each belongs to the component it was applied to
+    component_of = {a.prompt_key: a.component for state in pm.adapters.values() for a in state.applied
+                    if a.prompt_key is not None}
+    for key, module in pm.prompt_modules.items():
         for p in module.parameters():
             if id(p) in seen or not p.requires_grad:
                 continue
             seen.add(id(p))
-            comp = getattr(module, "component", None)
-            row = rows.get(comp) or next(iter(rows.values()))
+            row = rows[component_of[key]]
             row.weights += 4 * p.numel()
             row.trainable += p.numel()
             row.gradients += 4 * p.numel()
@@ -223,29 +235,53 @@ def _component_hooks(pm, counter: dict[str, int]):
 class LiveTensors(TorchDispatchMode):
     """Counts the bytes of tensor storages created inside it while they are alive, and their peak: the CPU
     counterpart of ``torch.cuda.max_memory_allocated`` growth (every op's outputs, through the dispatcher,
-    C++ extensions and bitsandbytes included; storages that existed before do not count)."""
+    C++ extensions and bitsandbytes included).
 
-    def __init__(self):
+    Storage identity decides what is new: an op's output that shares the storage of a tensor that existed
+    before (a view or transpose of a frozen weight, what every ``nn.Linear`` makes; an in-place result) is
+    not new memory. Storages first seen as an op's input, and those of ``existing`` tensors, existed before."""
+
+    def __init__(self, existing=()):
         super().__init__()
         self.live: dict[int, int] = {}
         self.refs: dict[int, weakref.ref] = {}
+        self.old: dict[int, weakref.ref] = {}
         self.current = self.peak = 0
+        for t in existing:
+            self._remember(t)
 
     def _free(self, key: int) -> None:
         self.current -= self.live.pop(key, 0)
         self.refs.pop(key, None)
 
+    @staticmethod
+    def _storage(t):
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return None
+        try:
+            return t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # tensor subclasses without a plain storage
+            return None
+
+    def _remember(self, t) -> None:
+        """``t``'s storage existed before: never counted (it is forgotten when it dies, its id may come back)."""
+        storage = self._storage(t)
+        if storage is None:
+            return
+        key = id(storage)
+        if key not in self.live and key not in self.old:
+            self.old[key] = weakref.ref(storage, lambda _, k=key: self.old.pop(k, None))
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in tree_leaves((args, kwargs or {})):
+            self._remember(t)
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            try:
-                storage = t.untyped_storage()
-            except (RuntimeError, NotImplementedError):
+            storage = self._storage(t)
+            if storage is None:
                 continue
             key = id(storage)
-            if key in self.live or storage.nbytes() == 0:
+            if key in self.live or key in self.old or storage.nbytes() == 0:
                 continue
             self.live[key] = storage.nbytes()
             self.refs[key] = weakref.ref(storage, lambda _, k=key: self._free(k))
@@ -255,9 +291,11 @@ class LiveTensors(TorchDispatchMode):
 
 
 def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, Any]:
-    """One training step (forward + backward, optionally AdamW's update) of ``pm`` on ``batch``: the peak growth
-    of live tensor memory (:class:`LiveTensors`), the gradients' bytes at the end, the activations
-    (peak growth - gradients - optimizer states) and the bytes saved for backward per component."""
+    """One training step (forward + backward, optionally AdamW's update) of ``pm`` on ``batch``, counted by
+    :class:`LiveTensors`: the peak growth of the forward and backward passes (``peak``, gradients included as
+    they appear), the gradients' bytes at the end, the activations (``peak`` - gradients), the bytes saved for
+    backward per component, and with ``optimizer_step`` AdamW's states and the temporaries its update holds
+    on top of them (``optimizer_temporaries``)."""
     from .precision import autocast_for
 
     pm.train()
@@ -268,7 +306,8 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
         p.grad = None
     opt = torch.optim.AdamW(params, lr=1e-6) if optimizer_step else None
     device = next(pm.parameters()).device
-    tracker = LiveTensors()
+    tracker = LiveTensors(existing=[*pm.parameters(), *pm.buffers()])
+    temporaries = 0
     try:
         with tracker, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             with autocast_for(pm, device):
@@ -276,8 +315,11 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
             loss = out[0] if isinstance(out, tuple) else out
             loss.float().backward()
             del out, loss
+            peak = tracker.peak
             if opt is not None:
+                before, tracker.peak = tracker.current, tracker.current
                 opt.step()
+                temporaries = tracker.peak - before
     finally:
         for h in handles:
             h.remove()
@@ -285,8 +327,10 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
     states = sum(t.numel() * t.element_size() for st in (opt.state.values() if opt else ()) for t in st.values()
                  if torch.is_tensor(t))
     weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in pm.parameters()}.values())
-    return {"peak": tracker.peak, "weights": weights, "gradients": grads, "optimizer": states,
-            "activations": max(tracker.peak - grads - states, 0), "saved": saved}
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    return {"peak": peak, "weights": weights, "gradients": grads, "optimizer": states, "trainable": trainable,
+            "optimizer_temporaries": max(temporaries - states, 0), "activations": max(peak - grads, 0),
+            "saved": saved}
 
 
 def _reduced_options(backbone, options: dict, depths: Mapping[str, int]) -> dict:
@@ -338,14 +382,24 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
     depths = _full_depths(backbone, pm_full)
     size = int(getattr(full, "image_size", None) or image_size or 224)
 
-    def measure(setting: dict[str, int]) -> dict:
+    total_params = sum(p.numel() for p in full.parameters())
+    divisors = WIDTH_DIVISORS if backbone.width_option and total_params > MEASURE_AT_FULL_WIDTH else None
+
+    def measure(setting: dict[str, int], optimizer: bool = False) -> dict:
         logging.disable(logging.WARNING)  # the synthetic texts are cut to the token limits on purpose
         try:
-            return _measure(setting)
+            if divisors is None:
+                return _measure(setting, optimizer)
+            # activations = (a part proportional to the width) / divisor + (a part that does not depend on it:
+            # attention scores, logits, images): two narrow copies give both parts, and so the real width's
+            d1, d2 = divisors
+            m1 = _measure({**setting, backbone.width_option: d1}, optimizer)
+            m2 = _measure({**setting, backbone.width_option: d2}, optimizer)
+            return _extrapolate_width(m1, m2, d1, d2)
         finally:
             logging.disable(logging.NOTSET)
 
-    def _measure(setting: dict[str, int]) -> dict:
+    def _measure(setting: dict[str, int], optimizer: bool) -> dict:
         torch.manual_seed(0)
         with torch.device(device):
             model = backbone.build(**_reduced_options(backbone, options, setting))
@@ -353,12 +407,14 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
         prepare(pm, base_dtype=base_dtype, grad_checkpoint=grad_checkpoint, quantize=quantize,
                 quantize_components=quantize_components, device=torch.device(device) if quantize != "none" else None)
         pm.to(device)
-        return measure_step(pm, synthetic_batch(model, batch_size, seq, answer_len, size))
+        return measure_step(pm, synthetic_batch(model, batch_size, seq, answer_len, size), optimizer_step=optimizer)
 
     base = {k: min(2, v) for k, v in depths.items()}
-    m0 = measure(base)
+    m0 = measure(base, optimizer=True)
     measured = [dict(base)]
     activations = float(m0["activations"])
+    # AdamW's update holds temporaries beside its states, in proportion to what trains: measured on the copy
+    temporaries_per_byte = m0["optimizer_temporaries"] / max(m0["trainable"], 1)
     saved = {k: float(v) for k, v in m0["saved"].items()}
     for option, comps in backbone.depth_options.items():
         extra = depths[option] - base[option]
@@ -374,54 +430,44 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
     for row in rows:
         row.activations = per_comp[row.component]
     transient = max(int(activations) - sum(per_comp.values()), 0)
+    method = (f"measured at widths 1/{divisors[0]} and 1/{divisors[1]}, extrapolated to the real width"
+              if divisors else "measured at the real width")
     settings = {"base_dtype": base_dtype, "grad_checkpoint": grad_checkpoint, "quantize": quantize,
-                "seq_len": seq, "image_size": size}
-    return MemoryPlan(backbone.name, recipe.to_text(), batch_size, settings, rows, transient, depths, measured)
+                "seq_len": seq, "image_size": size, "activations": method}
+    optimizer_temporaries = int(temporaries_per_byte * sum(r.gradients for r in rows))
+    return MemoryPlan(backbone.name, recipe.to_text(), batch_size, settings, rows, transient, depths, measured,
+                      optimizer_temporaries, _alternatives(pm_full, base_dtype, quantize, quantize_components))
 
 
-def measure_training_step(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len: int = 16,
-                          answer_len: int = 8, image_size: int | None = None, base_dtype="fp32", grad_checkpoint=None,
-                          quantize: str = "none", quantize_components=None, backbone_options: Mapping | None = None,
-                          device: str = "cpu") -> dict[str, int]:
-    """What :func:`plan_memory` estimates, measured: the full model built for real, one training step
-    (forward, backward, AdamW update). On a GPU the peak is ``torch.cuda.max_memory_allocated``; on a CPU,
-    the weights plus the peak growth of live tensors during the step (:class:`LiveTensors`)."""
-    from ..model import apply
-    from ..plugins import default_registry
-    from ..recipe import Recipe
-    from . import prepare
+def _alternatives(pm, base_dtype, quantize: str, quantize_components) -> dict[str, int]:
+    """The weights under the memory options this plan does not use yet (counted on the same meta model)."""
+    from .quantize import default_components
 
-    registry = registry or default_registry()
-    backbone = registry.backbone(backbone) if isinstance(backbone, str) else backbone
-    recipe = Recipe.parse(recipe, components=list(backbone.components)).canonical(registry)
-    options = dict(backbone_options or {})
-    if image_size is not None:
-        options["image_size"] = int(image_size)
-    options.setdefault("max_question_tokens", int(seq_len))
-    options.setdefault("max_answer_tokens", int(answer_len))
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    logging.disable(logging.WARNING)
-    try:
-        model = backbone.build(**options)
-        pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
-        prepare(pm, base_dtype=base_dtype, grad_checkpoint=grad_checkpoint, quantize=quantize,
-                quantize_components=quantize_components, device=dev if quantize != "none" else None)
-        pm.to(dev)
-        batch = synthetic_batch(model, batch_size, seq_len, answer_len, int(model.image_size))
-        batch["images"] = batch["images"].to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            start = torch.cuda.memory_allocated(dev)
-            result = measure_step(pm, batch, optimizer_step=True)
-            torch.cuda.synchronize(dev)
-            result["total"] = torch.cuda.max_memory_allocated(dev)
-            result["before_step"] = start
-        else:
-            result = measure_step(pm, batch, optimizer_step=True)
-            result["total"] = result["weights"] + result["peak"]
-    finally:
-        logging.disable(logging.NOTSET)
-    result.pop("saved", None)
-    return result
+    options = []
+    if base_dtype in (None, "fp32", "auto"):
+        options.append(("--base-dtype bf16", torch.bfloat16, "none"))
+    if quantize == "none":
+        try:
+            if not quantize_components:
+                default_components(pm.backbone)
+            options.append(("--base-dtype bf16 --quantize nf4", torch.bfloat16, "nf4"))
+        except ConfigError:  # no llm component: quantizing would need --quantize-components
+            pass
+    out = {}
+    for label, dtype, q in options:
+        try:
+            out[label] = sum(r.weights for r in _static_rows(pm, dtype, q, quantize_components))
+        except ConfigError:  # e.g. a component trained in full cannot be quantized
+            continue
+    return out
+
+
+def _extrapolate_width(m1: dict, m2: dict, d1: int, d2: int) -> dict:
+    """Measures at widths 1/d1 and 1/d2 -> the real width's, each figure taken as a / d + c."""
+    def at_full(v1: float, v2: float) -> float:
+        a = (v1 - v2) / (1 / d1 - 1 / d2)
+        return max(a + v2 - a / d2, 0.0)
+
+    out = {k: at_full(m1[k], m2[k]) for k in ("activations", "optimizer_temporaries", "trainable", "peak")}
+    out["saved"] = {k: at_full(m1["saved"].get(k, 0), m2["saved"].get(k, 0)) for k in set(m1["saved"]) | set(m2["saved"])}
+    return out

@@ -63,3 +63,24 @@ def test_the_registry_passed_to_apply_is_the_one_dispatched_through(counting, re
     other = peftmed.build_backbone("toy-vlm")
     peftmed.apply(other, recipe)(*other.example_inputs())
     assert plugin.calls == before
+
+
+@pytest.mark.parametrize("recipe, op", [("fusion=lora(r=2)", "lora_linear"), ("decoder=layernorm", "layer_norm"),
+                                        ("fusion=prefix(n=2)", "prefix_attention")])
+def test_a_compiled_model_dispatches_through_its_own_registry_too(counting, recipe, op):
+    """Under torch.compile the custom ops used to resolve through the default registry: a kernel registered only
+    in the model's registry was never called (and one named explicitly failed with an unknown name)."""
+    plugin, registry = counting
+    torch.manual_seed(0)
+    model = peftmed.build_backbone("toy-vlm")
+    inputs = model.example_inputs()
+    pm = peftmed.apply(model, recipe, registry=registry)
+    eager = pm(*inputs)
+    calls = plugin.calls[op]
+    torch._dynamo.reset()
+    compiled = torch.compile(pm, backend="eager", fullgraph=False)
+    out = compiled(*inputs)
+    out.float().sum().backward()
+    assert plugin.calls[op] > calls, f"{op}: the compiled model did not call its registry's kernel"
+    torch.testing.assert_close(out, eager)
+    assert all(p.grad is not None for p in pm.adapter_tensors().values())

@@ -87,10 +87,34 @@ def saved_tokenizer(folder) -> object:
         raise PeftmedError(f"cannot read the tokenizer in {str(folder)!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def preset_spec(presets: dict, preset: str, what: str, image_size=None, vision_layers=None, text_layers=None) -> dict:
+WIDTH_KEYS = ("hidden_size", "intermediate_size", "projection_dim", "head_dim")
+
+
+def narrower(part: dict, divisor: int, what: str) -> dict:
+    """A layer stack's config with every width divided by ``divisor``, the number of heads kept (each head
+    narrower): a model whose activations scale as the real one's (``peftmed plan`` measures two of these and
+    extrapolates to the real width)."""
+    if not isinstance(divisor, int) or isinstance(divisor, bool) or divisor < 1:
+        raise ConfigError(f"{what}: width_divisor must be a positive integer, got {divisor!r}")
+    out = dict(part)
+    for key in WIDTH_KEYS:
+        if out.get(key):
+            if out[key] % divisor:
+                raise ConfigError(f"{what}: {key}={out[key]} is not divisible by width_divisor={divisor}")
+            out[key] //= divisor
+    heads = out.get("num_attention_heads")
+    if heads and out.get("hidden_size") and (out["hidden_size"] % heads or (out["hidden_size"] // heads) % 2):
+        raise ConfigError(f"{what}: width_divisor={divisor} leaves hidden_size={out['hidden_size']} for {heads} heads; "
+                          f"choose a smaller divisor")
+    return out
+
+
+def preset_spec(presets: dict, preset: str, what: str, image_size=None, vision_layers=None, text_layers=None,
+                width_divisor: int | None = None) -> dict:
     """A copy of ``presets[preset]`` (``{"vision": {...}, "text": {...}}``) with the image size and the depths of
-    its layer stacks set (a shallower or deeper model of the same widths, e.g. for peftmed plan); each value is
-    checked: an image side is a positive multiple of the patch size."""
+    its layer stacks set (a shallower or deeper model of the same widths, e.g. for peftmed plan), and with
+    ``width_divisor`` every width divided (the heads kept); each value is checked: an image side is a positive
+    multiple of the patch size."""
     if preset not in presets:
         raise ConfigError(f"{what}: unknown preset {preset!r}; expected one of {sorted(presets)}")
     spec = copy.deepcopy(presets[preset])
@@ -106,6 +130,9 @@ def preset_spec(presets: dict, preset: str, what: str, image_size=None, vision_l
             if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
                 raise ConfigError(f"{part}_layers must be a positive integer, got {layers!r}")
             spec[part]["num_hidden_layers"] = layers
+    if width_divisor is not None and width_divisor != 1:
+        for part in ("vision", "text"):
+            spec[part] = narrower(spec[part], width_divisor, f"{what} {part}")
     return spec
 
 

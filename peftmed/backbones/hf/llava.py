@@ -233,10 +233,10 @@ class HFLlava(VQAModule):
 
 def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | None = None, *, image_token_id: int,
                  pad_token_id: int, bos_token_id: int, eos_token_id: int, vision_layers: int | None = None,
-                 text_layers: int | None = None):
+                 text_layers: int | None = None, width_divisor: int | None = None):
     from transformers import LlavaConfig
 
-    spec = preset_spec(PRESETS, preset, "hf-llava", image_size, vision_layers, text_layers)
+    spec = preset_spec(PRESETS, preset, "hf-llava", image_size, vision_layers, text_layers, width_divisor)
     text = dict(spec["text"], pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     text.setdefault("vocab_size", vocab_size)  # a real architecture's vocabulary is fixed; a tiny one fits its tokenizer
     # vision_feature_layer=-2 and dropping the CLS feature are LLaVA(-Med)'s choices
@@ -247,7 +247,8 @@ def llava_config(preset: str = "tiny", vocab_size: int = 500, image_size: int | 
 
 def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_size: int | None = None,
           template: str = DEFAULT_TEMPLATE, max_question_tokens: int = 64, max_answer_tokens: int = 16,
-          seed: int | None = 0, vision_layers: int | None = None, text_layers: int | None = None) -> HFLlava:
+          seed: int | None = 0, vision_layers: int | None = None, text_layers: int | None = None,
+          width_divisor: int | None = None) -> HFLlava:
     """A fresh (randomly initialised) LLaVA with a tokenizer; nothing is downloaded.
 
     ``preset``: ``tiny`` (CPU tests), ``llava-med-7b`` (LLaVA-Med v1.5: CLIP ViT-L/14-336 + Mistral-7B, MLP
@@ -266,7 +267,8 @@ def build(preset: str = "tiny", config=None, tokenizer=None, texts=None, image_s
             raise ConfigError(f"hf-llava: the tokenizer has no {IMAGE_PLACEHOLDER!r} token; add it as a special token")
         config = llava_config(preset, len(tokenizer), image_size, image_token_id=image_id,
                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                              eos_token_id=tokenizer.eos_token_id, vision_layers=vision_layers, text_layers=text_layers)
+                              eos_token_id=tokenizer.eos_token_id, vision_layers=vision_layers, text_layers=text_layers,
+                              width_divisor=width_divisor)
     elif image_size is not None and image_size != config.vision_config.image_size:
         raise ConfigError(f"hf-llava: image_size={image_size} disagrees with the config's "
                           f"vision_config.image_size={config.vision_config.image_size}")
@@ -326,6 +328,7 @@ BACKBONE = Backbone(
     description="transformers LlavaForConditionalGeneration, LLaVA-Med's architecture (vision | projector | llm)",
     tasks=("vqa", "report"),
     depth_options={"vision_layers": ("vision",), "text_layers": ("llm",)},
+    width_option="width_divisor",
     unused=unused,
     tiny=True,  # the default build is the tiny preset (the conformance kit runs on it)
 )

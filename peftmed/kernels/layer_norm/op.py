@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ShapeError
-from ..registry import KernelInputError, resolve
+from ..registry import KernelInputError, dispatch, dispatch_key, resolved
 
 OP = "layer_norm"
 
@@ -49,10 +49,11 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None, registry=None):
     _check(x, weight, bias)
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()  # a copy only when x is not already row-contiguous
-    if torch.compiler.is_compiling():
-        y, _, _ = layer_norm_fwd(x2, weight, bias, float(eps), impl or "auto")
+    if torch.compiler.is_compiling():  # the same dispatch, its key a constant of the graph
+        key = dispatch_key(OP, impl, x.device.type, x.dtype, n, registry)
+        y, _, _ = layer_norm_fwd(x2, weight, bias, float(eps), key)
         return y.view(x.shape)
-    _, fns = resolve(OP, impl, x.device, x.dtype, n, registry)
+    _, _, fns = dispatch(OP, impl, x.device, x.dtype, n, registry)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y = _LayerNormFunction.apply(x2, weight, bias, float(eps), fns)
     else:
@@ -62,41 +63,39 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None, registry=None):
 
 # ---- torch.library registration (what torch.compile traces) ----------------------------------------
 @torch.library.custom_op("peftmed::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, w: Tensor, b: Tensor, eps: float, impl: str) -> tuple[Tensor, Tensor, Tensor]:
-    _, fns = resolve(OP, impl, x.device, x.dtype, x.shape[-1])
-    return tuple(fns["forward"](x, w, b, eps))
+def layer_norm_fwd(x: Tensor, w: Tensor, b: Tensor, eps: float, key: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(resolved(key)["forward"](x, w, b, eps))
 
 
 @layer_norm_fwd.register_fake
-def _(x, w, b, eps, impl):
+def _(x, w, b, eps, key):
     rows = x.shape[0]
     return torch.empty_like(x), x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
 
 
 @torch.library.custom_op("peftmed::layer_norm_bwd", mutates_args=())
 def layer_norm_bwd(dy: Tensor, x: Tensor, w: Tensor, mean: Tensor, rstd: Tensor, needs: list[bool],
-                   impl: str) -> list[Tensor]:
-    _, fns = resolve(OP, impl, x.device, x.dtype, x.shape[-1])
-    grads = fns["backward"](dy.contiguous(), x, w, mean, rstd, tuple(needs))
+                   key: str) -> list[Tensor]:
+    grads = resolved(key)["backward"](dy.contiguous(), x, w, mean, rstd, tuple(needs))
     # custom ops cannot return None (an empty tensor means "not needed") nor one tensor twice
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, w, mean, rstd, needs, impl):
+def _(dy, x, w, mean, rstd, needs, key):
     return [x.new_empty(s if need else (0,)) for s, need in zip((x.shape, w.shape, w.shape), needs)]
 
 
 def _setup(ctx, inputs, output):
-    x, w, b, eps, impl = inputs
+    x, w, b, eps, key = inputs
     ctx.save_for_backward(x, w, output[1], output[2])
-    ctx.impl = impl
+    ctx.key = key
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, w, mean, rstd = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:3]]
-    grads = layer_norm_bwd(dy, x, w, mean, rstd, needs, ctx.impl)
+    grads = layer_norm_bwd(dy, x, w, mean, rstd, needs, ctx.key)
     return (*[g if need else None for g, need in zip(grads, needs)], None, None)
 
 

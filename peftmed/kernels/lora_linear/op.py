@@ -3,7 +3,8 @@
 Eager calls go through a small ``torch.autograd.Function`` (the cheapest path: a custom op costs
 about 50 us more per step); under ``torch.compile`` the same forward/backward run inside the custom
 ops ``peftmed::lora_linear_fwd`` / ``peftmed::lora_linear_bwd`` so the compiler sees one opaque node
-with a fake (shape-only) implementation and a registered backward.
+with a fake (shape-only) implementation and a registered backward. Both paths dispatch once, through the
+registry the model was applied with (``registry.dispatch``); the custom ops receive the decision's key.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from ...errors import ShapeError
 from ..dropout import new_seed
-from ..registry import KernelInputError, resolve
+from ..registry import KernelInputError, dispatch, dispatch_key, resolved
 
 OP = "lora_linear"
 
@@ -66,11 +67,12 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
     x2 = x.reshape(-1, d_in).contiguous()  # a copy only when x is not already row-contiguous
     w, a, b = weight.contiguous(), lora_a.contiguous(), lora_b.contiguous()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the same dispatch, its key a constant of the graph
+        key = dispatch_key(OP, impl, x.device.type, x.dtype, a.shape[0], registry)
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
-        y, _ = lora_linear_fwd(x2, w, bias, a, b, float(scaling), p, seed, impl or "auto")
+        y, _ = lora_linear_fwd(x2, w, bias, a, b, float(scaling), p, seed, key)
         return y.view(*lead, d_out)
-    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0], registry)
+    _, _, fns = dispatch(OP, impl, x.device, x.dtype, a.shape[0], registry)
     seed = new_seed() if p > 0 else 0
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
         y = _LoraLinearFunction.apply(x2, w, bias, a, b, float(scaling), p, seed, fns)
@@ -82,44 +84,42 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
 # ---- torch.library registration (what torch.compile traces) ----------------------------------------
 @torch.library.custom_op("peftmed::lora_linear_fwd", mutates_args=())
 def lora_linear_fwd(x: Tensor, w: Tensor, bias: Tensor | None, a: Tensor, b: Tensor, scaling: float,
-                    p: float, seed: Tensor, impl: str) -> tuple[Tensor, Tensor]:
-    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
-    y, xa = fns["forward"](x, w, bias, a, b, scaling, p, int(seed))
+                    p: float, seed: Tensor, key: str) -> tuple[Tensor, Tensor]:
+    y, xa = resolved(key)["forward"](x, w, bias, a, b, scaling, p, int(seed))
     return y, xa
 
 
 @lora_linear_fwd.register_fake
-def _(x, w, bias, a, b, scaling, p, seed, impl):
+def _(x, w, bias, a, b, scaling, p, seed, key):
     return x.new_empty(x.shape[0], w.shape[0]), x.new_empty(x.shape[0], a.shape[0])
 
 
 @torch.library.custom_op("peftmed::lora_linear_bwd", mutates_args=())
 def lora_linear_bwd(dy: Tensor, x: Tensor, w: Tensor, a: Tensor, b: Tensor, xa: Tensor, scaling: float,
-                    p: float, seed: Tensor, needs: list[bool], impl: str) -> list[Tensor]:
-    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0])
-    grads = fns["backward"](dy.contiguous(), x, w, a, b, xa, scaling, p, int(seed), tuple(needs))
+                    p: float, seed: Tensor, needs: list[bool], key: str) -> list[Tensor]:
+    grads = resolved(key)["backward"](dy.contiguous(), x, w, a, b, xa, scaling, p, int(seed), tuple(needs))
     # custom ops cannot return None (an empty tensor means "not needed") nor one tensor twice
     return [g if g is not None else x.new_empty(0) for g in grads]
 
 
 @lora_linear_bwd.register_fake
-def _(dy, x, w, a, b, xa, scaling, p, seed, needs, impl):
+def _(dy, x, w, a, b, xa, scaling, p, seed, needs, key):
     shapes = (x.shape, w.shape, (w.shape[0],), a.shape, b.shape)
     return [x.new_empty(s if need else (0,)) for s, need in zip(shapes, needs)]
 
 
 def _setup(ctx, inputs, output):
-    x, w, bias, a, b, scaling, p, seed, impl = inputs
+    x, w, bias, a, b, scaling, p, seed, key = inputs
     ctx.save_for_backward(x, w, a, b, output[1], seed)
-    ctx.args = (scaling, p, impl, bias is not None)
+    ctx.args = (scaling, p, key, bias is not None)
 
 
 def _backward(ctx, dy, _dxa):
     x, w, a, b, xa, seed = ctx.saved_tensors
-    scaling, p, impl, has_bias = ctx.args
+    scaling, p, key, has_bias = ctx.args
     needs = [bool(n) for n in ctx.needs_input_grad[:5]]
     needs[2] = needs[2] and has_bias
-    grads = lora_linear_bwd(dy, x, w, a, b, xa, scaling, p, seed, needs, impl)
+    grads = lora_linear_bwd(dy, x, w, a, b, xa, scaling, p, seed, needs, key)
     grads = [g if need else None for g, need in zip(grads, needs)]
     return (*grads, None, None, None, None)
 

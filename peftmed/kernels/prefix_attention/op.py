@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ...errors import ShapeError
 from ..dropout import new_seed, threshold
-from ..registry import KernelInputError, resolve
+from ..registry import KernelInputError, dispatch, dispatch_key, resolved
 from .reference import plain_attention
 
 OP = "prefix_attention"
@@ -99,12 +99,13 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, *, causal=False, sc
     if prefix_k.shape[1] == 0:
         return plain_attention(q, k, v, mask, causal, scale, p)
     pk, pv = prefix_k, prefix_v
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # the same dispatch, its key a constant of the graph
+        key = dispatch_key(OP, impl, q.device.type, q.dtype, q.shape[-1], registry)
         q, k, v, pk, pv = (t.contiguous() for t in (q, k, v, pk, pv))
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
-        out, _ = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale, p, seed, impl or "auto")
+        out, _ = prefix_attention_fwd(q, k, v, pk, pv, mask, causal, scale, p, seed, key)
         return out
-    kernel, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1], registry)
+    _, kernel, fns = dispatch(OP, impl, q.device, q.dtype, q.shape[-1], registry)
     if kernel.name != "torch" or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
         # the GPU kernels index contiguous rows; the torch implementation takes strided views as they
         # come (a head-split (B, T, H, D) -> (B, H, T, D) view is not copied, and a prefix that is a
@@ -119,42 +120,41 @@ def prefix_attention(q, k, v, prefix_k, prefix_v, mask=None, *, causal=False, sc
 # ---- torch.library registration (what torch.compile traces) ----------------------------------------
 @torch.library.custom_op("peftmed::prefix_attention_fwd", mutates_args=())
 def prefix_attention_fwd(q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor, mask: Tensor | None,
-                         causal: bool, scale: float | None, p: float, seed: Tensor, impl: str
+                         causal: bool, scale: float | None, p: float, seed: Tensor, key: str
                          ) -> tuple[Tensor, Tensor]:
-    _, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1])
-    out, lse = fns["forward"](q, k, v, pk, pv, mask, causal, scale, p, int(seed))
+    out, lse = resolved(key)["forward"](q, k, v, pk, pv, mask, causal, scale, p, int(seed))
     return out, lse.contiguous()
 
 
 @prefix_attention_fwd.register_fake
-def _(q, k, v, pk, pv, mask, causal, scale, p, seed, impl):
+def _(q, k, v, pk, pv, mask, causal, scale, p, seed, key):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("peftmed::prefix_attention_bwd", mutates_args=())
 def prefix_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pk: Tensor, pv: Tensor,
                          mask: Tensor | None, causal: bool, scale: float | None, p: float, seed: Tensor,
-                         out: Tensor, lse: Tensor, impl: str) -> list[Tensor]:
-    _, fns = resolve(OP, impl, q.device, q.dtype, q.shape[-1])
-    grads = fns["backward"](dout.contiguous(), q, k, v, pk, pv, mask, causal, scale, p, int(seed), out, lse)
+                         out: Tensor, lse: Tensor, key: str) -> list[Tensor]:
+    grads = resolved(key)["backward"](dout.contiguous(), q, k, v, pk, pv, mask, causal, scale, p, int(seed), out,
+                                      lse)
     return [g.contiguous() for g in grads]
 
 
 @prefix_attention_bwd.register_fake
-def _(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse, impl):
+def _(dout, q, k, v, pk, pv, mask, causal, scale, p, seed, out, lse, key):
     return [torch.empty_like(t) for t in (q, k, v, pk, pv)]
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, pk, pv, mask, causal, scale, p, seed, impl = inputs
+    q, k, v, pk, pv, mask, causal, scale, p, seed, key = inputs
     ctx.save_for_backward(q, k, v, pk, pv, output[0], output[1], seed)
-    ctx.mask, ctx.args = mask, (causal, scale, p, impl)
+    ctx.mask, ctx.args = mask, (causal, scale, p, key)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, pk, pv, out, lse, seed = ctx.saved_tensors
-    causal, scale, p, impl = ctx.args
-    grads = prefix_attention_bwd(dout, q, k, v, pk, pv, ctx.mask, causal, scale, p, seed, out, lse, impl)
+    causal, scale, p, key = ctx.args
+    grads = prefix_attention_bwd(dout, q, k, v, pk, pv, ctx.mask, causal, scale, p, seed, out, lse, key)
     return (*grads, None, None, None, None, None, None)
 
 
