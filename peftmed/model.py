@@ -115,6 +115,7 @@ class PeftModel(nn.Module):
         object.__setattr__(self, "_originals", {})
         self.active_adapter: str | None = None
         self.keep_base = keep_base  # keep select-family base values, to switch adapters and disable
+        self.generation_length: int | None = None  # answers' length in tokens when a call gives none (a run's)
         for p in model.parameters():
             p.requires_grad_(False)
         self.base_counts = self._count_base()

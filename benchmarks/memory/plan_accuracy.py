@@ -43,8 +43,9 @@ SETTINGS = {
         batch_size=4, seq_len=20, base_dtype="bf16", backbone_options=MISS_34M)),
     "miss-base-lora-b1": ("miss-base", "*=lora(r=8)", dict(batch_size=1, seq_len=35)),
     "miss-base-ln-b2": ("miss-base", "*=layernorm", dict(batch_size=2, seq_len=35)),
-    "miss-base-nf4-bf16-b2": ("miss-base", "*=lora(r=8)", dict(
-        batch_size=2, seq_len=35, base_dtype="bf16", quantize="nf4", quantize_components="fusion,decoder")),
+    "miss-34m-nf4-bf16-b4": ("miss", "*=lora(r=8)", dict(
+        batch_size=4, seq_len=20, base_dtype="bf16", quantize="nf4", quantize_components="fusion,decoder",
+        backbone_options=MISS_34M)),
     "blip-base-ptv2-b4": ("blip-vqa-base", "fusion=ptuning-v2(n=10) decoder=ptuning-v2(n=10)", dict(
         batch_size=4, seq_len=35)),
     "blip-base-prefix-ckpt-b1": ("blip-vqa-base", "fusion=prefix(n=10) decoder=prefix(n=10)", dict(

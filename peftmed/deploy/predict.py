@@ -18,6 +18,7 @@ from ..data.dataset import image_to_tensor
 from ..data.images import open_image
 from ..errors import ConfigError
 from ..memory import autocast_for
+from ..model import find_peft_model
 from ..run.model import run_options
 from ..tasks import check_generation_length
 
@@ -78,7 +79,8 @@ def answer(task, model, images: Sequence, questions: Sequence[str] | None = None
 
     size = int(getattr(model, "image_size"))
     device = next(model.parameters()).device
-    tokens = max_new_tokens or task.max_new_tokens
+    peft = find_peft_model(model)
+    tokens = max_new_tokens or getattr(peft, "generation_length", None) or task.max_new_tokens
     check_generation_length(model, tokens)
     before = _truncated(model)
     out: list[str] = []

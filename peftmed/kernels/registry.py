@@ -182,12 +182,16 @@ def dispatch(op: str, impl: str | None, device: torch.device | str, dtype: torch
     return key, kernel, fns
 
 
-@torch._dynamo.assume_constant_result
 def dispatch_key(op: str, impl: str | None, device_type: str, dtype: torch.dtype, size: int | None = None,
                  registry=None) -> str:
     """:func:`dispatch`'s key alone, as a constant of a compiled graph: ``torch.compile`` calls it once while
     tracing (the decision is the model registry's, as in eager mode) and keeps the string."""
     return dispatch(op, impl, device_type, dtype, size, registry)[0]
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo when peftmed is imported (2.6 s
+# on a 2-core CPU); tests/kernels/test_registry_travels.py compiles a model and fails if dynamo stops honouring it
+dispatch_key._dynamo_marked_constant = True
 
 
 def resolved(key: str) -> Mapping[str, Callable]:

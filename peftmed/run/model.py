@@ -100,6 +100,8 @@ def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto",
     q = quantize or opts.get("quantize") or "none"
     prepare(pm, base_dtype=base_dtype or opts.get("base_dtype") or "auto", quantize=q,
             quantize_components=opts.get("quantize_components"), device=dev if q != "none" else None)
+    # answers are generated as long as the run's (derived from its training answers), unless a call says otherwise
+    pm.generation_length = opts.get("max_new_tokens")
     task_model = task_obj.wrap(pm)
     task_model.to(dev)
     task_model.eval()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from peftmed.bench import read_results, run_bench
+from peftmed.bench import read_results, results, run_bench
 from peftmed.bench.results import METRICS
 
 FIGURES = ("trainable", "trainable_percent", "peak_memory_mib", "throughput", "step_time_median_s", "train_time_s",
@@ -80,7 +80,7 @@ def test_plots_report_and_table(suite):
     line = next(l for l in printed.splitlines() if l.startswith("F|LoRA|LoRA"))
     ratios = line.split()[-3:]
     assert all(math.isfinite(float(x)) for x in ratios), line
-    predictions = json.loads((out / "predictions" / "F-LoRA-LoRA.peftmed.s0.json").read_text())
+    predictions = json.loads(results.predictions_file(out, "F|LoRA|LoRA", "peftmed", 0).read_text())
     assert len(predictions) == 8
 
 
@@ -92,4 +92,4 @@ def test_seeds_repeat_each_training_recipe(tmp_path, mini):
     summary = {r["label"]: r for r in data["summary"]}
     assert summary["*=layernorm"]["n_seeds"] == 2 and summary["*=layernorm"]["seed_sd"] is not None
     assert summary["*=layernorm"]["p_vs_frozen"] is not None
-    assert (out / "predictions" / "all=layernorm.peftmed.s1.json").is_file()
+    assert results.predictions_file(out, "*=layernorm", "peftmed", 1).is_file()

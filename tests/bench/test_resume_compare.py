@@ -5,10 +5,10 @@ import json
 import pytest
 
 import peftmed.bench.runner as runner
-from peftmed.bench import run_bench
+from peftmed.bench import results, run_bench
+from peftmed.bench.results import ResultsError
 from peftmed.cli import main
 from peftmed.errors import ConfigError
-from peftmed.bench.results import ResultsError
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +61,8 @@ def test_interrupted_job_is_rerun(tmp_path, mini, monkeypatch):
     config = mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"])
     with pytest.raises(SimulatedKill):
         run_bench(config, echo=lambda _: None)
-    assert (out / "runs" / "all=layernorm.peftmed.s0.json").is_file()
-    assert not (out / "runs" / "all=bitfit.peftmed.s0.json").exists()
+    assert results.job_file(out, "*=layernorm", "peftmed", 0).is_file()
+    assert not results.job_file(out, "*=bitfit", "peftmed", 0).exists()
     calls = _count_jobs(monkeypatch)
     run_bench(mini(out, peft=False, recipes=["*=layernorm", "*=bitfit"], resume=True), echo=lambda _: None)
     assert calls == ["*=bitfit"]

@@ -89,7 +89,8 @@ def test_a_7b_preset_is_planned_in_seconds():
     seconds = time.perf_counter() - t0
     assert "widths 1/16 and 1/32" in plan.settings["activations"]
     assert plan.depths == {"vision_layers": 24, "text_layers": 32}
-    assert 20 * 2**30 < plan.total < 80 * 2**30 and plan.weights == pytest.approx(7.566743552e9 * 4, rel=1e-3)
+    assert 20 * 2**30 < plan.total < 80 * 2**30
+    assert plan.weights == 4 * (7_566_743_552 + sum(r.trainable for r in plan.rows))  # fp32 base + LoRA's tensors
     assert seconds < 120  # measured ~25 s on an idle 2-core CPU; the bound leaves room for a busy CI machine
 
 

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from peftmed.bench import results
 from peftmed.bench.runner import BenchConfig, run_bench
 from peftmed.bench.suites import BUILTIN_SUITES, SUITE_TASKS
 from peftmed.errors import ConfigError
@@ -31,10 +32,10 @@ def test_report_bench_rows_carry_report_scores(tmp_path, registry):
         assert 0.0 <= rows["layernorm"][key] <= 10.0
     assert config.task == "report"
     assert config.backbone_options["max_position_embeddings"] == 128  # miss-tiny holds a whole report
-    preds = json.loads((tmp_path / "out" / "predictions" / "all=layernorm.peftmed.s0.json").read_text())
+    preds = json.loads(results.predictions_file(tmp_path / "out", "*=layernorm", "peftmed", 0).read_text())
     assert len(preds) == 3
     md = (tmp_path / "out" / "report.md").read_text()
-    assert "| *=layernorm | " in md and "| BLEU-4 |" in md and "| frozen | `F\\|F\\|F` | 0 | 0.000 |" in md
+    assert "| \\*=layernorm | " in md and "| BLEU-4 |" in md and "| frozen | `F\\|F\\|F` | 0 | 0.000 |" in md
     assert any("BLEU-4" in line and "find F1" in line for line in lines)
 
 

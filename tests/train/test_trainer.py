@@ -47,7 +47,9 @@ def test_no_weight_decay_on_biases_and_norms(fake_registry, records):
     pm = build_fake(registry=fake_registry)
     trainer, _ = run(pm, records, steps=1, weight_decay=0.1)
     names = {id(p): n for n, p in pm.adapter_tensors().items()}
-    by_decay = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in trainer.optimizer.param_groups}
+    by_decay: dict[float, set] = {}
+    for g in trainer.optimizer.param_groups:  # one group per component and method (and decay)
+        by_decay.setdefault(g["weight_decay"], set()).update(names[id(p)] for p in g["params"])
     assert by_decay[0.0] == {"vision.norm.weight", "vision.norm.bias", "head.fc1.bias", "head.fc2.bias"}
     assert "vision.q.lora_A" in by_decay[0.1] and "head.fc1.weight" in by_decay[0.1]
 

@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
 
 from ...errors import ConfigError
 from ..wordpiece import wordpiece_vocab
@@ -79,7 +78,7 @@ def _texts(texts: Iterable[str] | None) -> list[str]:
 
 
 def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000,
-                        vocab_file: str | None = None) -> PreTrainedTokenizerFast:
+                        vocab_file: str | None = None):
     """A BERT WordPiece tokenizer: from ``vocab_file`` when given, else built from the corpus + ``texts``.
 
     Ids 0..6 are ``[PAD] [UNK] [CLS] [SEP] [MASK] [DEC] [ENC]`` in a built vocabulary.
@@ -101,13 +100,15 @@ def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 10
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers takes ~1 s to import
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", bos_token="[DEC]", additional_special_tokens=["[ENC]"],
     )
 
 
-def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000) -> PreTrainedTokenizerFast:
+def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000):
     """A byte-level BPE tokenizer for a decoder LM, with ``<image>`` as a special token.
 
     Ids 0..4 are ``<pad> <unk> <s> </s> <image>``. It adds no special tokens by itself: the LLaVA
@@ -121,6 +122,8 @@ def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000) ->
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_texts(texts), trainer=trainer)
+    from transformers import PreTrainedTokenizerFast  # deferred: transformers takes ~1 s to import
+
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=["<image>"],
