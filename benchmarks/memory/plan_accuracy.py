@@ -79,6 +79,7 @@ def measure(backbone_name: str, recipe: str, *, device: str = "cpu", **kw) -> di
     import peftmed
     from peftmed.memory import prepare
     from peftmed.memory.plan import synthetic_batch
+    from peftmed.runtime import adamw
 
     registry = peftmed.default_registry()
     backbone = registry.backbone(backbone_name)
@@ -96,7 +97,7 @@ def measure(backbone_name: str, recipe: str, *, device: str = "cpu", **kw) -> di
     params = sum(p.numel() for p in model.parameters())
     batch = synthetic_batch(model, kw["batch_size"], kw["seq_len"], kw.get("answer_len", 8), int(model.image_size))
     batch["images"] = batch["images"].to(dev)
-    optimizer = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-6)
+    optimizer = adamw([p for p in pm.parameters() if p.requires_grad], lr=1e-6)  # as the trainer makes it
 
     def step():
         optimizer.zero_grad(set_to_none=True)  # as the trainer does at the start of each step

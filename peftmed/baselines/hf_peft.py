@@ -30,11 +30,13 @@ class PeftUnavailable(PeftmedError):
 
 
 def peft_version() -> str | None:
+    """The installed peft's version, read from its metadata (importing peft takes seconds), or None."""
+    import importlib.metadata
+
     try:
-        import peft
-    except ImportError:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    return peft.__version__
 
 
 def _canonical(registry, name: str) -> str:

@@ -28,7 +28,11 @@ examples:
 """
 
 
-TRANSFER_STEPS = 200  # adaptation steps per recipe under the transfer protocol (docs/bench.md: the budget)
+# The default protocol (docs/bench.md says what each costs and what it buys): adaptation steps per recipe under
+# the transfer protocol, the seeds (each its own source model), the target and source test records scored
+TRANSFER_STEPS = 120
+TRANSFER_SEEDS = (0, 1, 2)
+TRANSFER_EVAL_SAMPLES = 600
 
 
 def parse_options(items, what: str) -> dict:
@@ -52,7 +56,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     pick.add_argument("--suite", help="built-in suite: default, mile, layernorm, irg (report generation; see "
                                       "--list-suites)")
     pick.add_argument("--suite-file", help="a suite in YAML, TOML or JSON: {recipes: [recipe | {recipe, label}]}")
-    what.add_argument("--threads", type=int, help="torch CPU threads per recipe (default: torch's choice)")
+    what.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads per job (default 1: fixed, so the figures do not depend on the machine's "
+                           "core count)")
+    what.add_argument("--workers", type=int,
+                      help="jobs run side by side (default: one per core, at most 2 on a CPU; 1 on a GPU)")
     what.add_argument("--list-suites", action="store_true", help="print the built-in suites and exit")
     what.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                       help="import MODULE as a peftmed plugin (e.g. your own backbone); repeatable")
@@ -65,10 +73,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                                                               "protocol, else 8)")
     budget.add_argument("--lr", type=float, help="one learning rate for every method (default: each method's usual "
                                                  "rate, e.g. LoRA 1e-3, full 1e-4)")
-    budget.add_argument("--seed", type=int, default=0, help="seed of weights, data order and dropout (default 0)")
+    budget.add_argument("--seed", type=int, help="one seed of weights, data order and dropout (default: the "
+                                                 "protocol's seeds, 0 1 2 with the transfer protocol; else 0)")
     budget.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
-                        help="repeat every recipe with these seeds (e.g. --seeds 0 1 2): the table shows the mean, "
-                             "the spread over seeds and intervals over the test records")
+                        help="repeat every recipe with these seeds (each its own source model under the transfer "
+                             "protocol): the table shows the mean, the spread over seeds, on how many seeds a recipe "
+                             "beats frozen, and intervals and tests over the test records")
     budget.add_argument("--eval-samples", type=int, help="score the first N test records (default: the task's)")
     budget.add_argument("--num-beams", type=int, default=1, help="beams of answer generation (default 1: greedy)")
     budget.add_argument("--backbone-option", action="append", metavar="K=V", help="builder option, repeatable")
@@ -80,7 +90,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     budget.add_argument("--train-test-overlap", choices=("drop", "keep"), default="drop",
                         help="training questions that repeat a test question (VQA-RAD's split has 3): drop "
                              "(default) or keep")
-    budget.add_argument("--source-steps", type=int, default=600, help="steps of source training (default 600)")
+    budget.add_argument("--source-steps", type=int, default=400, help="steps of source training (default 400)")
+    budget.add_argument("--source-eval-samples", type=int, default=300,
+                        help="source-domain test records scored after adapting, for forgetting (default 300)")
     budget.add_argument("--source-lr", type=float, default=2e-3, help="learning rate of source training (default 2e-3)")
     budget.add_argument("--source-batch-size", type=int, default=32, help="batch size of source training (default 32)")
     budget.add_argument("--no-transfer", action="store_true",
@@ -123,19 +135,27 @@ def build_config(args, registry=None):
         transfer = tuple(dict(t) for t in spec.transfer)  # the dataset's default protocol (docs/bench.md)
     # the transfer protocol needs a real budget to say anything (docs/bench.md)
     default_steps, default_batch = (TRANSFER_STEPS, 16) if transfer else (task.bench_steps, task.bench_batch_size)
+    if args.seeds:
+        seeds = tuple(args.seeds)
+    elif args.seed is not None:
+        seeds = (args.seed,)
+    else:
+        seeds = TRANSFER_SEEDS if transfer else (0,)
+    default_eval = TRANSFER_EVAL_SAMPLES if transfer else task.bench_eval_samples
     config = BenchConfig(
         backbone=args.backbone, dataset=dataset, task=task_name, data_dir=args.data_dir, device=args.device,
-        threads=args.threads,
+        threads=args.threads, workers=args.workers,
         suite=args.suite, recipes=recipes,
         steps=args.steps if args.steps is not None else (None if args.time_budget else default_steps),
         time_budget=args.time_budget, batch_size=args.batch_size or default_batch, lr=args.lr,
-        seed=args.seeds[0] if args.seeds else args.seed, seeds=tuple(args.seeds) if args.seeds else None,
-        eval_samples=args.eval_samples if args.eval_samples is not None else task.bench_eval_samples,
+        seed=seeds[0], seeds=seeds if len(seeds) > 1 else None,
+        eval_samples=args.eval_samples if args.eval_samples is not None else default_eval,
         num_beams=args.num_beams, peft=not args.no_peft, output=args.output,
         resume=args.resume, backbone_options=parse_options(args.backbone_option, "--backbone-option"),
         dataset_options=parse_options(args.dataset_option, "--dataset-option"),
         transfer=transfer, source_steps=args.source_steps, source_lr=args.source_lr,
-        source_batch_size=args.source_batch_size, isolate=not args.no_isolate, plugins=tuple(args.plugin),
+        source_batch_size=args.source_batch_size, source_eval_samples=args.source_eval_samples,
+        isolate=not args.no_isolate, plugins=tuple(args.plugin),
         train_test_overlap=args.train_test_overlap,
         progress=not args.no_progress,
         report_to=args.report_to,

@@ -49,7 +49,8 @@ BASE_COLUMNS = (("recipe", 24), ("row", 14), ("trainable", 11), ("%", 8), ("peak
                 ("time s", 7))
 
 
-STAT_COLUMNS = (("95% CI", 13), ("seed sd", 7), ("p vs frozen", 11), ("p vs full", 9))
+STAT_COLUMNS = (("95% CI", 13), ("seed sd", 7), ("> frozen", 8), ("p vs frozen", 11), ("p vs full", 9),
+                ("forgetting", 10), ("p forget", 8))
 
 
 def columns(task, stats: bool = False) -> tuple[tuple[str, int], ...]:
@@ -90,8 +91,10 @@ def _cells(rows: Sequence[dict[str, Any]], task, stats: bool = False) -> tuple[l
     if stats:
         lo, hi = own.get("ci_low"), own.get("ci_high")
         has_ci = lo is not None and not (isinstance(lo, float) and math.isnan(lo))
+        seeds = own.get("seeds_above_frozen")
         cells += [f"{lo:.3f}-{hi:.3f}" if has_ci else "-", _num(own.get("seed_sd"), ".3f", 0),
-                  _p(own.get("p_vs_frozen")), _p(own.get("p_vs_full"))]
+                  f"{seeds[0]}/{seeds[1]}" if seeds else "-", _p(own.get("p_vs_frozen")), _p(own.get("p_vs_full")),
+                  _num(own.get("forgetting"), "+.3f", 0), _p(own.get("p_forgetting"))]
     if peft is None:
         cells += ["-", "-", "-"]
         if own.get("peft_note"):
@@ -276,8 +279,14 @@ def write_report(folder: Path, data: dict[str, Any], task) -> Path:
         "- throughput: median of timed training steps after warm-up; time: training time to the end of the budget",
         "- kernels: " + (", ".join(f"{b['extension']} compiled in {b['seconds']:.0f} s" for b in builds)
                          + " before any timing" if builds else "no extension needed compiling (loaded from the cache)"),
-        f"- {primary} with its 95% bootstrap interval over the test records; seed sd: spread over seeds; p vs "
-        f"frozen / full: paired two-sided test on the same records ({'McNemar exact' if task.binary else 'permutation'})",
+        f"- {primary} with its 95% bootstrap interval over the test records (each record's score averaged over the "
+        f"seeds); seed sd: spread over seeds; > frozen: the seeds on which the recipe beats frozen; p vs frozen / full: "
+        f"paired two-sided test on the same records, the records as units "
+        f"({'McNemar exact with one seed, else ' if task.binary else ''}a sign-flip permutation test)",
+        f"- jobs: {meta.get('workers', 1)} at a time, {meta.get('threads') or 'default'} torch thread(s) each; load "
+        f"average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end",
+        "- forgetting (transfer protocol): the recipe's score on the source domain after adapting, minus the source "
+        "model's (frozen), with a paired test on the source domain's records" if meta.get("forgetting") else "",
         "- peft step x / mem x: peftmed / peft median step time and peak memory on the same model, seed and "
         f"budget (below 1: peftmed faster / smaller); peft {primary}: peft's score",
         f"- elapsed: {meta.get('elapsed_s', math.nan):.0f} s",
@@ -288,6 +297,9 @@ def write_report(folder: Path, data: dict[str, Any], task) -> Path:
         "",
         efficiency(summary, task),
         "",
+        *([meta["forgetting"].replace("\n", "\n\n"), ""] if meta.get("forgetting") else []),
+        *([meta["answers"], ""] if meta.get("answers") else []),
+        *([f"**{meta['load_warning']}**", ""] if meta.get("load_warning") else []),
         f"![{primary} vs trainable parameters](plots/{plots['accuracy'].name})",
         "",
         f"![throughput](plots/{plots['throughput'].name})",

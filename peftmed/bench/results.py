@@ -33,10 +33,11 @@ FORMAT_VERSION = 2  # 2: rows per seed, a summary with intervals and paired test
 # The figures of a row, in table order; each becomes one tidy CSV row per (recipe, provider), followed by
 # the task's scores (any other number in the row).
 METRICS = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", "throughput",
-           "step_time_median_s", "train_time_s", "steps_done", "final_loss", "eval_time_s")
+           "step_time_median_s", "train_time_s", "steps_done", "final_loss", "eval_time_s", "job_time_s")
 NOT_FIGURES = {"label", "recipe", "provider", "status", "error", "traceback", "row", "memory_method", "device",
                "peft_note", "resumed", "metrics_version", "n_train", "n_test", "seed", "seeds", "n_seeds",
-               "max_new_tokens", "answers_reachable", "answers_total"}
+               "max_new_tokens", "answers_reachable", "answers_total", "by_seed", "seeds_above_frozen",
+               "seeds_forgetting"}
 
 
 def figures(row: dict[str, Any]) -> list[str]:
@@ -78,8 +79,9 @@ def job_file(folder: Path, label: str, provider: str, seed: int = 0) -> Path:
     return folder / "runs" / f"{slug(label)}.{provider}.s{seed}.json"
 
 
-def predictions_file(folder: Path, label: str, provider: str, seed: int = 0) -> Path:
-    return folder / "predictions" / f"{slug(label)}.{provider}.s{seed}.json"
+def predictions_file(folder: Path, label: str, provider: str, seed: int = 0, source: bool = False) -> Path:
+    """A job's predictions on the target's test records (``source``: on the source domain's, for forgetting)."""
+    return folder / "predictions" / f"{slug(label)}.{provider}.s{seed}{'.source' if source else ''}.json"
 
 
 def save_job(folder: Path, row: dict[str, Any], fingerprint: dict[str, Any], seed: int = 0) -> None:
@@ -87,6 +89,9 @@ def save_job(folder: Path, row: dict[str, Any], fingerprint: dict[str, Any], see
     predictions = row.pop("predictions", None)
     if predictions is not None:
         write_atomic(predictions_file(folder, row["label"], row["provider"], seed), dumps(predictions))
+    on_source = row.pop("source_predictions", None)
+    if on_source is not None:
+        write_atomic(predictions_file(folder, row["label"], row["provider"], seed, source=True), dumps(on_source))
     write_atomic(job_file(folder, row["label"], row["provider"], seed), dumps({"fingerprint": fingerprint, "row": row}))
 
 
@@ -104,8 +109,9 @@ def load_job(folder: Path, label: str, provider: str, fingerprint: dict[str, Any
     return data["row"]
 
 
-def load_predictions(folder: Path, label: str, provider: str, seed: int = 0) -> dict[str, str] | None:
-    path = predictions_file(folder, label, provider, seed)
+def load_predictions(folder: Path, label: str, provider: str, seed: int = 0,
+                     source: bool = False) -> dict[str, str] | None:
+    path = predictions_file(folder, label, provider, seed, source)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -216,14 +222,16 @@ def tidy_csv(rows: list[dict[str, Any]], summary: list[dict[str, Any]] = ()) -> 
             writer.writerow([label, row["provider"], seed, metric, cell(row[metric])])
     for row in summary:
         for metric in figures(row) + [k for k in ("ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full",
-                                                   "p_vs_best") if k in row and k not in figures(row)]:
+                                                   "p_vs_best", "forgetting", "forgetting_ci_low", "forgetting_ci_high",
+                                                   "p_forgetting") if k in row and k not in figures(row)]:
             writer.writerow([text(row["label"]), row["provider"], "all", metric, cell(row.get(metric))])
     return out.getvalue()
 
 
 def read_results(folder: str | os.PathLike) -> dict[str, Any]:
     data = check_compatible(Path(folder))
-    nullable = {"ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full", "p_vs_best"}
+    nullable = {"ci_low", "ci_high", "seed_sd", "p_vs_frozen", "p_vs_full", "p_vs_best", "forgetting",
+                "forgetting_ci_low", "forgetting_ci_high", "p_forgetting"}
     for key in ("rows", "summary"):
         data[key] = [{k: (math.nan if v is None and k not in NOT_FIGURES | nullable else v) for k, v in r.items()}
                      for r in data.get(key, [])]

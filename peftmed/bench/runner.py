@@ -17,9 +17,10 @@ import dataclasses
 import json
 import math
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from ..files import check_output_path
 from . import report, results
 from . import task as glue
 from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
-from .summary import efficiency, pairwise, summarise, winner
+from .summary import efficiency, forgetting, forgetting_text, pairwise, summarise, winner
 from .worker import Job, run_job
 
 DEFAULT_BACKBONE = "miss-tiny"
@@ -64,10 +65,12 @@ class BenchConfig:
     backbone_options: dict = field(default_factory=dict)
     dataset_options: dict = field(default_factory=dict)  # load_records options of both splits
     transfer: tuple[dict, dict] | None = None  # (source options, target options) of the dataset
-    source_steps: int = 600  # steps of full training on the source domain (transfer protocol)
+    source_steps: int = 400  # steps of full training on the source domain (transfer protocol)
     source_lr: float = 2e-3  # learning rate of that training (from random weights: higher than adaptation's)
     source_batch_size: int = 32  # batch size of that training
-    threads: int | None = None  # torch CPU threads per job (None: torch's default)
+    source_eval_samples: int | None = 300  # forgetting: the source-domain test records scored after adaptation
+    threads: int | None = 1  # torch CPU threads per job: fixed, so figures do not depend on the machine's count
+    workers: int | None = None  # jobs run side by side (None: one per core, at most 2 on a CPU, 1 on a GPU)
     isolate: bool = True  # one fresh process per job (honest CPU memory); False: in this process
     train_test_overlap: str = "drop"  # training records that repeat a test question: drop | keep
     plugins: tuple[str, ...] = ()  # extra plugin modules (e.g. a backbone of your own)
@@ -78,7 +81,7 @@ class BenchConfig:
         if self.steps is None and self.time_budget is None:
             raise ConfigError("give a budget: --steps N and/or --time-budget SECONDS")
         for name in ("steps", "threads", "batch_size", "eval_batch_size", "num_beams", "max_new_tokens", "eval_samples",
-                     "source_steps", "source_batch_size"):
+                     "source_steps", "source_batch_size", "workers", "source_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -104,7 +107,7 @@ class BenchConfig:
         """What makes two runs comparable (resume refuses a folder whose settings differ)."""
         keys = ("backbone", "dataset", "task", "data_dir", "device", "threads", "steps", "time_budget", "batch_size", "eval_samples",
                 "num_beams", "max_new_tokens", "lr", "seed", "seeds", "backbone_options", "dataset_options", "transfer",
-                "source_steps", "source_lr", "source_batch_size", "train_test_overlap")
+                "source_steps", "source_lr", "source_batch_size", "source_eval_samples", "train_test_overlap")
         return json.loads(results.dumps({k: getattr(self, k) for k in keys}))
 
 
@@ -178,7 +181,10 @@ def _jobs_for(config: BenchConfig, entry: SuiteEntry, provider: str, folder: Pat
                seed=config.seed if seed is None else seed,
                device=config.device, threads=config.threads, source_checkpoint=source, cache_dir=str(folder / ".cache"),
                plugins=tuple(config.plugins), progress=config.progress, shared_options=dict(shared or {}),
-               report_to=config.report_to, log_dir=str(folder / "logs") if config.report_to else None)
+               report_to=config.report_to, log_dir=str(folder / "logs") if config.report_to else None,
+               lr_floor=config.source_lr if config.transfer else None,
+               source_options={**config.dataset_options, **config.transfer[0]} if config.transfer else None,
+               source_eval_samples=config.source_eval_samples if config.transfer else None)
 
 
 def fingerprint(job: Job) -> dict[str, Any]:
@@ -191,32 +197,54 @@ def fingerprint(job: Job) -> dict[str, Any]:
 
 
 class _Pool:
-    """Runs jobs one at a time, each in a fresh process forked from a preloaded fork server."""
+    """Runs jobs in fresh processes forked from a preloaded fork server, ``workers`` at a time; ``submit``
+    returns a future whose result is the job's row (a worker that died is an "oom" row, never an exception)."""
 
-    def __init__(self, isolate: bool):
-        self.isolate = isolate
+    def __init__(self, isolate: bool, workers: int = 1):
+        self.isolate, self.workers = isolate, max(1, workers)
         self.executor = None
 
-    def run(self, job: Job) -> dict[str, Any]:
+    def submit(self, job: Job) -> Future:
         if not self.isolate:
-            return run_job(job)
+            done: Future = Future()
+            done.set_result(run_job(job))
+            return done
         if self.executor is None:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
             if method == "forkserver":
                 ctx.set_forkserver_preload(["peftmed.bench.preload"])
-            self.executor = ProcessPoolExecutor(max_workers=1, mp_context=ctx, max_tasks_per_child=1)
-        try:
-            return self.executor.submit(run_job, job).result()
-        except BrokenProcessPool:
-            self.close()
-            return {"label": job.label, "recipe": job.recipe, "provider": job.provider, "status": "oom",
-                    "error": "the worker process died (killed by the system, most likely out of memory)"}
+            self.executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, max_tasks_per_child=1)
+        future = self.executor.submit(run_job, job)
+        out: Future = Future()
+
+        def relay(f):
+            try:
+                out.set_result(f.result())
+            except BrokenProcessPool:
+                out.set_result({"label": job.label, "recipe": job.recipe, "provider": job.provider, "status": "oom",
+                                "error": "the worker process died (killed by the system, most likely out of memory)"})
+            except BaseException as exc:  # cancelled at shutdown (an interrupted suite)
+                out.set_exception(exc)
+
+        future.add_done_callback(relay)
+        return out
+
+    def run(self, job: Job) -> dict[str, Any]:
+        return self.submit(job).result()
 
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+
+
+def _workers(config: BenchConfig) -> int:
+    if config.workers:
+        return config.workers
+    if config.device.startswith("cuda"):
+        return 1  # one GPU: jobs would share it
+    return max(1, min(2, (os.cpu_count() or 1) // max(1, config.threads or 1)))
 
 
 def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -237,46 +265,78 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     meta["recipes"] = [dataclasses.asdict(e) for e in entries]
     meta["started"] = time.strftime("%Y-%m-%d %H:%M:%S")
 
-    pool = _Pool(config.isolate)
+    pool = _Pool(config.isolate, _workers(config))
+    meta["workers"], meta["threads"] = pool.workers, config.threads
+    meta["load_average_start"] = _load_average()
     rows: list[dict[str, Any]] = []
     predictions: dict[tuple[str, str, int], dict] = {}
+    source_predictions: dict[tuple[str, str, int], dict] = {}
     start = time.perf_counter()
     seeds = config.seed_list
     try:
         shared = _shared_options(config, backbone, registry)
         meta["kernel_builds"] = prebuild_kernels(config.device, echo)
-        source = _source_model(config, folder, pool, echo, shared, registry) if config.transfer else None
+        # under the transfer protocol each seed's jobs start as soon as that seed's source model is trained
+        sources = _source_models(config, folder, pool, echo, shared, registry) if config.transfer else {}
         seed_text = f"seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else f"seed {seeds[0]}"
         echo(f"peftmed bench: {len(entries)} recipes on {config.backbone} / {config.dataset}, device "
-             f"{config.device}, budget {report.budget_text(config)}, {seed_text}; results -> {folder}")
-        echo(report.table_header(task))
+             f"{config.device}, budget {report.budget_text(config)}, {seed_text}, {pool.workers} job(s) at a time "
+             f"x {config.threads or 'default'} thread(s); results -> {folder}")
+        planned = []  # (entry, reason, [[job, seed, provider, future or finished row or None (not submitted)]])
         for entry in entries:
             providers = ["peftmed"]
             reason = _peft_reason(entry, backbone, registry) if config.peft else "disabled (--no-peft)"
             if reason is None:
                 providers.append("peft")
-            trains = _trains(entry, backbone, registry)
-            done = []
-            for seed in (seeds if trains else seeds[:1]):  # a recipe that trains nothing has nothing to seed
+            # every seed has its own source model, so even a recipe that trains nothing is scored per seed
+            entry_seeds = seeds if (_trains(entry, backbone, registry) or config.transfer) else seeds[:1]
+            jobs = []
+            for seed in entry_seeds:
                 for provider in providers:
-                    job = _jobs_for(config, entry, provider, folder, source, shared, seed)
-                    row = results.load_job(folder, job.label, provider, fingerprint(job), seed) if config.resume \
+                    if provider == "peft" and seed != seeds[0]:
+                        continue  # peft is the speed, memory and accuracy check beside one seed's rows
+                    jobs.append([None, seed, provider, None])
+            planned.append((entry, reason, jobs))
+
+        def submit(seed: int, source: str | None) -> None:
+            for entry, _, jobs in planned:
+                for item in jobs:
+                    if item[1] != seed:
+                        continue
+                    job = _jobs_for(config, entry, item[2], folder, source, shared, seed)
+                    row = results.load_job(folder, job.label, item[2], fingerprint(job), seed) if config.resume \
                         else None
-                    if row is not None:
-                        row["resumed"] = True
-                        preds = results.load_predictions(folder, job.label, provider, seed)
-                    else:
-                        row = pool.run(job)
-                        row["seed"] = seed
-                        preds = row.get("predictions")
-                        results.save_job(folder, row, fingerprint(job), seed)
-                        row.pop("predictions", None)
-                    if preds is not None:
-                        predictions[(job.label, provider, seed)] = preds
-                    done.append(row)
-            for row in done:
+                    item[0], item[3] = job, (row if row is not None else pool.submit(job))
+
+        if config.transfer:
+            for seed, path in _finished(sources, echo, registry.get("task", config.task)):
+                submit(seed, path)
+        else:
+            for seed in seeds:
+                submit(seed, None)
+        echo(report.table_header(task))
+        for entry, reason, jobs in planned:  # in suite order, as each recipe's jobs finish
+            done = []
+            for job, seed, provider, pending in jobs:
+                if isinstance(pending, dict):
+                    row = pending
+                    row["resumed"] = True
+                    preds = results.load_predictions(folder, job.label, provider, seed)
+                    source_preds = results.load_predictions(folder, job.label, provider, seed, source=True)
+                else:
+                    row = pending.result()
+                    row["seed"] = seed
+                    preds, source_preds = row.get("predictions"), row.get("source_predictions")
+                    results.save_job(folder, row, fingerprint(job), seed)
+                    row.pop("predictions", None)
+                    row.pop("source_predictions", None)
+                if preds is not None:
+                    predictions[(job.label, provider, seed)] = preds
+                if source_preds is not None:
+                    source_predictions[(job.label, provider, seed)] = source_preds
                 if reason is not None:
                     row["peft_note"] = reason
+                done.append(row)
             rows.extend(done)
             for seed in seeds:
                 line = [r for r in done if r.get("seed") == seed]
@@ -286,9 +346,21 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
             results.write_results(folder, meta, rows)
     finally:
         pool.close()
+    meta["load_average_end"] = _load_average()
     records = _test_records(config, registry)
     summary = summarise(rows, task, records, predictions)
     pairwise(summary, task, records, predictions)
+    if config.transfer and source_predictions:
+        source_records = _source_records(config, registry)
+        forgetting(summary, task, source_records, source_predictions)
+        meta["forgetting"] = forgetting_text(summary, task, source_records, source_predictions)
+    busy = _busy_note(meta)
+    if busy:
+        meta["load_warning"] = busy
+        echo(busy)
+    reach = answers_note(rows)
+    if reach:
+        meta["answers"] = reach
     meta["elapsed_s"] = time.perf_counter() - start
     meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     results.write_results(folder, meta, rows, summary)
@@ -296,10 +368,10 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
     report.write_report(folder, data, task)
     echo("\n" + report.text_table(data["summary"], task))
     echo(f"\n{winner(data['summary'], task)['text']}\n{efficiency(data['summary'], task)}")
-    reach = answers_note(rows)
-    if reach:
-        meta["answers"] = reach
-        echo(reach)
+    if meta.get("forgetting"):
+        echo(meta["forgetting"])
+    if meta.get("answers"):
+        echo(meta["answers"])
     echo(f"wrote {folder / 'results.json'}, results.csv, report.md and plots/ in {meta['elapsed_s']:.0f} s")
     return data
 
@@ -322,6 +394,34 @@ def _trains(entry: SuiteEntry, backbone, registry) -> bool:
     from ..recipe import Recipe
 
     return bool(Recipe.parse(entry.recipe, list(backbone.components)).trained(backbone.components, registry))
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not on every platform
+        return None
+
+
+def _busy_note(meta: dict[str, Any]) -> str | None:
+    """A warning when the machine was busier than its cores during the suite: timings are then not comparable
+    with another run's (on a loaded 2-core machine two threads ran 2.6x slower per step than one)."""
+    cores = os.cpu_count() or 1
+    loads = [x for x in (meta.get("load_average_start"), meta.get("load_average_end")) if x is not None]
+    if loads and max(loads) > cores:
+        return (f"warning: the machine was busy (load average {max(loads):.1f} on {cores} cores): samples/s and step "
+                f"times are not comparable with another run's; accuracies are unaffected")
+    return None
+
+
+def _source_records(config: BenchConfig, registry) -> list:
+    """The source-domain test records every adapted model was scored on for forgetting."""
+    from ..data import load_records
+
+    _, test_split = glue.dataset_splits(registry, config.dataset)
+    options = {**config.dataset_options, **config.transfer[0]}
+    records = load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **options)
+    return records[: config.source_eval_samples] if config.source_eval_samples else records
 
 
 def _test_records(config: BenchConfig, registry) -> list:
@@ -403,28 +503,49 @@ def _shared_options(config: BenchConfig, backbone, registry) -> dict:
     return glue.shared_build_options(task, backbone, dict(config.backbone_options), records)
 
 
-def _source_model(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: dict, registry) -> str:
-    """Transfer protocol: train the backbone fully on the source domain once; every recipe starts there."""
-    path = folder / "source" / "model.safetensors"
-    job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None, shared)
-    job.train_options = {**config.dataset_options, **config.transfer[0]}
-    job.test_options = {**config.dataset_options, **config.transfer[0]}
-    job.steps, job.time_budget = config.source_steps, None
-    job.lr, job.batch_size = config.source_lr, config.source_batch_size
-    job.save_model = str(path)
-    marker = path.with_suffix(".json")
-    if config.resume and path.is_file() and marker.is_file() and \
-            json.loads(marker.read_text()).get("fingerprint") == json.loads(results.dumps(fingerprint(job))):
-        echo(f"transfer: reusing the source model {path}")
-        return str(path)
-    echo(f"transfer: training {config.backbone} fully on {config.transfer[0]} for {config.source_steps} steps")
-    row = pool.run(job)
-    if row["status"] != "ok":
-        raise ConfigError(f"transfer: training the source model failed: {row['error']}")
-    task = registry.get("task", config.task)
+def _source_models(config: BenchConfig, folder: Path, pool: _Pool, echo, shared: dict, registry) -> dict:
+    """Transfer protocol: train the backbone fully on the source domain once per seed (each seed its own source
+    model: initial weights and data order), side by side; every recipe of a seed starts from that seed's.
+    Returns seed -> (path, the training job's future or None when a finished one is reused)."""
+    pending = {}
+    for seed in config.seed_list:
+        path = folder / "source" / f"model-s{seed}.safetensors"
+        job = _jobs_for(config, SuiteEntry("*=full", "source (full)"), "peftmed", folder, None, shared, seed)
+        job.train_options = {**config.dataset_options, **config.transfer[0]}
+        job.test_options = {**config.dataset_options, **config.transfer[0]}
+        job.steps, job.time_budget = config.source_steps, None
+        job.lr, job.batch_size, job.lr_floor, job.source_options = config.source_lr, config.source_batch_size, None, None
+        job.eval_samples = config.source_eval_samples
+        job.save_model = str(path)
+        marker = path.with_suffix(".json")
+        if config.resume and path.is_file() and marker.is_file() and \
+                json.loads(marker.read_text()).get("fingerprint") == json.loads(results.dumps(fingerprint(job))):
+            echo(f"transfer: reusing the source model of seed {seed} ({path})")
+            pending[seed] = (str(path), job, marker, None)
+            continue
+        pending[seed] = (str(path), job, marker, pool.submit(job))
+    todo = [seed for seed, item in pending.items() if item[3] is not None]
+    if todo:
+        echo(f"transfer: training {config.backbone} fully on {config.transfer[0]} for {config.source_steps} steps, "
+             f"seed(s) {', '.join(map(str, todo))}; each seed adapts to {config.transfer[1]} as soon as its model is "
+             f"trained")
+    return pending
+
+
+def _finished(sources: dict, echo, task):
+    """(seed, source model path) as each source model is trained (a reused one at once); a failed one stops."""
     primary = next(c for c in task.columns if c.key == task.primary)
-    value = row.get(task.primary, math.nan)
-    echo(f"transfer: source model {primary.header} {value:.3f} on the source domain; adapting to "
-         f"{config.transfer[1]}")
-    results.write_atomic(marker, results.dumps({"fingerprint": fingerprint(job), task.primary: value}))
-    return str(path)
+    ready = [seed for seed, item in sources.items() if item[3] is None]
+    for seed in ready:
+        yield seed, sources[seed][0]
+    waiting = {item[3]: seed for seed, item in sources.items() if item[3] is not None}
+    for future in as_completed(waiting):
+        seed = waiting[future]
+        path, job, marker, _ = sources[seed]
+        row = future.result()
+        if row["status"] != "ok":
+            raise ConfigError(f"transfer: training the source model of seed {seed} failed: {row['error']}")
+        value = row.get(task.primary, math.nan)
+        echo(f"transfer: source model of seed {seed}: {primary.header} {value:.3f} on the source domain")
+        results.write_atomic(marker, results.dumps({"fingerprint": fingerprint(job), task.primary: value}))
+        yield seed, path

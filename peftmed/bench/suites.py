@@ -55,7 +55,6 @@ BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
         _e("*=attention", "attention"),
         _e("*=ffn", "ffn"),
         _e("fusion=lora(r=8,alpha=16) decoder=lora(r=8,alpha=16)", "F|LoRA|LoRA r=8"),
-        _e("*=lora(r=4,alpha=8)", "LoRA r=4 all"),
         _e("*=ia3", "IA3"),
         _e("fusion=prefix decoder=prefix", "F|Prefix|Prefix"),
     ),
@@ -96,6 +95,10 @@ BUILTIN_SUITES: dict[str, tuple[SuiteEntry, ...]] = {
         _e("*=prefix", "prefix"),
     ),
 }
+
+# The LayerNorm paper's claim the transfer protocol tests on the source domain (forgetting): the recipes that use
+# only the first method, against those that use any of the others (methods by registered name)
+FORGETTING_CLAIM = ("layernorm", ("lora", "full"))
 
 # The task each built-in suite compares methods on (its default dataset is the task's, unless --dataset).
 SUITE_TASKS = {"default": "vqa", "mile": "vqa", "layernorm": "vqa", "irg": "report"}
@@ -159,6 +162,14 @@ def check_suite(entries, backbone, registry) -> list[SuiteEntry]:
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def recipe_methods(recipe: str) -> set[str]:
+    """The method names a recipe text uses (as written; aliases are the registry's to resolve)."""
+    try:
+        return {call.name for calls in Recipe.parse(recipe).entries.values() for call in calls}
+    except RecipeError:
+        return set()
 
 
 def slug(label: str) -> str:

@@ -14,7 +14,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from . import stats
+from .suites import FORGETTING_CLAIM, recipe_methods
 
 AVERAGED = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", "throughput", "step_time_median_s",
             "train_time_s", "steps_done", "final_loss", "eval_time_s")
@@ -46,6 +49,7 @@ def summarise(rows: Sequence[dict[str, Any]], task, records: Sequence,
             for key in AVERAGED + tuple(c.key for c in task.columns):
                 row[key] = _mean(m.get(key) for m in ok)
             row["seed_sd"] = stats.seed_spread([m.get(task.primary) for m in ok])
+            row["by_seed"] = {str(m.get("seed", 0)): m.get(task.primary) for m in ok}
             per_seed = {}
             if task.record_scores is not None:
                 for m in ok:
@@ -59,6 +63,19 @@ def summarise(rows: Sequence[dict[str, Any]], task, records: Sequence,
         out.append(row)
     frozen = _reference(out, lambda r: r.get("trainable") == 0)
     full = _reference(out, lambda r: r.get("trainable_percent", 0) >= 100.0 - 1e-9 and r.get("trainable", 0) > 0)
+    if frozen is not None:  # which differences hold on every seed: the seeds on which a recipe beats frozen
+        by_seed = {r.get("seed", 0): r.get(task.primary) for r in rows
+                   if r["label"] == frozen["label"] and r["provider"] == "peftmed" and r["status"] == "ok"}
+        for row in out:
+            if row["label"] == frozen["label"] or row["status"] != "ok":
+                continue
+            mine = [(r.get(task.primary), by_seed.get(r.get("seed", 0), by_seed.get(min(by_seed), None) if by_seed
+                                                      else None))
+                    for r in rows if r["label"] == row["label"] and r["provider"] == row["provider"]
+                    and r["status"] == "ok"]
+            pairs = [(a, b) for a, b in mine if a is not None and b is not None]
+            if pairs:
+                row["seeds_above_frozen"] = [sum(a > b for a, b in pairs), len(pairs)]
     for row in out:
         mine = scores.get((row["label"], row["provider"]))
         for name, ref in (("frozen", frozen), ("full", full)):
@@ -69,6 +86,117 @@ def summarise(rows: Sequence[dict[str, Any]], task, records: Sequence,
             a, b = mine.paired(theirs, ids)
             row[f"p_vs_{name}"] = stats.paired_p(a, b, task.binary)
     return out
+
+
+def forgetting(summary: Sequence[dict[str, Any]], task, records: Sequence, predictions) -> None:
+    """The transfer protocol's forgetting: each recipe's primary score on the source domain after adapting to the
+    target, minus the source model's own (the frozen recipe's rows: the source models themselves), with a 95%
+    bootstrap interval over the source records and a paired test (records as units, seeds averaged). Stored in
+    each row as ``source_<primary>``, ``forgetting``, ``forgetting_ci_low`` / ``_high`` and ``p_forgetting``."""
+    if task.record_scores is None:
+        return
+    ids = [r.qid for r in records]
+
+    def scores(row):
+        per_seed = {s: task.record_scores(predictions[(row["label"], row["provider"], s)], records)
+                    for s in row.get("seeds") or [0] if (row["label"], row["provider"], s) in predictions}
+        return stats.RecordScores(per_seed, task.binary) if per_seed else None
+
+    frozen = _reference(summary, lambda r: r.get("trainable") == 0)
+    base = scores(frozen) if frozen is not None else None
+    if base is None:
+        return
+    before = base.mean_per_record(ids)
+    frozen[f"source_{task.primary}"] = float(before.mean())
+    for row in summary:
+        if row is frozen or row["status"] != "ok" or row["provider"] != "peftmed":
+            continue
+        mine = scores(row)
+        if mine is None:
+            continue
+        after = mine.mean_per_record(ids)
+        row[f"source_{task.primary}"] = float(after.mean())
+        row["forgetting"] = float(after.mean() - before.mean())
+        row["forgetting_ci_low"], row["forgetting_ci_high"] = stats.bootstrap_ci(after - before)
+        row["p_forgetting"] = stats.paired_p(after, before, task.binary)
+        per_seed = [np.mean([mine.values[s][i] for i in ids]) - np.mean([base.values[s][i] for i in ids])
+                    for s in mine.values if s in base.values]
+        row["seeds_forgetting"] = [sum(d < 0 for d in per_seed), len(per_seed)]
+
+
+def forgetting_text(summary: Sequence[dict[str, Any]], task, records: Sequence | None = None,
+                    predictions=None) -> str | None:
+    """Which recipes forget the source domain significantly (Holm-adjusted over the recipes), and whether
+    LayerNorm-tuning forgets less than LoRA and full tuning (the LayerNorm paper's claim; paired tests of the
+    source-domain scores, Holm-adjusted)."""
+    rows = [r for r in summary if r.get("p_forgetting") is not None]
+    if not rows:
+        return None
+    adjusted = stats.holm([r["p_forgetting"] for r in rows])
+    forgot = [(r, p) for r, p in zip(rows, adjusted) if p < stats.ALPHA and r["forgetting"] < 0
+              and _every_seed(r.get("seeds_forgetting"))]
+    if forgot:
+        text = "forgetting (source domain after adapting; Holm-adjusted and on every seed): " + ", ".join(
+            f"{r['label']} {r['forgetting']:+.3f}" for r, _ in sorted(forgot, key=lambda x: x[0]["forgetting"]))
+        text += " forget significantly"
+    else:
+        text = ("forgetting: no recipe lowers its source-domain score significantly on every seed (Holm-adjusted "
+                "p < 0.05 and every seed)")
+    kept = [r["label"] for r in rows if r not in [f for f, _ in forgot]]
+    if forgot and kept:
+        text += f"; not shown for {', '.join(kept[:6])}"
+    if records is not None and predictions is not None:
+        claim = _layernorm_claim(summary, task, records, predictions)
+        if claim:
+            text += "\n" + claim
+    return text
+
+
+def _layernorm_claim(summary, task, records, predictions) -> str | None:
+    """LayerNorm-tuning against LoRA and full tuning on the source domain (paired, Holm-adjusted)."""
+    ids = [r.qid for r in records]
+    own = {r["label"]: r for r in summary if r["provider"] == "peftmed" and r["status"] == "ok"
+           and r.get("forgetting") is not None}
+    claimed, others = FORGETTING_CLAIM
+    ln = next((r for r in own.values() if recipe_methods(str(r.get("recipe"))) == {claimed}), None)
+    if ln is None:
+        return None
+    rivals = [r for r in own.values() if r is not ln and recipe_methods(str(r.get("recipe"))) & set(others)]
+    if not rivals:
+        return None
+
+    def scores(row):
+        per_seed = {s: task.record_scores(predictions[(row["label"], "peftmed", s)], records)
+                    for s in row.get("seeds") or [0] if (row["label"], "peftmed", s) in predictions}
+        return stats.RecordScores(per_seed, task.binary).mean_per_record(ids)
+
+    def by_seed(row):
+        return {s: np.mean(list(task.record_scores(predictions[(row["label"], "peftmed", s)], records).values()))
+                for s in row.get("seeds") or [0] if (row["label"], "peftmed", s) in predictions}
+
+    mine, mine_seeds = scores(ln), by_seed(ln)
+    pvals = [stats.paired_p(mine, scores(r), task.binary) for r in rivals]
+    adjusted = stats.holm(pvals)
+    parts = []
+    for r, p in zip(rivals, adjusted):
+        diff = ln["forgetting"] - r["forgetting"]
+        theirs = by_seed(r)
+        steady = all((mine_seeds[s] - theirs[s]) * diff > 0 for s in mine_seeds if s in theirs)
+        if p < stats.ALPHA and steady:
+            verdict = "forgets less" if diff > 0 else "forgets more"
+        else:
+            verdict = "no difference that holds on every seed" if p < stats.ALPHA else "no significant difference"
+        parts.append(f"vs {r['label']}: {verdict} ({diff:+.3f}, Holm-adjusted p {_p_text(p)})")
+    return "LayerNorm-tuning on the source domain " + "; ".join(parts)
+
+
+def _every_seed(counts) -> bool:
+    """``[k, n]``: the effect showed on k of n seeds; True when it showed on every one."""
+    return bool(counts) and counts[0] == counts[1] and counts[1] > 0
+
+
+def _p_text(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _reference(rows, test) -> dict | None:
@@ -101,14 +229,20 @@ def winner(summary: Sequence[dict[str, Any]], task) -> dict[str, Any]:
     adjusted = stats.holm(pvals)
     tied = [r["label"] for r, p in zip(others, adjusted) if p >= stats.ALPHA]
     ci = _ci_text(best)
+    mine = best.get("by_seed") or {}
+    if len(mine) > 1:  # with several seeds a winner is also the best on every one of them
+        tied += [r["label"] for r in others if r["label"] not in tied and any(
+            v is not None and mine.get(k) is not None and v >= mine[k] for k, v in (r.get("by_seed") or {}).items())]
     if not tied:
         return {"best": best["label"], "significant": True,
                 "text": f"winner: {best['label']} ({name} {best[task.primary]:.3f}{ci}), significantly better than every "
-                        f"other recipe (paired tests, Holm-adjusted p < {stats.ALPHA} for all {len(others)})"}
+                        f"other recipe (paired tests, Holm-adjusted p < {stats.ALPHA} for all {len(others)}"
+                        f"{', and the best on every seed' if len(mine) > 1 else ''})"}
     shown = ", ".join(tied[:6]) + (" ..." if len(tied) > 6 else "")
     return {"best": best["label"], "significant": False,
             "text": f"no significant difference at the top: {best['label']} ({name} {best[task.primary]:.3f}{ci}) is not "
-                    f"significantly better than {shown} (paired tests, Holm-adjusted p >= {stats.ALPHA})"}
+                    f"significantly better than {shown} (paired tests, Holm-adjusted p >= {stats.ALPHA}"
+                    f"{', or not on every seed' if len(mine) > 1 else ''})"}
 
 
 def efficiency(summary: Sequence[dict[str, Any]], task) -> str:
@@ -123,14 +257,18 @@ def efficiency(summary: Sequence[dict[str, Any]], task) -> str:
     if not rows:
         return "no paired test against frozen available"
     adjusted = stats.holm([r["p_vs_frozen"] for r in rows])
-    better = [r for r, p in zip(rows, adjusted) if p < stats.ALPHA and r[task.primary] > frozen[task.primary]]
+    several = any((r.get("seeds_above_frozen") or [0, 1])[1] > 1 for r in rows)
+    better = [r for r, p in zip(rows, adjusted) if p < stats.ALPHA and r[task.primary] > frozen[task.primary]
+              and (not several or _every_seed(r.get("seeds_above_frozen")))]
+    where = " and on every seed" if several else ""
     if not better:
-        return f"no recipe is significantly better than frozen ({name} {frozen[task.primary]:.3f}; Holm-adjusted p >= {stats.ALPHA})"
+        return (f"no recipe is significantly better than frozen{where} ({name} {frozen[task.primary]:.3f}; Holm-adjusted "
+                f"p < {stats.ALPHA}{where})")
     best = max(better, key=lambda r: (r[task.primary] - frozen[task.primary]) / r["trainable"])
     gain = best[task.primary] - frozen[task.primary]
-    return (f"most {name} gained over frozen per trainable parameter, among the {len(better)} recipe(s) significantly "
-            f"better than frozen: {best['label']} (+{gain:.3f} with {int(best['trainable']):,} parameters, "
-            f"{best['trainable_percent']:.3f}%)")
+    names = ", ".join(r["label"] for r in sorted(better, key=lambda r: -r[task.primary]))
+    return (f"better than frozen (Holm-adjusted{where}): {names}; most {name} gained per trainable parameter: "
+            f"{best['label']} (+{gain:.3f} with {int(best['trainable']):,} parameters, {best['trainable_percent']:.3f}%)")
 
 
 def pairwise(summary: Sequence[dict[str, Any]], task, records: Sequence, predictions) -> None:

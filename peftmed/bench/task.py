@@ -54,6 +54,16 @@ def load_data(job, registry):
     return train, test
 
 
+def load_source_test(job, registry):
+    """The transfer protocol's source-domain test records (the first ``source_eval_samples``): what the adapted
+    model is scored on for forgetting."""
+    from ..data import load_records
+
+    _, test_split = dataset_splits(registry, job.dataset)
+    records = load_records(job.dataset, test_split, data_dir=job.data_dir, registry=registry, **job.source_options)
+    return records[: job.source_eval_samples] if job.source_eval_samples else records
+
+
 def _builder_params(backbone) -> set[str]:
     try:
         return set(inspect.signature(backbone.builder).parameters) if backbone.builder else set()

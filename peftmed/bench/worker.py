@@ -55,6 +55,9 @@ class Job:
     num_beams: int = 1
     max_new_tokens: int | None = None  # None: the task's
     lr: float | None = None  # None: each method's default_lr
+    lr_floor: float | None = None  # transfer protocol: no method adapts at less than this (the source's own rate)
+    source_options: dict | None = None  # transfer protocol: the source domain's test split, scored too (forgetting)
+    source_eval_samples: int | None = None  # ... its first N records
     warmup_steps: int = 2  # steps excluded from the throughput median (allocator, caches)
     seed: int = 0
     device: str = "auto"
@@ -75,6 +78,7 @@ def run_job(job: Job) -> dict[str, Any]:
     """Run ``job`` and return its result row (never raises for the recipe's own failure)."""
     row: dict[str, Any] = {"label": job.label, "recipe": job.recipe, "provider": job.provider, "status": "ok",
                            "error": None}
+    t0 = time.perf_counter()
     try:
         registry = glue.registry_with(job.plugins)
         row.update(_run(job, registry))
@@ -82,6 +86,7 @@ def run_job(job: Job) -> dict[str, Any]:
         row["status"] = "oom" if glue.is_oom(exc) else "failed"
         row["error"] = f"{type(exc).__name__}: {exc}".strip()
         row["traceback"] = traceback.format_exc(limit=6)
+    row["job_time_s"] = time.perf_counter() - t0  # the whole job: data, model, training, evaluation
     return row
 
 
@@ -103,6 +108,8 @@ def _run(job: Job, registry) -> dict[str, Any]:
 
     probe = MemoryProbe(device)
     probe.start()
+    # what can be made deterministic is: the algorithms (where torch offers a deterministic one) and the threads
+    torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(job.seed)  # same seed -> same initial weights for every recipe and provider
     model = glue.build_model(job, task, backbone, train_records)
     if job.source_checkpoint:
@@ -124,11 +131,16 @@ def _run(job: Job, registry) -> dict[str, Any]:
     if job.save_model:
         glue.save_source(getattr(model, "base_model", model), job.save_model)
     t0 = time.perf_counter()
-    scores = glue.evaluate(task, model, test_records, job, registry,
-                           max_new_tokens=lengths.max_new_tokens if lengths is not None else None)
+    tokens = lengths.max_new_tokens if lengths is not None else None
+    scores = glue.evaluate(task, model, test_records, job, registry, max_new_tokens=tokens)
     if lengths is not None:
         scores.update(max_new_tokens=lengths.max_new_tokens, answers_reachable=lengths.reachable,
                       answers_total=lengths.total)
+    if job.source_options is not None:  # forgetting: the same model scored on the source domain
+        source_records = glue.load_source_test(job, registry)
+        on_source = glue.evaluate(task, model, source_records, job, registry, max_new_tokens=tokens)
+        scores["source_predictions"] = on_source.pop("predictions")
+        scores.update({f"source_{k}": v for k, v in on_source.items() if k != "metrics_version"})
     return {**info, **stats, **scores, "peak_memory_mib": peak, "memory_method": probe.method,
             "eval_time_s": time.perf_counter() - t0, "n_train": len(train_records), "n_test": len(test_records),
             "device": str(device)}
@@ -152,7 +164,7 @@ def _apply(job: Job, model, backbone, registry, total: int):
         report = pm.trainable_report()
         # with --lr every tensor gets it; otherwise the recipe's lr= or each method's default_lr
         options = pm.optimizer_options(lr=job.lr or FALLBACK_LR, weight_decay=0.0, method_lr=job.lr is None)
-        rates = {k: (job.lr or o["lr"]) for k, o in options.items()}
+        rates = {k: (job.lr or max(o["lr"], job.lr_floor or 0.0)) for k, o in options.items()}
         return pm, rates.__getitem__, {"trainable": report.trainable, "trainable_percent": report.percent,
                                        "total_params": report.total_base, "row": row}
     from ..baselines import apply_peft, parameter_methods
@@ -162,7 +174,7 @@ def _apply(job: Job, model, backbone, registry, total: int):
     method_of = parameter_methods(recipe, backbone, registry)
 
     def lr_of(name: str) -> float:  # each peft tensor at the rate of the peftmed method it stands for
-        return job.lr or method_of(name).default_lr or FALLBACK_LR
+        return job.lr or max(method_of(name).default_lr or FALLBACK_LR, job.lr_floor or 0.0)
 
     return wrapped, lr_of, {"trainable": trainable, "trainable_percent": 100.0 * trainable / total,
                             "total_params": total, "row": row}

@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import ConfigError
+from ..runtime import adamw
 
 GIB = 1024**3
 MIB = 1024**2
@@ -304,7 +305,7 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
     params = [p for p in pm.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
-    opt = torch.optim.AdamW(params, lr=1e-6) if optimizer_step else None
+    opt = adamw(params, lr=1e-6) if optimizer_step else None  # the trainer's AdamW (fused where it can be)
     device = next(pm.parameters()).device
     tracker = LiveTensors(existing=[*pm.parameters(), *pm.buffers()])
     temporaries = 0

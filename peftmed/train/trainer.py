@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PeftmedError
-from ..runtime import seed_everything
+from ..runtime import adamw, seed_everything
 from . import checkpoint as ckpt
 from . import distributed
 from ..run.config import TrainConfig
@@ -254,7 +254,7 @@ class Trainer:
         trainable_parameters(self.model)  # refuses stray trainable tensors before anything is wrapped
         self.wrapped = distributed.wrap(self.model, self.dist, c.strategy)
         self.params = trainable_parameters(self.model)  # after sharding: the sharded tensors, by the same names
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
+        self.optimizer = adamw(self._param_groups(), lr=c.lr, betas=(c.adam_beta1, c.adam_beta2),
                                            eps=c.adam_eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(self.warmup, self.horizon, c.min_lr_ratio))
