@@ -50,3 +50,42 @@ def vqa_rad_dir():
     if not (VQA_RAD / "trainset.json").is_file():
         pytest.skip(f"VQA-RAD not found at {VQA_RAD} (expected ../shared/data/vqa_rad beside the repo)")
     return VQA_RAD
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_peftmed_settings(monkeypatch):
+    """Every test starts without the caller's PEFTMED_* settings (plugin selection, strict mode, kernel choice):
+    a test that needs one sets it itself."""
+    for key in [k for k in os.environ if k.startswith("PEFTMED_") and not k.startswith("PEFTMED_FUZZ")]:
+        monkeypatch.delenv(key)
+
+
+# What makes a test slow enough to leave out of `make quick`: it runs peftmed (or torchrun) in a subprocess,
+# compiles, fuzzes, spawns processes, or runs a bench or a training run end to end. Read from the test's source
+# and its fixtures' (so a new test is classified without a word), plus any explicit @pytest.mark.slow.
+SLOW_SIGNS = ("subprocess", "peftmed(", "torchrun(", "mp.spawn", "torch.compile", "_fuzz_folder", "@FUZZ", "given(",
+              "run_bench(", "Popen", "main([*TRAIN", "main([\"train\"", "main(['train'", "plan_memory(", "measure(")
+
+
+def _source(fn) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(fn)
+    except (OSError, TypeError):
+        return ""
+
+
+def _is_slow(item) -> bool:
+    texts = [_source(getattr(item, "function", None))]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info is not None else ()):
+        texts += [_source(d.func) for d in defs if "conftest" not in str(getattr(d, "baseid", "") or "")
+                  or d.argname not in ("registry", "one_thread", "vqa_rad_dir")]
+    return any(sign in text for text in texts for sign in SLOW_SIGNS)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slow" not in item.keywords and _is_slow(item):
+            item.add_marker(pytest.mark.slow)

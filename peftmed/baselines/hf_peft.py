@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..errors import PeftmedError
+from ..interop.peft_format import import_peft
 from ..recipe import Recipe
 
 # peftmed method -> peft tuner. Prompt-family methods go through peft's get_peft_model, the others
@@ -89,7 +90,7 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     """
     if peft_version() is None:
         raise PeftUnavailable("huggingface/peft is not installed (pip install peftmed[baseline])")
-    import peft
+    peft = import_peft()
 
     recipe = Recipe.parse(recipe, components=list(backbone.components))
     reason = peft_equivalent(recipe, backbone, registry)

@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import importlib
 
+from ..errors import PeftmedError
+from ..interop.peft_format import import_peft
 from .worker import preload
 
 preload()
-for _name in ("peft", "transformers.models.blip.modeling_blip", "transformers.models.llava.modeling_llava"):
+try:
+    import_peft()
+except PeftmedError:  # optional: peft is a baseline
+    pass
+for _name in ("transformers.models.blip.modeling_blip", "transformers.models.llava.modeling_llava"):
     try:
         importlib.import_module(_name)
     except ImportError:  # optional: peft is a baseline, the hf backbones need transformers' modules

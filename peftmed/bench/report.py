@@ -205,23 +205,27 @@ def _score_plot(plt, path: Path, rows, task) -> Path:
         ys = [r[key] for r in pts]
         lo = [r[key] - r["ci_low"] if _has(r.get("ci_low")) else 0.0 for r in pts]
         hi = [r["ci_high"] - r[key] if _has(r.get("ci_high")) else 0.0 for r in pts]
+        label = "peftmed (95% CI)" if provider == "peftmed" else \
+            f"peft (95% CI; drawn {100 * (shift - 1):.0f}% right of its recipe's point)"
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt=marker, color=color, ecolor=color, elinewidth=1, capsize=3,
                     markersize=6 if provider == "peftmed" else 7, markerfacecolor=color if provider == "peftmed"
-                    else "none", label=f"{provider} (95% CI)", zorder=3)
+                    else "none", label=label, zorder=3)
         if provider == "peftmed":
             label_points += [(x, y, r["label"]) for x, y, r in zip(xs, ys, pts)]
     ylo, yhi = ax.get_ylim()
     placed = _spread_labels(label_points, (yhi - ylo) * 0.045)
     for (x, y, text), ly in zip(label_points, placed):
-        ax.annotate(text, (x, y), xytext=(x, ly), textcoords="data", fontsize=7, ha="left", va="center",
-                    xycoords="data", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"} if abs(ly - y) > 1e-9
-                    else None)
+        # beside the point (a few points to its right, on a white box), never on the markers
+        ax.annotate(text, (x, y), xytext=(10, (ly - y) / (yhi - ylo) * 300), textcoords="offset points", fontsize=7,
+                    ha="left", va="center", xycoords="data", zorder=4,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+                    arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"})
     ax.set_xlim(left=-5e-4)
     ax.set_xlabel("trainable parameters (% of the model; linear below 0.001%, log above; frozen at 0)")
     ax.set_ylabel(name)
     ax.set_title(f"{name} vs trainable parameters")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,21 +237,32 @@ def _has(value) -> bool:
 
 
 def _bars(plt, path: Path, rows, metric: str, ylabel: str, title: str) -> Path:
+    """peftmed's and peft's bars per recipe, with the spread over seeds as error bars; "n/a" where a provider has
+    no figure (peft without the method, a recipe that trains nothing); the legend above the plot."""
     labels = [g[0]["label"] for g in group_rows(rows) if g[0]["provider"] == "peftmed"]
     value = {(r["label"], r["provider"]): r.get(metric, math.nan) for r in rows}
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels) + 2), 4.5))
-    xs = range(len(labels))
+    spread = {(r["label"], r["provider"]): r.get(f"{metric}_sd") for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels) + 2), 4.8))
+    xs = list(range(len(labels)))
     width = 0.4
-    ax.bar([x - width / 2 for x in xs], [value.get((lab, "peftmed"), math.nan) for lab in labels], width,
-           label="peftmed", color="tab:blue")
-    ax.bar([x + width / 2 for x in xs], [value.get((lab, "peft"), math.nan) for lab in labels], width,
-           label="peft", color="tab:orange")
-    ax.set_xticks(list(xs))
+    top = max([v for v in value.values() if _has(v)] or [1.0])
+    for provider, offset, color in (("peftmed", -width / 2, "tab:blue"), ("peft", width / 2, "tab:orange")):
+        heights = [value.get((lab, provider), math.nan) for lab in labels]
+        errors = [spread.get((lab, provider)) or 0.0 for lab in labels]
+        errors = [e if _has(e) else 0.0 for e in errors]
+        ax.bar([x + offset for x in xs], [h if _has(h) else 0.0 for h in heights], width, label=provider, color=color,
+               yerr=errors if any(errors) else None, capsize=3, error_kw={"elinewidth": 1})
+        for x, h in zip(xs, heights):
+            if not _has(h):
+                ax.text(x + offset, top * 0.02, "n/a", ha="center", va="bottom", fontsize=7, color="0.35",
+                        rotation=90)
+    ax.set_xticks(xs)
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, pad=22)
+    ax.set_ylim(0, top * 1.12)
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -37,7 +37,7 @@ METRICS = ("trainable", "trainable_percent", "total_params", "peak_memory_mib", 
 NOT_FIGURES = {"label", "recipe", "provider", "status", "error", "traceback", "row", "memory_method", "device",
                "peft_note", "resumed", "metrics_version", "n_train", "n_test", "seed", "seeds", "n_seeds",
                "max_new_tokens", "answers_reachable", "answers_total", "by_seed", "seeds_above_frozen",
-               "seeds_forgetting"}
+               "seeds_forgetting", "throughput_sd", "peak_memory_mib_sd"}
 
 
 def figures(row: dict[str, Any]) -> list[str]:

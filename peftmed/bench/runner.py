@@ -204,11 +204,9 @@ class _Pool:
         self.isolate, self.workers = isolate, max(1, workers)
         self.executor = None
 
-    def submit(self, job: Job) -> Future:
+    def submit(self, job: Job):
         if not self.isolate:
-            done: Future = Future()
-            done.set_result(run_job(job))
-            return done
+            return _Deferred(job)  # runs when its result is asked for: rows are saved as they finish
         if self.executor is None:
             method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
             ctx = mp.get_context(method)
@@ -237,6 +235,18 @@ class _Pool:
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=True)
             self.executor = None
+
+
+class _Deferred:
+    """A job run in this process when its result is first asked for (``isolate=False``)."""
+
+    def __init__(self, job: Job):
+        self.job, self.row = job, None
+
+    def result(self) -> dict[str, Any]:
+        if self.row is None:
+            self.row = run_job(self.job)
+        return self.row
 
 
 def _workers(config: BenchConfig) -> int:
@@ -539,7 +549,8 @@ def _finished(sources: dict, echo, task):
     for seed in ready:
         yield seed, sources[seed][0]
     waiting = {item[3]: seed for seed, item in sources.items() if item[3] is not None}
-    for future in as_completed(waiting):
+    deferred = any(isinstance(f, _Deferred) for f in waiting)
+    for future in (list(waiting) if deferred else as_completed(waiting)):
         seed = waiting[future]
         path, job, marker, _ = sources[seed]
         row = future.result()

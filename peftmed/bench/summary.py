@@ -48,6 +48,8 @@ def summarise(rows: Sequence[dict[str, Any]], task, records: Sequence,
         if ok:
             for key in AVERAGED + tuple(c.key for c in task.columns):
                 row[key] = _mean(m.get(key) for m in ok)
+            for key in ("throughput", "peak_memory_mib"):  # the bars' error bars
+                row[f"{key}_sd"] = stats.seed_spread([m.get(key) for m in ok])
             row["seed_sd"] = stats.seed_spread([m.get(task.primary) for m in ok])
             row["by_seed"] = {str(m.get("seed", 0)): m.get(task.primary) for m in ok}
             per_seed = {}

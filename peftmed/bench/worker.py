@@ -14,6 +14,7 @@ and each method's usual learning rate (``Method.default_lr``) unless ``--lr`` is
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 import traceback
@@ -110,6 +111,8 @@ def _run(job: Job, registry) -> dict[str, Any]:
     probe.start()
     # what can be made deterministic is: the algorithms (where torch offers a deterministic one) and the threads
     torch.use_deterministic_algorithms(True, warn_only=True)
+    if os.environ.get("PEFTMED_ONEDNN", "1") == "0":  # oneDNN's CPU kernels off: a stand-in for another processor
+        torch.backends.mkldnn.enabled = False
     seed_everything(job.seed)  # same seed -> same initial weights for every recipe and provider
     model = glue.build_model(job, task, backbone, train_records)
     if job.source_checkpoint:

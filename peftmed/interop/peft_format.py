@@ -38,12 +38,18 @@ SUPPORTED = {"lora": "LORA", "ia3": "IA3", "layernorm": "LN_TUNING"}
 PREFIX = "base_model.model."
 
 
-def _require_peft():
-    try:
-        import peft
-    except ImportError as exc:  # peft is optional (extra 'baseline')
-        raise AdapterError("exporting to peft's format needs the peft package: pip install peft") from exc
+def import_peft():
+    """peft, imported only when an adapter crosses to or from its format or the bench runs its baseline (it takes
+    seconds to import, and imports bitsandbytes when that is installed: its import-time warning is silenced)."""
+    from ..memory.quantize import quiet_bitsandbytes_import
+
+    with quiet_bitsandbytes_import():
+        try:
+            import peft
+        except ImportError as exc:  # peft is optional (extra 'baseline')
+            raise AdapterError("this needs the peft package: pip install peft") from exc
     return peft
+
 
 
 def hf_submodule(model: nn.Module, backbone_name: str) -> str:
@@ -71,7 +77,7 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
 
     from ..plugins import default_registry
 
-    peft = _require_peft()
+    peft = import_peft()
     registry = registry or default_registry()
     adapter, out = Path(adapter), Path(out)
     manifest = read_manifest(adapter)

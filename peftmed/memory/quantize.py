@@ -13,6 +13,7 @@ in full (its weights are trainable) cannot be quantized, and saying so is an err
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -23,20 +24,28 @@ from ..errors import ConfigError
 QUANT_TYPES = ("nf4",)
 
 
-def bitsandbytes_module():
-    """bitsandbytes, imported only when 4-bit quantization is asked for (its import is slow and logs on CPUs)."""
-    # bitsandbytes logs a warning at import on CPUs with AVX512-BF16 about an optional hub kernel it
-    # cannot fetch; peftmed never fetches anything, so that line is noise here
+@contextlib.contextmanager
+def quiet_bitsandbytes_import():
+    """bitsandbytes logs a warning when it is imported on CPUs with AVX512-BF16 ("Failed to load CPU
+    gemm_4bit_forward", an optional kernel it would fetch from a hub); peftmed never fetches anything, so the
+    line is noise. peft imports bitsandbytes whenever it is installed: every import of either goes through here."""
     quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        import bitsandbytes
-    except ImportError as exc:
-        raise ConfigError("--quantize nf4 needs bitsandbytes, which is not installed here "
-                          "(pip install 'bitsandbytes>=0.45'; peftmed pins 0.50.2)") from exc
+        yield
     finally:
         quiet.setLevel(level)
+
+
+def bitsandbytes_module():
+    """bitsandbytes, imported only when 4-bit quantization is asked for (its import is slow and logs on CPUs)."""
+    with quiet_bitsandbytes_import():
+        try:
+            import bitsandbytes
+        except ImportError as exc:
+            raise ConfigError("--quantize nf4 needs bitsandbytes, which is not installed here "
+                              "(pip install 'bitsandbytes>=0.45'; peftmed pins 0.50.2)") from exc
     return bitsandbytes
 
 

@@ -10,12 +10,15 @@ def config_for(*argv):
     return build_config(args)
 
 
-def test_no_arguments_pretrains_on_ct_and_adapts_to_mr():
+def test_no_arguments_pretrains_on_ct_and_adapts_to_mr_with_three_seeds():
     config = config_for()
     assert (config.backbone, config.dataset) == ("miss-tiny", "phantom")
     assert config.transfer == ({"domain": "ct"}, {"domain": "mr"})
-    assert config.steps == 200 and config.batch_size == 16 and config.source_steps == 600 and config.source_lr == 2e-3
-    assert config.eval_samples is None  # every phantom test question: 1,200, a 95% interval of about +-0.028
+    assert config.steps == 120 and config.batch_size == 16 and config.source_steps == 400 and config.source_lr == 2e-3
+    # three source models (seeds), each adapted by every recipe; 600 MR and 300 CT test questions per model
+    assert config.seed_list == (0, 1, 2) and config.eval_samples == 600 and config.source_eval_samples == 300
+    assert config.threads == 1  # fixed: figures do not depend on the machine's core count
+    assert config_for("--seed", "4").seed_list == (4,)
 
 
 def test_no_transfer_and_other_datasets_adapt_directly():
