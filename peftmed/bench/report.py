@@ -299,7 +299,8 @@ def write_report(folder: Path, data: dict[str, Any], task) -> Path:
         f"paired two-sided test on the same records, the records as units "
         f"({'McNemar exact with one seed, else ' if task.binary else ''}a sign-flip permutation test)",
         f"- jobs: {meta.get('workers', 1)} at a time, {meta.get('threads') or 'default'} torch thread(s) each; load "
-        f"average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end",
+        f"average {meta.get('load_average_start')} at the start, {meta.get('load_average_end')} at the end (the bench's "
+        f"own jobs included); other work used {_cores(meta.get('other_work_cores'))} on average",
         "- forgetting (transfer protocol): the recipe's score on the source domain after adapting, minus the source "
         "model's (frozen), with a paired test on the source domain's records" if meta.get("forgetting") else "",
         "- peft step x / mem x: peftmed / peft median step time and peak memory on the same model, seed and "
@@ -362,3 +363,7 @@ def _describe(data: dict[str, Any]) -> str:
     cfg = meta.get("config", {})
     return (f"{cfg.get('backbone')} / {cfg.get('dataset')}, {meta.get('device_name')}, seed {meta.get('seed')}, "
             f"peftmed {meta.get('peftmed')}, git {meta.get('git_sha')}")
+
+
+def _cores(value) -> str:
+    return "an unknown share of the cores (not measured on this platform)" if value is None else f"{value:.2f} cores"

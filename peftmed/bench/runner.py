@@ -31,6 +31,7 @@ from ..files import check_output_path
 from . import report, results
 from . import task as glue
 from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
+from .load import OtherWork, busy_note, load_average
 from .summary import efficiency, forgetting, forgetting_text, pairwise, summarise, winner
 from .worker import Job, run_job
 
@@ -277,7 +278,8 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
 
     pool = _Pool(config.isolate, _workers(config))
     meta["workers"], meta["threads"] = pool.workers, config.threads
-    meta["load_average_start"] = _load_average()
+    meta["load_average_start"] = load_average()
+    other_work = OtherWork()
     rows: list[dict[str, Any]] = []
     predictions: dict[tuple[str, str, int], dict] = {}
     source_predictions: dict[tuple[str, str, int], dict] = {}
@@ -356,7 +358,8 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
             results.write_results(folder, meta, rows)
     finally:
         pool.close()
-    meta["load_average_end"] = _load_average()
+    meta["load_average_end"] = load_average()
+    meta["other_work_cores"] = other_work.stop()
     records = _test_records(config, registry)
     summary = summarise(rows, task, records, predictions)
     pairwise(summary, task, records, predictions)
@@ -364,7 +367,7 @@ def run_bench(config: BenchConfig, registry=None, echo: Callable[[str], None] | 
         source_records = _source_records(config, registry)
         forgetting(summary, task, source_records, source_predictions)
         meta["forgetting"] = forgetting_text(summary, task, source_records, source_predictions)
-    busy = _busy_note(meta)
+    busy = busy_note(meta)
     if busy:
         meta["load_warning"] = busy
         echo(busy)
@@ -404,24 +407,6 @@ def _trains(entry: SuiteEntry, backbone, registry) -> bool:
     from ..recipe import Recipe
 
     return bool(Recipe.parse(entry.recipe, list(backbone.components)).trained(backbone.components, registry))
-
-
-def _load_average() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # not on every platform
-        return None
-
-
-def _busy_note(meta: dict[str, Any]) -> str | None:
-    """A warning when the machine was busier than its cores during the suite: timings are then not comparable
-    with another run's (on a loaded 2-core machine two threads ran 2.6x slower per step than one)."""
-    cores = os.cpu_count() or 1
-    loads = [x for x in (meta.get("load_average_start"), meta.get("load_average_end")) if x is not None]
-    if loads and max(loads) > cores:
-        return (f"warning: the machine was busy (load average {max(loads):.1f} on {cores} cores): samples/s and step "
-                f"times are not comparable with another run's; accuracies are unaffected")
-    return None
 
 
 def _source_records(config: BenchConfig, registry) -> list:

@@ -17,7 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
@@ -28,6 +31,8 @@ ITEM_TEXT_FIELDS = ("question", "answer", "qid", "answer_type", "question_type",
 
 def image_to_tensor(img: Image.Image, size: int) -> torch.Tensor:
     """RGB, bicubic resize to ``size`` x ``size``, as a uint8 tensor (3, size, size)."""
+    from PIL import Image
+
     img = img.convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC)

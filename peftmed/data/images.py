@@ -17,7 +17,10 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 
 from .records import DataError, MissingDataError
 
@@ -52,6 +55,8 @@ def open_image(source: str | os.PathLike | Callable[[], Image.Image], *, what: s
             return source().convert("RGB")
         except Exception as exc:
             raise DataError(f"{what}: the generated image failed: {type(exc).__name__}: {exc}") from exc
+    from PIL import Image
+
     path = Path(source)
     if not path.is_file():
         raise MissingDataError(f"{what}: image file not found: {path}")

@@ -26,7 +26,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 
 from ..errors import ConfigError
 from .records import DatasetSpec, VQARecord
@@ -218,6 +221,8 @@ def render(scene: Scene, size: int, noise_seed: tuple[int, ...]) -> np.ndarray:
 
 def render_image(scene: Scene, size: int, noise_seed: tuple[int, ...]) -> Image.Image:
     """``render`` as an RGB PIL image (grey replicated), what ``VQARecord.image()`` returns."""
+    from PIL import Image
+
     grey = (render(scene, size, noise_seed) * 255.0 + 0.5).astype(np.uint8)
     return Image.fromarray(grey, mode="L").convert("RGB")
 

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from PIL import Image
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 
 from ..errors import PeftmedError, UnknownNameError
 
@@ -27,7 +30,7 @@ ANSWER_TYPES = ("CLOSED", "OPEN")
 # because they can be part of an answer ("(left)").
 _FINAL_PUNCT = ".,;:!?"
 
-ImageSource = Union[str, Path, Callable[[], Image.Image]]
+ImageSource = Union[str, Path, Callable[[], "Image.Image"]]
 
 
 class DataError(PeftmedError, ValueError):

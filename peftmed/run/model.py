@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -68,9 +68,20 @@ def run_options(adapter: str | os.PathLike) -> tuple[Path | None, dict[str, Any]
     return run_dir, (read_run_config(run_dir) if run_dir is not None else {})
 
 
+class Adapted(NamedTuple):
+    """What ``load_adapted`` returns: ``task`` (the task plugin), ``model`` (the task model to ask:
+    ``model.answer(image, question)``), ``options`` (the run's options) and ``manifest`` (adapter.json).
+    Unpacks as a 4-tuple."""
+
+    task: Any
+    model: Any
+    options: dict
+    manifest: dict
+
+
 def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto", base_dtype: str | None = None,
                  quantize: str | None = None, task: str | None = None, texts: list[str] | None = None):
-    """(task, task model, run options, manifest) for the adapter folder ``adapter``, on the base model its
+    """``Adapted(task, model, options, manifest)`` for the adapter folder ``adapter``, on the base model its
     run trained (see the module doc), moved to ``device`` and in eval mode.
 
     ``base_dtype`` / ``quantize``: override the run's (e.g. ``quantize="none"`` for an adapter trained on a
@@ -105,4 +116,4 @@ def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto",
     task_model = task_obj.wrap(pm)
     task_model.to(dev)
     task_model.eval()
-    return task_obj, task_model, opts, manifest
+    return Adapted(task_obj, task_model, opts, manifest)

@@ -159,3 +159,34 @@ def test_config_values_of_the_wrong_type_are_named(capsys, tmp_path):
     refused(capsys, ["train", "--config", tmp_path / "c.yaml"], "backbone in", "expects a string")
     (tmp_path / "d.yaml").write_text("resume: perhaps\n")
     refused(capsys, ["train", "--config", tmp_path / "d.yaml"], "resume in", "expects true or false, got 'perhaps'")
+
+
+def test_bitsandbytes_is_imported_only_for_4_bit_and_quietly():
+    """Every bench and export printed bitsandbytes' 'Failed to load CPU gemm_4bit_forward' although nothing was
+    4-bit: listings and help never import it, and peft's import of it (peft imports it when installed) is quiet."""
+    import logging
+    import subprocess
+    import sys
+
+    probe = ("import sys; from peftmed.cli import main\n"
+             "for argv in (['methods'], ['backbones'], ['bench', '--help'], ['plan', '--help']):\n"
+             "    try: main(argv)\n"
+             "    except SystemExit: pass\n"
+             "print('bitsandbytes' in sys.modules, 'peft' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False False"
+
+    from peftmed.memory.quantize import quiet_bitsandbytes_import
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with quiet_bitsandbytes_import():
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("after")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["after"]
