@@ -59,3 +59,11 @@ def unknown_message(kind: str, name: str, known: Iterable[str], hint: str = "", 
     if hint:
         msg += " " + hint
     return msg
+
+
+class DataError(PeftmedError, ValueError):
+    """Dataset files or records that cannot be used (malformed, empty, leaking test questions)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A data directory, annotation file or image that does not exist."""

@@ -4,7 +4,7 @@ Every file peftmed writes that another run reads back (adapters, checkpoints, re
 goes through ``write_bytes_atomic``: the bytes go to a temporary file in the same folder, are flushed
 to disk, and the temporary file is renamed over the target (``os.replace`` is atomic on POSIX and
 Windows). Temporary names start with ``.<target name>.`` and end with ``.tmp``, so what an interrupted
-write leaves behind is recognisable (``remove_temporaries``) and nothing else is ever touched.
+write leaves behind is recognisable (a checkpoint folder clears its own) and nothing else is ever touched.
 """
 
 from __future__ import annotations
@@ -120,30 +120,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dump_options) -> Pat
     """JSON (indent 2 unless told otherwise) written atomically."""
     dump_options.setdefault("indent", 2)
     return write_text_atomic(path, json.dumps(data, **dump_options))
-
-
-def copy_atomic(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Copy a file (streamed, so large weights do not sit in memory) and rename it into place."""
-    def copy(out):
-        with open(src, "rb") as inp:
-            while chunk := inp.read(1 << 22):
-                out.write(chunk)
-
-    return _replace_atomic(dst, copy)
-
-
-def remove_temporaries(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
-    """Delete the temporary files an interrupted ``write_*_atomic`` of ``names`` left in ``folder``."""
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for name in names:
-        for stale in folder.glob(f".{name}.*{TMP_SUFFIX}"):
-            if stale.is_file():
-                stale.unlink(missing_ok=True)
-                removed.append(stale)
-    return removed
 
 
 def sha256_file(path: str | os.PathLike) -> str:

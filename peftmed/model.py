@@ -41,6 +41,7 @@ from .methods.base import (
 from .plugins import Registry, default_registry
 from .files import sha256_file, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
+from .tasks import answer as answer_with
 
 log = logging.getLogger("peftmed.model")
 
@@ -468,8 +469,6 @@ class PeftModel(nn.Module):
         """The adapted model's answer to ``question`` about ``image`` (a path, a PIL image or a uint8 (3, H, W)
         tensor), prepared as the training data was; lists of images and questions give a list of answers.
         ``task="report"`` writes a report for the image instead (no question)."""
-        from .deploy.predict import answer as _answer
-
         single = not isinstance(image, (list, tuple))
         images = [image] if single else list(image)
         if question is None:
@@ -477,7 +476,7 @@ class PeftModel(nn.Module):
         else:
             questions = [question] if isinstance(question, str) else list(question)
         task_obj = self.registry.get("task", task)
-        texts, _ = _answer(task_obj, task_obj.wrap(self), images, questions, batch_size=batch_size,
+        texts, _ = answer_with(task_obj, task_obj.wrap(self), images, questions, batch_size=batch_size,
                            num_beams=num_beams, max_new_tokens=max_new_tokens)
         return texts[0] if single else texts
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
 import torch
+from torch import nn
 
 from .errors import ConfigError
 
@@ -42,3 +44,27 @@ def adamw(params, **options) -> torch.optim.AdamW:
     fused = bool(tensors) and all(type(p.data) is torch.Tensor and p.is_floating_point()
                                   and p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(groups, fused=fused or None, **options)
+
+
+# ---- the base dtype a model was prepared in (peftmed.memory casts it; the model, tasks and deploy read it) --------
+BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def base_dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The low-precision dtype the frozen base was cast to (None: fp32), wherever the marker sits."""
+    for m in model.modules():
+        name = getattr(m, "peftmed_base_dtype", None)
+        if name is not None:
+            return BASE_DTYPES[name] if name != "fp32" else None
+    return None
+
+
+def autocast_for(model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    """An autocast context in the model's base dtype (``dtype`` overrides it) on ``device``; a null
+    context when the base is fp32 and no dtype is asked for."""
+    dtype = dtype or base_dtype_of(model)
+    if dtype is None:
+        return contextlib.nullcontext()
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.autocast(torch.device(device).type, dtype=dtype)

@@ -205,11 +205,6 @@ def _reference(rows, test) -> dict | None:
     return next((r for r in rows if r["provider"] == "peftmed" and r["status"] == "ok" and test(r)), None)
 
 
-def verdict(summary: Sequence[dict[str, Any]], task, scores_of=None) -> str:
-    """The summary line: a winner only where the data say so (see ``winner``)."""
-    return winner(summary, task)["text"]
-
-
 def winner(summary: Sequence[dict[str, Any]], task) -> dict[str, Any]:
     """Which recipe is best by the primary score, and whether the difference is significant.
 

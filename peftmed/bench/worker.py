@@ -28,7 +28,6 @@ from . import task as glue
 from .memory import MemoryProbe
 from .suites import slug
 
-PROVIDERS = ("peftmed", "peft")
 FALLBACK_LR = 1e-3  # a method without a default_lr, and peft's rows of such a method
 
 

@@ -14,17 +14,17 @@ import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
-    from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .records import VQARecord, check_unique_qids
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 
 ITEM_TEXT_FIELDS = ("question", "answer", "qid", "answer_type", "question_type", "organ")
 

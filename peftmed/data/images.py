@@ -16,13 +16,12 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-
 from typing import TYPE_CHECKING
+
+from ..errors import DataError, MissingDataError
 
 if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
     from PIL import Image
-
-from .records import DataError, MissingDataError
 
 # (path, size, mtime_ns, draft side) of files that decoded cleanly in this process
 _VERIFIED: set[tuple[str, int, int, int]] = set()

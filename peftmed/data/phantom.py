@@ -24,15 +24,15 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-
-import numpy as np
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
-    from PIL import Image
+import numpy as np
 
 from ..errors import ConfigError
 from .records import DatasetSpec, VQARecord
+
+if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
+    from PIL import Image
 
 DOMAINS = {"ct": ("non-contrast ct", "contrast ct"), "mr": ("t1 mri", "t2 mri")}
 _DOMAIN_CODE = {"ct": 1, "mr": 2}

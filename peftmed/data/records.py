@@ -13,14 +13,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
-from typing import TYPE_CHECKING
+from ..errors import DataError, MissingDataError, UnknownNameError  # noqa: F401  (DataError, MissingDataError: re-exported)
+from .images import open_image
 
 if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
     from PIL import Image
-
-from ..errors import PeftmedError, UnknownNameError
 
 log = logging.getLogger("peftmed.data")
 
@@ -31,14 +30,6 @@ ANSWER_TYPES = ("CLOSED", "OPEN")
 _FINAL_PUNCT = ".,;:!?"
 
 ImageSource = Union[str, Path, Callable[[], "Image.Image"]]
-
-
-class DataError(PeftmedError, ValueError):
-    """Dataset files or records that cannot be used (malformed, empty, leaking test questions)."""
-
-
-class MissingDataError(DataError, FileNotFoundError):
-    """A data directory, annotation file or image that does not exist."""
 
 
 # Punctuation inside an answer around which spacing carries no meaning ("x-ray" / "x - ray", "3.4" / "3. 4",
@@ -94,8 +85,6 @@ class VQARecord:
         With ``min_size``, a JPEG may be decoded at a reduced scale (1/2, 1/4, 1/8) that still keeps
         both sides >= ``min_size``: several times faster for a 2,000-pixel scan resized to 64-480 px.
         """
-        from .images import open_image
-
         return open_image(self.image, what=f"question {self.qid!r}", min_size=min_size)
 
 

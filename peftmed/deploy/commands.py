@@ -12,9 +12,10 @@ from ..data.images import open_image
 from ..errors import ConfigError
 from ..files import check_output_path, write_text_atomic
 from ..hookspecs import hookimpl
-from .merge import merge_adapter
+from ..plugins import default_registry
 from ..run.model import load_adapted
-from .predict import _question_limit, answer, run_task
+from .merge import merge_adapter
+from .predict import answer, question_limit, run_task
 
 
 # ---- peftmed predict ---------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def _predict_run(args) -> int:
             raise ConfigError(f"--output {args.output!r} exists; pass --overwrite to replace it, or choose another "
                               f"--output")
     task_name = args.task
-    needs_question = (task_name or run_task(args.adapter) or "vqa") != "report"
+    needs_question = default_registry().get("task", task_name or run_task(args.adapter) or "vqa").needs_question
     if args.image:
         if args.question is None and needs_question:
             raise ConfigError("--image needs --question (or --task report for a report)")
@@ -102,23 +103,23 @@ def _predict_run(args) -> int:
                                   f"line {i + 1} ({item['image']!r})")
     task, model, opts, manifest = load_adapted(args.adapter, device=args.device, base_dtype=args.base_dtype,
                                             quantize=args.quantize, task=task_name)
-    if task.name == "vqa" and any(not str(it.get("question") or "").strip() for it in items):
-        raise ConfigError("the adapter answers questions (task vqa): every image needs a \"question\"")
+    if task.needs_question and any(not str(it.get("question") or "").strip() for it in items):
+        raise ConfigError(f"the adapter answers questions (task {task.name}): every image needs a \"question\"")
     answers, truncated = answer(task, model, [it["_pil"] for it in items], [it.get("question") or "" for it in items],
                                 batch_size=args.batch_size, num_beams=args.num_beams,
                                 max_new_tokens=args.max_new_tokens or opts.get("max_new_tokens"))
     if truncated:
-        limit = _question_limit(model)
+        limit = question_limit(model)
         print(f"note: {truncated} question(s) were longer than the model's limit"
               f"{f' of {limit} tokens' if limit else ''}; they were cut to it and answered as cut", file=sys.stderr)
     rows = []
     for item, text in zip(items, answers):
         row = {k: v for k, v in item.items() if not k.startswith("_")}
-        row["report" if task.name == "report" else "answer"] = text
+        row[task.output] = text
         rows.append(row)
     if args.output:
         write_text_atomic(args.output, "".join(json.dumps(r) + "\n" for r in rows))
-        print(f"{len(rows)} answer(s) written to {args.output}")
+        print(f"{len(rows)} {task.output}(s) written to {args.output}")
     elif len(rows) == 1:
         print(answers[0])
     else:

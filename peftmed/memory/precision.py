@@ -18,14 +18,12 @@ see :func:`autocast_for`.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime import BASE_DTYPES, autocast_for, base_dtype_of  # noqa: F401  (the model-level half lives there)
 
-BASE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _NAMES = {v: k for k, v in BASE_DTYPES.items()}
 
 
@@ -90,21 +88,3 @@ def set_base_dtype(model: nn.Module, dtype) -> dict[str, int]:
     return counts
 
 
-def base_dtype_of(model: nn.Module) -> torch.dtype | None:
-    """The low-precision dtype the frozen base was cast to (None: fp32), wherever the marker sits."""
-    for m in model.modules():
-        name = getattr(m, "peftmed_base_dtype", None)
-        if name is not None:
-            return BASE_DTYPES[name] if name != "fp32" else None
-    return None
-
-
-def autocast_for(model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
-    """An autocast context in the model's base dtype (``dtype`` overrides it) on ``device``; a null
-    context when the base is fp32 and no dtype is asked for."""
-    dtype = dtype or base_dtype_of(model)
-    if dtype is None:
-        return contextlib.nullcontext()
-    if device is None:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return torch.autocast(torch.device(device).type, dtype=dtype)

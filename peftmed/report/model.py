@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import TextLimits
-from ..backbones.wordpiece import detokenize
+from ..data.text import detokenize
 from ..errors import ConfigError, PeftmedError
 
 log = logging.getLogger("peftmed.report")

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
-
-from PIL import Image
+from typing import TYPE_CHECKING, ClassVar
 
 from ..data.dataset import VQADataset
 from ..data.records import DataError, ImageSource
 from ..errors import ConfigError
+
+if TYPE_CHECKING:  # PIL is imported where images are read
+    from PIL import Image
 
 
 @dataclass

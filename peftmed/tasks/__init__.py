@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, PeftmedError, UnknownNameError
+from ..runtime import autocast_for
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,12 @@ class ScoreColumn:
     fmt: str = ".3f"
 
 
-def _same(model: nn.Module) -> nn.Module:
-    return model
-
-
-def _generate(model: nn.Module, batch: dict, max_new_tokens: int, num_beams: int) -> list[str]:
-    return model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
-
-
-@dataclass
 class Task:
-    """A registered task. Every callable receives records of the task's dataset kind.
+    """A task: what a model is trained and scored on. Built-in tasks subclass it (``peftmed.tasks.vqa.VQATask``,
+    ``peftmed.report.task.ReportTask``); a plugin may too, or pass any attribute or method as a keyword
+    (``Task(name="mine", dataset=fn, ...)``: a callable given there stands in for the method of that name).
 
-    Fields:
+    Attributes:
       name: what ``--task`` and a dataset's ``task`` name.
       description: one line for listings.
       noun: what a record is, for messages ("questions", "reports").
@@ -55,58 +49,90 @@ class Task:
       columns: the scores the bench tables show; ``primary`` is the one plots and winners use.
       primary: key of the main score (higher is better).
       max_new_tokens: default generation length when none is given.
-      dataset: ``dataset(records, image_size, cache_dir=None) -> torch Dataset`` of model-ready items.
-      collate: batches the dataset's items into what ``compute_loss`` / ``generate`` take.
-      texts: ``texts(train_records) -> list[str]``: what a backbone trains its tokenizer on.
-      baseline: ``baseline(train_records, test_records) -> {record id: prediction}`` of the task's trivial
-        baseline (scored by the same metric).
+      needs_question: whether a sample is an image and a question (VQA) or an image alone (a report).
+      output: what the generated text is called in files and messages ("answer", "report").
       baseline_name: key of the baseline's scores in metrics.json; ``baseline_label`` prints beside them.
-      summary: ``summary(scores) -> str``, one line.
-      write_predictions: ``write_predictions(path, predictions, records)`` (one row per record).
-      wrap: the adapted model -> the model that serves the task (e.g. a ``ReportModel``).
-      generate: ``generate(model, batch, max_new_tokens, num_beams) -> list[str]``.
-      capability: what a backbone must list in its ``tasks`` to serve it.
+      capability: what a backbone must list in its ``tasks`` to serve it (the name by default).
       default_dataset: the dataset the bench uses when none is given.
-      record_scores: ``record_scores(predictions, records) -> {record id: score}``: each record's share of the
-        primary score (their mean is it), for confidence intervals and paired tests; ``binary`` when those
-        are 0/1 (right/wrong). None: the bench shows no intervals.
+      binary: whether ``record_scores`` are 0/1 (right/wrong): the bench then pairs with McNemar's test.
       bench_steps, bench_batch_size, bench_eval_samples: the bench's default budget for the task on a
         CPU (steps x batch per recipe, test records scored; None: the whole test split).
-      targets: ``targets(records) -> list[str]``: the texts the model learns to generate (VQA: the answers), from
-        which the generation length is derived (:func:`answer_lengths`); None: the task sets its own lengths.
+      record_scores: None, or a method ``record_scores(predictions, records) -> {record id: score}``: each
+        record's share of the primary score (their mean is it), for intervals and paired tests.
+      targets: None, or a method ``targets(records) -> list[str]``: the texts the model learns to generate (VQA:
+        the answers), from which the generation length is derived (:func:`answer_lengths`).
+
+    Methods (a subclass implements the first five):
+      dataset(records, image_size, cache_dir=None) -> a torch Dataset of model-ready items;
+      collate(items) -> the batch ``compute_loss`` / ``generate`` take;
+      texts(train_records) -> what a backbone trains its tokenizer on;
+      baseline(train_records, test_records) -> {record id: prediction} of the task's trivial baseline;
+      summary(scores) -> one line;
+      write_predictions(path, predictions, records): one row per record (default: id, prediction);
+      wrap(model) -> the model that serves the task (default: the model itself);
+      generate(model, batch, max_new_tokens, num_beams) -> texts (default: ``model.generate``).
     """
 
-    name: str
-    description: str
-    noun: str
-    metric: str
-    columns: tuple[ScoreColumn, ...]
-    primary: str
-    max_new_tokens: int
-    dataset: Callable[..., Any]
-    collate: Callable[[Sequence[dict]], dict]
-    texts: Callable[[Sequence], list[str]]
-    baseline: Callable[[Sequence, Sequence], dict[str, str]]
-    baseline_name: str
-    baseline_label: str
-    summary: Callable[[dict], str]
-    write_predictions: Callable[..., Any]
-    wrap: Callable[[nn.Module], nn.Module] = _same
-    generate: Callable[..., list[str]] = _generate
-    default_dataset: str | None = None
+    name: str = ""
+    description: str = ""
+    noun: str = "items"
+    metric: str = ""
+    columns: tuple[ScoreColumn, ...] = ()
+    primary: str = ""
+    max_new_tokens: int = 10
+    needs_question: bool = True
+    output: str = "answer"
+    baseline_name: str = "baseline"
+    baseline_label: str = "baseline:"
     capability: str = ""
-    record_scores: Callable[..., dict[str, float]] | None = None
+    default_dataset: str | None = None
     binary: bool = False
     bench_steps: int = 40
     bench_batch_size: int = 8
     bench_eval_samples: int | None = None
+    record_scores: Callable[..., dict[str, float]] | None = None
     targets: Callable[[Sequence], list[str]] | None = None
 
-    def __post_init__(self):
+    def __init__(self, **fields: Any):
+        for key, value in fields.items():
+            if not hasattr(type(self), key) or key.startswith("_"):
+                raise PeftmedError(f"task {fields.get('name', self.name)!r}: {key!r} is not a task attribute or method")
+            setattr(self, key, value)
+        if not self.name:
+            raise PeftmedError(f"{type(self).__name__}: a task needs a name")
         if not self.capability:
             self.capability = self.name
         if self.primary not in {c.key for c in self.columns}:
             raise PeftmedError(f"task {self.name!r}: primary score {self.primary!r} is not one of its columns")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    def dataset(self, records: Sequence, image_size: int, cache_dir=None):
+        raise NotImplementedError(f"task {self.name!r} has no dataset()")
+
+    def collate(self, items: Sequence[dict]) -> dict:
+        raise NotImplementedError(f"task {self.name!r} has no collate()")
+
+    def texts(self, records: Sequence) -> list[str]:
+        raise NotImplementedError(f"task {self.name!r} has no texts()")
+
+    def baseline(self, train_records: Sequence, test_records: Sequence) -> dict[str, str]:
+        raise NotImplementedError(f"task {self.name!r} has no baseline()")
+
+    def summary(self, scores: dict) -> str:
+        return "  ".join(f"{c.header} {scores[c.key]:{c.fmt}}" for c in self.columns if scores.get(c.key) is not None)
+
+    def write_predictions(self, path, predictions: dict, records: Sequence):
+        from ..files import write_json_atomic
+
+        return write_json_atomic(path, [{"id": k, "prediction": v} for k, v in predictions.items()])
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def generate(self, model: nn.Module, batch: dict, max_new_tokens: int, num_beams: int) -> list[str]:
+        return model.generate(batch, max_new_tokens=max_new_tokens, num_beams=num_beams)
 
 
 @dataclass
@@ -301,8 +327,6 @@ def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, 
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n, desc="eval", unit=task.noun.rstrip("s") or "item", dynamic_ncols=True)
-    from ..memory import autocast_for
-
     try:
         for batch in loader:
             batch["images"] = batch["images"].to(device)
@@ -319,6 +343,73 @@ def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, 
             bar.close()
         model.train(was_training)
     return EvalResult(predictions, score(task, predictions, records, registry), records, task)
+
+
+def image_batch(images: Sequence, size: int) -> torch.Tensor:
+    """uint8 (B, 3, size, size) from image paths, PIL images or uint8 (3, H, W) tensors, prepared as the
+    training data was (RGB, bicubic resize); a missing or unreadable file is an error naming it."""
+    from PIL import Image  # deferred: listings and help never read an image
+
+    from ..data.dataset import image_to_tensor
+    from ..data.images import open_image
+
+    out = []
+    for i, image in enumerate(images):
+        if isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] not in (1, 3):
+                raise ConfigError(f"image {i}: a tensor image must be uint8 (3, H, W), got {image.dtype} "
+                                  f"{tuple(image.shape)}")
+            image = Image.fromarray(image.expand(3, -1, -1).permute(1, 2, 0).numpy())
+        elif not isinstance(image, Image.Image):
+            image = open_image(image, what=f"image {i}")
+        out.append(image_to_tensor(image, size))
+    return torch.stack(out)
+
+
+def truncated_questions(model: nn.Module) -> int:
+    """How many questions the model has cut to its length limit so far (its own counter; ``vars``: a wrapper
+    forwarding attribute reads would count it twice)."""
+    return sum(int(vars(m).get("truncated_questions", 0) or 0) for m in model.modules())
+
+
+@torch.no_grad()
+def answer(task: Task, model: nn.Module, images: Sequence, questions: Sequence[str] | None = None, *,
+           batch_size: int = 16, num_beams: int = 3, max_new_tokens: int | None = None) -> tuple[list[str], int]:
+    """The task model's outputs (answers, reports: ``task.output``) for ``images`` (and ``questions`` when the
+    task asks them), in order, and how many questions were longer than the model's limit (cut to it; the
+    answer is to the cut question). The generation length: ``max_new_tokens``, else the adapted model's
+    ``generation_length`` (a run's, derived from its training answers), else the task's default."""
+    if questions is None:
+        questions = [""] * len(images)
+    if len(questions) != len(images):
+        raise ConfigError(f"{len(images)} images but {len(questions)} questions")
+    if task.needs_question:
+        empty = [i for i, q in enumerate(questions) if not str(q).strip()]
+        if empty:
+            raise ConfigError(f"question {empty[0]} is empty; the task {task.name!r} needs a question per image")
+    for key, value in (("batch_size", batch_size), ("num_beams", num_beams)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    size = int(getattr(model, "image_size"))
+    device = _device(model)
+    lengths = [getattr(m, "generation_length", None) for m in model.modules()]
+    tokens = max_new_tokens or next((n for n in lengths if n), None) or task.max_new_tokens
+    check_generation_length(model, tokens)
+    before = truncated_questions(model)
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    try:
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            pixels = image_batch(images[chunk], size).to(device)
+            qs = [str(q) for q in questions[chunk]]
+            batch = {"images": pixels, "questions": qs, "qids": [str(i) for i in range(start, start + len(qs))]}
+            with autocast_for(model, device):
+                out += task.generate(model, batch, tokens, num_beams)
+    finally:
+        model.train(was_training)
+    return out, truncated_questions(model) - before
 
 
 def score(task: Task, predictions: dict, records: Sequence, registry=None) -> dict[str, Any]:
@@ -339,6 +430,6 @@ def baseline_scores(task: Task, train_records: Sequence, test_records: Sequence,
     return score(task, task.baseline(train_records, test_records), test_records, registry)
 
 
-__all__ = ["AnswerLengths", "EvalResult", "ScoreColumn", "Task", "answer_lengths", "baseline_scores", "build_options",
-           "check_backbone",
-           "check_generation_length", "evaluate", "generation_room", "resolve_task", "score"]
+__all__ = ["AnswerLengths", "EvalResult", "ScoreColumn", "Task", "answer", "answer_lengths", "baseline_scores",
+           "build_options", "check_backbone", "check_generation_length", "evaluate", "generation_room", "image_batch",
+           "resolve_task", "score", "truncated_questions"]

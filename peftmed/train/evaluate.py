@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-from ..tasks import EvalResult
+from ..plugins import default_registry
+from ..tasks import EvalResult, baseline_scores as task_baseline_scores, evaluate as task_evaluate
 
 
 def evaluate(model: nn.Module, records: Sequence, *, batch_size: int = 16, num_beams: int = 3,
@@ -25,19 +26,15 @@ def evaluate(model: nn.Module, records: Sequence, *, batch_size: int = 16, num_b
     ``limit`` evaluates the first ``limit`` records only (periodic evaluation during training);
     ``dataset`` reuses a ``VQADataset`` over ``records`` (its image cache) instead of building one.
     """
-    from ..tasks import evaluate as run
-    from ..tasks.vqa import VQA
-
-    return run(VQA, model, records, registry=registry, batch_size=batch_size, num_beams=num_beams,
+    registry = registry or default_registry()
+    return task_evaluate(registry.get("task", "vqa"), model, records, registry=registry, batch_size=batch_size, num_beams=num_beams,
                max_new_tokens=max_new_tokens, image_size=image_size, limit=limit, progress=progress, dataset=dataset)
 
 
 def baseline_scores(train_records: Sequence, test_records: Sequence, registry=None) -> dict[str, Any]:
     """Scores of the majority-answer baseline (per answer type) on ``test_records``."""
-    from ..tasks import baseline_scores as run
-    from ..tasks.vqa import VQA
-
-    return run(VQA, train_records, test_records, registry)
+    registry = registry or default_registry()
+    return task_baseline_scores(registry.get("task", "vqa"), train_records, test_records, registry)
 
 
 __all__ = ["EvalResult", "baseline_scores", "evaluate"]

@@ -31,7 +31,7 @@ def test_miss_decoding_round_trips_every_answer(answers):
 
 
 def test_blip_decoding_round_trips_every_answer(answers):
-    from peftmed.backbones.wordpiece import detokenize
+    from peftmed.data.text import detokenize
 
     answers, texts = answers
     tok = peftmed.build_backbone("hf-blip-vqa", texts=texts).tokenizer

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ...data.text import detokenize
 from ...errors import ConfigError
 from ..base import Backbone, TextLimits
 from .common import (
@@ -21,7 +22,6 @@ from .common import (
     preset_spec, seeded_model,
 )
 from .prefix import make_prefix_capable
-from ..wordpiece import detokenize
 from .tokenizer import check_vocab, wordpiece_tokenizer
 
 # Sizes of the presets; "base" is Salesforce/blip-vqa-base's layout (ViT-B/16 at 384, BERT-base).

@@ -48,10 +48,6 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask > 0
 
 
-def supported_types() -> list[str]:
-    return sorted(_FORWARDS)
-
-
 def is_supported(module: nn.Module) -> bool:
     return type(module).__name__ in _FORWARDS and not isinstance(module, PrefixCapableAttention)
 

@@ -20,8 +20,9 @@ import torch
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from ...data.text import detokenize
 from ...errors import ConfigError
-from ..wordpiece import detokenize, wordpiece_vocab
+from ..wordpiece import wordpiece_vocab
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]")
 TOKENIZER_FILE = "tokenizer.json"
@@ -181,7 +182,7 @@ class MissTokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids`` up to the first ``[SEP]``, special tokens dropped, punctuation spaced as written
-        (``peftmed.backbones.wordpiece.detokenize``)."""
+        (``peftmed.data.text.detokenize``)."""
         ids = [int(i) for i in ids]
         if self.sep_id in ids:
             ids = ids[: ids.index(self.sep_id)]
