@@ -438,7 +438,7 @@ def prebuild_kernels(device: str, echo) -> list[dict[str, Any]]:
     for name, spec in build.EXTENSIONS.items():
         if spec["cuda"] != device.startswith("cuda") or not build.can_compile(cuda=spec["cuda"])[0]:
             continue
-        fresh = not any((build.cache_root() / name).glob("*.so"))
+        fresh = not any(build.build_folder(name).glob("*.so"))
         t0 = time.perf_counter()
         try:
             build.load_extension(name)

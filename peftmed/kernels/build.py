@@ -2,12 +2,22 @@
 
 JIT builds go to a cache folder per peftmed version, torch version, Python version, CUDA version
 and CPU (the C++ is compiled with ``-march=native``), so upgrading any of them rebuilds instead of
-loading a stale binary:
+loading a stale binary; inside it, one folder per extension and hash of its sources (every file of
+``csrc/`` it can include, and the flags):
 
-    $PEFTMED_KERNEL_CACHE (default ~/.cache/peftmed/kernels)/peftmed0.1.0-torch2.13.0-py311-cpu-<cpu>/<name>/
+    $PEFTMED_KERNEL_CACHE (default ~/.cache/peftmed/kernels)/peftmed0.1.0-torch2.13.0-py311-cpu-<cpu>/<name>-<hash>/
+
+The sources are compiled from a copy in that folder (``src/``), never from the checkout: ninja records the
+absolute paths it compiled, so another checkout (or a moved one) of the same sources finds the same paths and
+loads the cached build instead of rebuilding it (85 s).
 
 A failed build leaves the compiler output in ``build.log`` in that folder; :class:`BuildError` names
 the log and the compiler's first error line.
+
+Builds of one folder are serialised by an advisory lock (``flock`` on ``.peftmed-build.lock``) that the
+kernel releases when its holder dies. torch's own ``lock`` file is not released that way: a build killed
+mid-way (a timeout, kill -9) leaves it, and torch then waits on it forever. Holding our lock, nobody else is
+building, so a ``lock`` file found then is stale and is removed (with a warning) before torch runs.
 
 setup.py loads this file by path (without importing peftmed) and calls :func:`setup_extensions`;
 this module therefore imports nothing from peftmed at top level.
@@ -27,7 +37,6 @@ log = logging.getLogger("peftmed.kernels.build")
 
 # the C++/CUDA sources ship inside the package (package data), so an installed wheel builds them too
 CSRC = Path(__file__).resolve().parent / "csrc"
-INCLUDE = CSRC  # peftmed_cuda.cuh, the header the .cu files share
 # -fopenmp, not just -fopenmp-simd: without it ATen's at::parallel_for (a header template) compiles to a
 # serial loop. The extension then uses the libgomp torch has already loaded (same soname).
 CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
@@ -111,15 +120,54 @@ def can_compile(cuda: bool = False) -> tuple[bool, str]:
     return True, ""
 
 
-def last_failure(name: str) -> str | None:
-    """The first error of this extension's last failed JIT build (any process), if it has not built since."""
+def _source_files(csrc: Path) -> list[Path]:
+    """Every file an extension can compile or include: csrc/'s C++, CUDA and header files."""
+    return sorted(p for p in csrc.rglob("*") if p.is_file() and p.suffix in (".cpp", ".cu", ".cuh", ".h", ".hpp"))
+
+
+def source_key(name: str, csrc: Path | None = None) -> str:
+    """16 hex digits of a hash of the extension's name, flags and csrc/'s sources (their relative paths and
+    bytes): the same for two checkouts of the same sources, different after any edit."""
+    csrc = csrc or CSRC
+    digest = hashlib.sha256(repr((name, EXTENSIONS[name], CXX_FLAGS, NVCC_FLAGS)).encode())
+    for path in _source_files(csrc):
+        digest.update(str(path.relative_to(csrc)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def build_folder(name: str, csrc: Path | None = None) -> Path:
+    """Where extension ``name`` of these sources is built and cached."""
+    return cache_root() / f"{name}-{source_key(name, csrc)}"
+
+
+def _staged_sources(name: str, build_dir: Path, csrc: Path | None = None) -> Path:
+    """A copy of csrc/ inside ``build_dir`` (written once, atomically), from which the extension compiles."""
+    import shutil
+    import tempfile
+
+    csrc = csrc or CSRC
+    staged = build_dir / "src"
+    if staged.is_dir():
+        return staged
+    tmp = Path(tempfile.mkdtemp(prefix=".src-", dir=build_dir))
+    for path in _source_files(csrc):
+        target = tmp / path.relative_to(csrc)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
     try:
-        log_file = cache_root() / name / "build.log"
+        os.replace(tmp, staged)
+    except OSError:  # another process staged it first: theirs is the same bytes
+        shutil.rmtree(tmp, ignore_errors=True)
+    return staged
+
+
+def last_failure(name: str) -> str | None:
+    """The first error of this extension's last failed JIT build (any process), if it has not built since
+    (a failure of other sources does not count: the key changes with them)."""
+    try:
+        log_file = build_folder(name) / "build.log"
         if not log_file.is_file():
             return None
-        sources = [CSRC / src for src in EXTENSIONS[name]["sources"]]
-        if any(src.stat().st_mtime > log_file.stat().st_mtime for src in sources):
-            return None  # the sources changed since: worth another try
         return (f"last build failed: {first_error_line(log_file.read_text())} (full log: {log_file}; "
                 f"`peftmed kernels --build` retries)")
     except OSError:  # an unreadable cache is the same as no record
@@ -141,7 +189,7 @@ _lock = threading.Lock()
 
 def forget_failure(name: str) -> None:
     """Drop the record of a failed build so that the next use compiles again."""
-    (cache_root() / name / "build.log").unlink(missing_ok=True)
+    (build_folder(name) / "build.log").unlink(missing_ok=True)
 
 
 def load_extension(name: str):
@@ -157,13 +205,47 @@ def load_extension(name: str):
         return module
 
 
+class _BuildLock:
+    """Exclusive advisory lock on a build folder (released by the kernel if the holder dies); inside it, a
+    torch ``lock`` file left by a killed build is removed."""
+
+    def __init__(self, build_dir: Path):
+        self.build_dir = build_dir
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+
+        self.fd = os.open(self.build_dir / ".peftmed-build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        stale = self.build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a build that was stopped before it finished", stale)
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 def _jit_build(name: str):
+    build_dir = build_folder(name)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with _BuildLock(build_dir):
+        return _jit_build_locked(name, build_dir)
+
+
+def _jit_build_locked(name: str, build_dir: Path):
     import torch.utils.cpp_extension as cpp_ext
 
     spec = EXTENSIONS[name]
-    sources = [str(CSRC / s) for s in spec["sources"]]
-    build_dir = cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
+    staged = _staged_sources(name, build_dir)
+    sources = [str(staged / s) for s in spec["sources"]]
     log_path = build_dir / "build.log"
     fresh = not any(build_dir.glob("*.so"))
     if fresh:
@@ -172,7 +254,7 @@ def _jit_build(name: str):
         module = cpp_ext.load(
             name=f"peftmed_{name}", sources=sources, build_directory=str(build_dir),
             extra_cflags=CXX_FLAGS, extra_ldflags=[] if spec["cuda"] else ["-fopenmp"], extra_cuda_cflags=NVCC_FLAGS,
-            extra_include_paths=[str(INCLUDE)] if spec["cuda"] else None, verbose=False,
+            extra_include_paths=[str(staged)] if spec["cuda"] else None, verbose=False,
         )
     except Exception as exc:  # ninja/compiler failure: keep the whole output, surface the first error
         output = str(exc)

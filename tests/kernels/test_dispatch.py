@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,6 +145,30 @@ def test_cache_folder_is_per_version(monkeypatch, tmp_path):
     assert torch.__version__.split("+")[0] in root.name and "peftmed" in root.name
 
 
+def test_the_build_cache_is_keyed_by_the_sources_not_the_checkout(monkeypatch, tmp_path):
+    """The cache recorded the checkout's absolute source paths, so every other checkout rebuilt (85 s): the
+    folder is keyed by the sources' bytes and they compile from a copy inside it."""
+    import shutil
+
+    monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "another-checkout" / "csrc"
+    shutil.copytree(build.CSRC, other, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in build.EXTENSIONS:
+        assert build.build_folder(name, other) == build.build_folder(name)  # the same sources: the same cache
+    header = other / "peftmed_cuda.cuh"
+    header.write_text(header.read_text() + "\n// an edit\n")
+    assert build.build_folder("lora_linear_cuda", other) != build.build_folder("lora_linear_cuda")
+    src = other / "layer_norm" / "layer_norm.cpp"
+    src.write_bytes(src.read_bytes() + b" ")
+    assert build.build_folder("layer_norm_cpu", other) != build.build_folder("layer_norm_cpu")
+    # what ninja is given: paths inside the cache folder, never the checkout's
+    folder = build.build_folder("layer_norm_cpu")
+    folder.mkdir(parents=True)
+    staged = build._staged_sources("layer_norm_cpu", folder)
+    assert staged.parent == folder and (staged / "layer_norm" / "layer_norm.cpp").read_bytes() == \
+        (build.CSRC / "layer_norm" / "layer_norm.cpp").read_bytes()
+
+
 def test_cli_lists_every_op_and_implementation(capsys):
     from peftmed.cli import main
 
@@ -179,7 +204,7 @@ def test_a_failed_build_is_remembered_across_processes_until_retried(monkeypatch
     monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path))
     if not build.can_compile()[0]:
         pytest.skip("no compiler here")
-    log = build.cache_root() / "layer_norm_cpu" / "build.log"
+    log = build.build_folder("layer_norm_cpu") / "build.log"
     log.parent.mkdir(parents=True)
     log.write_text("x.cpp:1:1: error: 'foo' was not declared\nninja: build stopped: subcommand failed.\n")
     ok, why = build.extension_status("layer_norm_cpu")
@@ -188,3 +213,28 @@ def test_a_failed_build_is_remembered_across_processes_until_retried(monkeypatch
     assert cpp.available() == (False, why)  # what `peftmed kernels` shows, without compiling
     build.forget_failure("layer_norm_cpu")
     assert build.extension_status("layer_norm_cpu") == (True, "")
+
+
+def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one(monkeypatch, tmp_path, caplog):
+    """A build killed mid-way leaves torch's ``lock`` file in the build folder, and torch then waits on it
+    forever (every later use of the kernels hung): the next build removes it, under a lock of its own that
+    the kernel releases when its holder dies, and builds."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("PEFTMED_KERNEL_CACHE", str(tmp_path / "cache"))
+    folder = build.build_folder("layer_norm_cpu")
+    folder.mkdir(parents=True)
+    (folder / "lock").write_text("")  # what `timeout` killing the compiler leaves behind
+    calls = []
+
+    def fake_load(name, sources, build_directory, **kwargs):
+        if (Path(build_directory) / "lock").exists():  # torch's FileBaton would wait here forever
+            raise TimeoutError("waited on a stale lock")
+        calls.append(sources)
+        return "module"
+
+    monkeypatch.setattr(cpp_ext, "load", fake_load)
+    with caplog.at_level("WARNING", logger="peftmed.kernels.build"):
+        assert build._jit_build("layer_norm_cpu") == "module"
+    assert calls and not (folder / "lock").exists()
+    assert "stopped before it finished" in caplog.text
