@@ -9,9 +9,11 @@ from ...hookspecs import hookimpl
 @hookimpl
 def register_backbones(register):
     # imported here so that loading the plugin list does not import transformers' model code
-    from . import blip, encoder, llava
+    from . import blip, encoder, llava, vlm
 
     for backbone in (blip.BACKBONE, *blip.PRESET_BACKBONES, llava.BACKBONE, *llava.PRESET_BACKBONES):
+        register(backbone)
+    for backbone in (*vlm.BACKBONES, *vlm.PRESET_BACKBONES):
         register(backbone)
     for backbone in encoder.BACKBONES:
         register(backbone)

@@ -17,10 +17,20 @@ puts the original instance back (with whatever wrappers other methods placed on 
 
 Covered: BLIP vision (fused ``qkv``), BLIP text self/cross attention incl. the decoder's
 EncoderDecoderCache, CLIP (LLaVA's vision tower), Llama (LLaVA's LLM; rotary, grouped KV heads, cache).
+
+Any other attention that calls transformers' attention interface (``ALL_ATTENTION_FUNCTIONS``: Qwen2/2.5/3-VL's
+text attention with its multimodal rotary positions, Gemma 3 with sliding windows and q/k norms, Mistral, SigLIP,
+InternViT, Idefics3, Mllama...) is covered generically: with a prefix set, the original class's forward runs
+(its projections, norms, rotary positions and cache, unchanged) with ``peftmed_prefix`` as its attention
+function, which attends over [prefix; keys]. The prefix keys therefore take no rotation, as above; the model's
+own keys keep theirs. Refused: attention with logit soft-capping, and vision attention over packed variable-length
+sequences (Qwen's vision towers), where one prefix per image is not what the packed call sees.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import sys
 
 import torch
@@ -49,7 +59,77 @@ def _bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def is_supported(module: nn.Module) -> bool:
-    return type(module).__name__ in _FORWARDS and not isinstance(module, PrefixCapableAttention)
+    if isinstance(module, PrefixCapableAttention):
+        return False
+    return type(module).__name__ in _FORWARDS or _uses_attention_interface(module)
+
+
+INTERFACE = "peftmed_prefix"
+_interface_checked: dict[type, bool] = {}
+
+
+def _uses_attention_interface(module: nn.Module) -> bool:
+    """Whether ``module``'s forward picks its attention function from transformers' interface by config (and
+    takes one query/key/value set per sequence: packed variable-length vision attention does not)."""
+    cls = type(module)
+    if cls not in _interface_checked:
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        config = getattr(module, "config", None)
+        _interface_checked[cls] = ("ALL_ATTENTION_FUNCTIONS" in src and "cu_seqlens" not in src
+                                   and config is not None and hasattr(config, "_attn_implementation"))
+    return _interface_checked[cls]
+
+
+def _heads(module: nn.Module) -> tuple[int, int]:
+    config = getattr(module, "config", None)
+    heads = getattr(module, "num_heads", None) or getattr(config, "num_attention_heads", None) \
+        or getattr(config, "attention_heads", None)
+    dim = getattr(module, "head_dim", None) or getattr(config, "head_dim", None) or config.hidden_size // heads
+    return int(heads), int(dim)
+
+
+def _prefix_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                      is_causal=None, **kwargs):
+    """transformers attention-interface function: attention of ``query`` over [prefix; ``key``] (keys rotated and
+    cached by the caller; the prefix unrotated, always visible). Returns (B, T, H, D) as the interface does."""
+    prefix = module.prefix_provider() if getattr(module, "prefix_provider", None) is not None else None
+    if softcap is not None:
+        raise NotImplementedError(f"{type(module).__name__}: a key/value prefix with attention logit soft-capping "
+                                  f"is not supported")
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped KV heads: the prefix has one key/value per query head
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    mask = attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = mask[:, :, :, : key.shape[-2]]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and mask is None and query.shape[2] > 1
+    out = attend(query, key, value, prefix=prefix, attn_mask=_bool_mask(mask), causal=causal,
+                 dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_interface() -> None:
+    from transformers import AttentionInterface
+
+    if INTERFACE not in AttentionInterface._global_mapping:
+        AttentionInterface.register(INTERFACE, _prefix_attention)
+
+
+def _generic_forward(self, prefix, *args, **kwargs):
+    """The original class's forward with ``peftmed_prefix`` as its attention function (see the module docstring)."""
+    _register_interface()
+    config = copy.copy(object.__getattribute__(self, "original").config)
+    config._attn_implementation_internal = INTERFACE
+    self.__dict__["config"] = config
+    try:
+        return type(self.original).forward(self, *args, **kwargs)
+    finally:
+        del self.__dict__["config"]
 
 
 class PrefixCapableAttention(nn.Module):
@@ -73,7 +153,7 @@ class PrefixCapableAttention(nn.Module):
         self.max_positions = max_positions
         self.prefix_provider = None
         self.prefix_users: set[int] = set()  # ids of the PromptModules using this wrapper
-        self._prefix_forward = _FORWARDS[type(original).__name__]
+        self._prefix_forward = _FORWARDS.get(type(original).__name__, _generic_forward)
 
     def __getattr__(self, name: str):
         try:
@@ -107,8 +187,10 @@ def make_prefix_capable(module: nn.Module) -> PrefixCapableAttention | None:
         heads, dim = module.num_attention_heads, module.attention_head_size
     elif name == "LlamaAttention":
         heads, dim = module.config.num_attention_heads, module.head_dim
-    else:
+    elif name in _FORWARDS:
         heads, dim = module.num_heads, module.head_dim
+    else:
+        heads, dim = _heads(module)
     max_positions = getattr(config, "max_position_embeddings", None)
     return _wrapper_class(type(module))(module, heads, dim, max_positions)
 

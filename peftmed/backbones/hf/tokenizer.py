@@ -108,26 +108,35 @@ def wordpiece_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 10
     )
 
 
-def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000):
+def bpe_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1000, extra: dict[str, str] | None = None):
     """A byte-level BPE tokenizer for a decoder LM, with ``<image>`` as a special token.
 
     Ids 0..4 are ``<pad> <unk> <s> </s> <image>``. It adds no special tokens by itself: the LLaVA
-    adapter assembles ``<s> prompt ... answer </s>`` explicitly.
+    adapter assembles ``<s> prompt ... answer </s>`` explicitly. ``extra``: more special tokens, as
+    ``{tokenizer attribute: token}`` (``tokenizer.image_token`` and ``tokenizer.image_token_id`` then name
+    them, as a vision-language family's processor expects); ``end`` is the eos token.
     """
+    extra = dict(extra or {})
+    eos = extra.pop("end", "</s>")
+    specials = list(LM_SPECIALS) + [t for t in [eos, *extra.values()] if t not in LM_SPECIALS]
+    specials = list(dict.fromkeys(specials))
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(LM_SPECIALS),
+        vocab_size=vocab_size, special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(_texts(texts), trainer=trainer)
     from transformers import PreTrainedTokenizerFast  # deferred: transformers takes ~1 s to import
 
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        additional_special_tokens=["<image>"],
-    )
+    if not extra and eos == "</s>":
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+            additional_special_tokens=["<image>"],
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token=eos, extra_special_tokens=extra)
 
 
 def check_vocab(tokenizer, vocab_size: int, what: str) -> None:
