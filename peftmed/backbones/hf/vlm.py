@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 
@@ -37,6 +38,8 @@ from ..base import Backbone, TextLimits
 from .common import VQAModule, load_weights, local_folder, seeded_model
 from .families import FAMILIES, LLM_NAMES, MERGER_NAMES, PROJECTOR_NAMES, VISION_NAMES, chat_template
 from .prefix import make_prefix_capable
+
+PROCESSOR_FILE = "processor_config.json"  # the processor's own settings (image_seq_length...), as Hub folders have
 
 ROLES = {
     "attn.q": r"(self_attn|attention)\.q_proj$", "attn.k": r"(self_attn|attention)\.k_proj$",
@@ -50,8 +53,13 @@ ROLES = {
     "self_attention": r"(^|\.)(self_attn|attention|attn)$",
     "cross_attention": r"cross_attn$",
 }
+def _linear_projector(name: str, module: nn.Module) -> bool:
+    """A projector that is itself one linear layer (Mllama's)."""
+    return name == "multi_modal_projector" and isinstance(module, nn.Linear)
+
+
 PROJECTOR_ROLES = {
-    "mlp.up": r"(linear_1|linear_fc1|mlp\.0|modality_projection\.proj|^linear|^multi_modal_projector)$",
+    "mlp.up": (r"(linear_1|linear_fc1|mlp\.0|modality_projection\.proj|^linear)$", _linear_projector),
     "mlp.down": r"(linear_2|linear_fc2|mlp\.2)$",
 }
 
@@ -273,14 +281,18 @@ def _image_processor(family: str, folder=None):
     return proc
 
 
-def family_processor(family: str, tokenizer, image_processor=None, chat: str | None = None, preset: str = "tiny"):
-    """The family's processor around ``tokenizer`` (the tiny image-processor settings unless given)."""
+def family_processor(family: str, tokenizer, image_processor=None, chat: str | None = None,
+                     settings: dict | None = None):
+    """The family's processor around ``tokenizer`` (the tiny model's image-processor and processor settings unless
+    given; ``settings``: processor settings read from a folder, only the keys the family's data names)."""
     _check_requirements(family)
     fam = _family(family)
     if chat is None and fam["chat"] is not None:
         chat = chat_template(*fam["chat"])
-    kwargs = dict(fam["processor"]) if preset == "tiny" else {k: v for k, v in fam["processor"].items()
-                                                               if k == "video_processor"}
+    kwargs = dict(fam["processor"])
+    if settings is not None:
+        kwargs = {k: v for k, v in kwargs.items() if k == "video_processor"}
+        kwargs.update({k: v for k, v in settings.items() if k in fam["processor"] and k != "video_processor"})
     try:
         return _processor_class(fam["model_type"])(image_processor=image_processor or _image_processor(family),
                                                    tokenizer=tokenizer, chat_template=chat, **kwargs)
@@ -448,7 +460,13 @@ class HFVisionLanguage(VQAModule):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(folder))
-        self.processor.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+        self.processor.image_processor.save_pretrained(str(folder))
+        settings = {k: getattr(self.processor, k) for k in _family(self.family)["processor"]
+                    if k != "video_processor" and isinstance(getattr(self.processor, k, None), (int, float, str))}
+        (folder / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
+        if getattr(self.processor, "chat_template", None):
+            (folder / "chat_template.jinja").write_text(self.processor.chat_template)
         return folder
 
 
@@ -473,7 +491,7 @@ def build(family: str, preset: str = "tiny", tokenizer=None, texts=None, max_que
                               f"(config field {field})")
     ids.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
-    processor = family_processor(family, tokenizer, preset=preset)  # it may add tokens (PaliGemma's location ones)
+    processor = family_processor(family, tokenizer)  # it may add tokens (PaliGemma's location ones)
     config = family_config(family, preset, vocab_size=len(tokenizer), token_ids=ids, text_layers=text_layers,
                            vision_layers=vision_layers)
     model = family_model(config, seed)
@@ -492,6 +510,8 @@ def _redraw_zeros(model: nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if p.is_meta:  # built to count or to read names: nothing to draw
+                return
             if not name.endswith("bias") and p.is_floating_point() and not p.any():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
@@ -500,8 +520,6 @@ def load(path: str | os.PathLike, family: str, max_question_tokens: int = 64, ma
          strict: bool = True, preset: str = "tiny") -> HFVisionLanguage:
     """Load a local Hub-format folder of ``family`` strictly (missing, unexpected and mismatched weights named).
     The classes come from the family (and transformers' own tables), never from names in the folder."""
-    import json
-
     from .common import load_tokenizer
 
     fam = _family(family)
@@ -514,7 +532,7 @@ def load(path: str | os.PathLike, family: str, max_question_tokens: int = 64, ma
         other = next((n for n, f in FAMILIES.items() if f["model_type"] == model_type), None)
         raise ConfigError(f"{family}: {str(folder)!r} holds a {model_type!r} model" +
                           (f" (use --backbone {other})" if other else "") + f", not {fam['model_type']!r}")
-    if not any((folder / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")):
+    if not (folder / "preprocessor_config.json").is_file():
         raise ConfigError(f"{family}: {str(folder)!r} has no preprocessor_config.json: the family's processor "
                           f"(image sizes, normalisation) cannot be built; copy it from the checkpoint's snapshot")
     tokenizer = load_tokenizer(folder, family)
@@ -524,7 +542,13 @@ def load(path: str | os.PathLike, family: str, max_question_tokens: int = 64, ma
         chat = template_file.read_text()
     elif getattr(tokenizer, "chat_template", None):
         chat = tokenizer.chat_template
-    processor = family_processor(family, tokenizer, _image_processor(family, folder), chat=chat, preset="real")
+    settings = {}
+    if (folder / PROCESSOR_FILE).is_file():
+        try:
+            settings = json.loads((folder / PROCESSOR_FILE).read_text())
+        except ValueError as exc:
+            raise PeftmedError(f"{family}: {folder / PROCESSOR_FILE} is not JSON: {exc}") from exc
+    processor = family_processor(family, tokenizer, _image_processor(family, folder), chat=chat, settings=settings)
     model = load_weights(model_class(model_type), folder, family, strict)
     size = _image_size(processor.image_processor, fam)
     return HFVisionLanguage(model, processor, family, image_size=size, max_question_tokens=max_question_tokens,
