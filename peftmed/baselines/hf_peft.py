@@ -161,6 +161,10 @@ def _is_peft_trainable(name: str, method: str) -> bool:
 def _apply_prompt(peft, model: nn.Module, method: str, opts: dict, full: list[str]) -> nn.Module:
     """Prefix / P-Tuning through peft's PeftModel; peft requires a transformers-style LM for these."""
     n = int(opts.get("n", opts.get("num_virtual_tokens", 10)))
+    if getattr(model, "config", None) is None:
+        raise PeftUnavailable(f"peft's {method} feeds virtual tokens to a whole transformers language model "
+                              f"(past_key_values); this {type(model).__name__} holds it inside a VQA wrapper, "
+                              f"and peft has no per-component prefix")
     if method == "prefix":
         config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n)
     else:

@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..files import check_output_path
 from . import report, results
 from . import task as glue
-from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite
+from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite, for_backbone
 from .load import OtherWork, busy_note, load_average
 from .summary import efficiency, forgetting, forgetting_text, pairwise, summarise, winner
 from .worker import Job, run_job
@@ -130,7 +130,7 @@ def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
     entries = [e if isinstance(e, SuiteEntry) else SuiteEntry(e) for e in config.recipes]
     builtin = not entries
     if builtin:
-        entries = list(builtin_suite(config.suite or "default"))
+        entries = [for_backbone(e, backbone.components) for e in builtin_suite(config.suite or "default")]
         # a built-in suite lists methods some installations lack (a plugin not installed): skip those rows
         entries = [e for e in entries if not _missing_methods(e, backbone, registry)]
     return check_suite(entries, backbone, registry)

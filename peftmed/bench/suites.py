@@ -104,6 +104,27 @@ FORGETTING_CLAIM = ("layernorm", ("lora", "full"))
 SUITE_TASKS = {"default": "vqa", "mile": "vqa", "layernorm": "vqa", "irg": "report"}
 
 
+def for_backbone(entry: SuiteEntry, components) -> SuiteEntry:
+    """A built-in entry written for vision | fusion | decoder, on a backbone without those components: the
+    language side (``fusion=... decoder=...``) becomes its ``llm`` (LLaVA, Qwen-VL, Gemma 3...; Mllama keeps its
+    cross-attention ``fusion``). The label then names the component, so no row reads as the papers' form."""
+    components = list(components)
+    if "llm" not in components:
+        return entry
+    calls = {}
+    for part in entry.recipe.split():
+        comp, _, method = part.partition("=")
+        calls[comp] = method
+    if not set(calls) & {"fusion", "decoder"} - set(components):
+        return entry
+    parts = [f"{c}={m}" for c, m in calls.items() if c not in ("fusion", "decoder") or c in components]
+    language = calls.get("decoder") or calls.get("fusion")
+    if "llm" not in calls:
+        parts.append(f"llm={language}")
+    label = (entry.label or entry.recipe).split("|")[-1]
+    return SuiteEntry(" ".join(parts), f"llm {label}")
+
+
 def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:
     if name not in BUILTIN_SUITES:
         raise UnknownNameError("suite", name, BUILTIN_SUITES, hint="Or pass --suite-file FILE / --recipes.")

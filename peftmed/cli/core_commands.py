@@ -86,8 +86,9 @@ def _backbones_run(args) -> int:
         b = reg.backbone(name)
         rows.append([name, "|".join(b.components), ",".join(b.tasks) or "-", _owner_label(reg, "backbone", name),
                      b.description])
-        data.append({"name": name, "components": dict(b.components), "tasks": list(b.tasks),
-                     "plugin": _owner_label(reg, "backbone", name), "description": b.description})
+        if args.json:  # module paths: a generic backbone finds them by building its model (on the meta device)
+            data.append({"name": name, "components": dict(b.components), "tasks": list(b.tasks),
+                         "plugin": _owner_label(reg, "backbone", name), "description": b.description})
     print(json.dumps(data, indent=2) if args.json else table(rows, ["backbone", "components", "tasks", "from",
                                                                       "description"]))
     return 0

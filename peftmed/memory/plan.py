@@ -384,7 +384,8 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
     size = int(getattr(full, "image_size", None) or image_size or 224)
 
     total_params = sum(p.numel() for p in full.parameters())
-    divisors = WIDTH_DIVISORS if backbone.width_option and total_params > MEASURE_AT_FULL_WIDTH else None
+    divisors = _width_divisors(backbone, options) if backbone.width_option and total_params > MEASURE_AT_FULL_WIDTH \
+        else None
 
     def measure(setting: dict[str, int], optimizer: bool = False) -> dict:
         logging.disable(logging.WARNING)  # the synthetic texts are cut to the token limits on purpose
@@ -461,6 +462,22 @@ def _alternatives(pm, base_dtype, quantize: str, quantize_components) -> dict[st
         except ConfigError:  # e.g. a component trained in full cannot be quantized
             continue
     return out
+
+
+def _width_divisors(backbone, options: dict) -> tuple[int, int] | None:
+    """The narrowest pair of widths (1/d, 1/2d) the architecture can be built at: every head keeps an even,
+    whole width (a SigLIP tower's 16 heads of 72 allow 1/2 and 1/4, not 1/16); None: measure at the real width."""
+    from ..errors import ConfigError
+
+    for pair in (WIDTH_DIVISORS, (8, 16), (4, 8), (2, 4)):
+        try:
+            with torch.device("meta"):
+                for d in pair:
+                    backbone.build(**{**options, backbone.width_option: d})
+            return pair
+        except ConfigError:
+            continue
+    return None
 
 
 def _extrapolate_width(m1: dict, m2: dict, d1: int, d2: int) -> dict:

@@ -255,3 +255,29 @@ def test_a_saved_folder_loads_strictly_and_gives_the_same_answers(registry, tmp_
 def test_a_family_whose_processor_needs_a_missing_package_names_it(registry):
     with pytest.raises(ConfigError, match="smolvlm.*num2words"):
         registry.backbone("smolvlm").build()
+
+
+def test_the_default_bench_suite_runs_its_language_rows_on_the_llm():
+    """The default suite names fusion and decoder (MISS, BLIP); on a vision | projector | llm family those rows
+    train the llm, labelled so, and Mllama's cross-attention layers (its fusion) keep theirs."""
+    from peftmed.bench.suites import builtin_suite, for_backbone
+
+    rows = {e.label: e for e in builtin_suite("default")}
+    lora, prefix = rows["F|LoRA|LoRA r=8"], rows["F|Prefix|Prefix"]
+    assert for_backbone(lora, ["vision", "projector", "llm"]).recipe == "llm=lora(r=8,alpha=16)"
+    assert for_backbone(lora, ["vision", "projector", "llm"]).label == "llm LoRA r=8"
+    assert for_backbone(prefix, ["vision", "projector", "llm", "fusion"]).recipe == "fusion=prefix llm=prefix"
+    assert for_backbone(lora, ["vision", "fusion", "decoder"]) == lora  # MISS and BLIP: as written
+    assert for_backbone(rows["layernorm"], ["vision", "projector", "llm"]) == rows["layernorm"]
+
+
+def test_plan_measures_a_family_and_narrows_a_real_one_as_its_heads_allow(registry):
+    from peftmed.memory.plan import _width_divisors, plan_memory
+
+    plan = plan_memory(registry.backbone("qwen2-vl"), "vision=layernorm llm=lora(r=8)", batch_size=2, seq_len=16,
+                       registry=registry)
+    assert {"vision", "projector", "llm"} <= {r.component for r in plan.rows}
+    assert next(r for r in plan.rows if r.component == "llm").activations > 0
+    # MedGemma's SigLIP tower has 16 heads of 72: 1/16 of its width would leave heads of 4.5
+    assert _width_divisors(registry.backbone("medgemma-4b"), {}) == (2, 4)
+    assert _width_divisors(registry.backbone("qwen2-vl-2b"), {}) == (4, 8)

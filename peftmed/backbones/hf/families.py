@@ -16,7 +16,7 @@ Per family (keyed by peftmed's backbone name):
 - ``prompt``: the prompt without a chat template (``{question}``);
 - ``answer_values``: per-token inputs (besides ids and masks) and the value they take on answer tokens;
 - ``presets``: real architectures by name: the configuration of the released checkpoint, with its parameter
-  count (tests hold the built model to it);
+  count (tests hold the built model to it) and its image-processor and processor settings;
 - ``requires``: packages the family's processor needs (refused with their names when missing).
 """
 
@@ -34,6 +34,8 @@ QWEN_CHAT = ("<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<
              False)
 QWEN_IMAGES = ("Qwen2VLImageProcessorPil", dict(size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32}, patch_size=4,
                                                 merge_size=2, temporal_patch_size=2), {})
+QWEN_REAL = dict(image_processor=dict(size={"shortest_edge": 448 * 448, "longest_edge": 448 * 448}, patch_size=14,
+                                      merge_size=2, temporal_patch_size=2), processor={})
 QWEN2_VL_2B = dict(
     text=dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
               num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -41,14 +43,14 @@ QWEN2_VL_2B = dict(
                                                          "mrope_section": [16, 24, 24]}),
     vision=dict(depth=32, embed_dim=1280, hidden_size=1536, mlp_ratio=4, num_heads=16, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2),
-    top=dict(tie_word_embeddings=True), image_size=448)
+    top=dict(tie_word_embeddings=True), image_size=448, **QWEN_REAL)
 QWEN25_VL_7B = dict(
     text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
               rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
     vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584, patch_size=14,
                 spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]),
-    top={}, image_size=448)
+    top={}, image_size=448, **QWEN_REAL)
 
 FAMILIES: dict[str, dict] = {
     "qwen2-vl": dict(
@@ -95,6 +97,7 @@ FAMILIES: dict[str, dict] = {
             vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                         image_size=896, patch_size=14, vision_use_head=False),
             top=dict(mm_tokens_per_image=256), image_size=896, params=4_300_079_472,
+            image_processor=dict(size={"height": 896, "width": 896}), processor=dict(image_seq_length=256),
             description="MedGemma-4B: Gemma 3 4B with its SigLIP-400M tower")}),
     "internvl": dict(
         model_type="internvl", description="InternVL 3: InternViT | pixel-shuffle MLP projector | Qwen2.5 LLM",
@@ -112,6 +115,8 @@ FAMILIES: dict[str, dict] = {
             vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         image_size=[448, 448], patch_size=[14, 14]),
             top=dict(downsample_ratio=0.5), image_size=448, params=None,
+            image_processor=dict(size={"height": 448, "width": 448}, crop_to_patches=False),
+            processor=dict(image_seq_length=256),
             description="InternVL3-8B: InternViT-300M + Qwen2.5-7B")}),
     "llava-next": dict(
         model_type="llava_next", description="LLaVA-NeXT (1.6): CLIP with any-resolution tiles | MLP | LLM",
@@ -129,7 +134,10 @@ FAMILIES: dict[str, dict] = {
             vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                         num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
             top=dict(image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
-            image_size=336, params=7_566_747_648, description="LLaVA-NeXT (1.6) Mistral-7B")}),
+            image_size=336, params=7_566_747_648, description="LLaVA-NeXT (1.6) Mistral-7B",
+            image_processor=dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+            processor=dict(patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1))}),
     "llava-onevision": dict(
         model_type="llava_onevision", description="LLaVA-OneVision: SigLIP with tiles | MLP | Qwen2 LLM",
         tiny=dict(text=dict(T, model_type="qwen2"), vision=dict(SIGLIP, model_type="siglip_vision_model"),

@@ -189,12 +189,38 @@ def _spec(family: str, preset: str) -> dict:
     return copy.deepcopy(fam["presets"][preset])
 
 
+EXTRA_WIDTHS = ("embed_dim", "out_hidden_size", "vision_output_dim")  # widths besides common.WIDTH_KEYS
+
+
+def _narrower(part: dict, divisor: int, what: str) -> dict:
+    """``common.narrower`` plus the widths VLM towers name otherwise, and multimodal rotary sections scaled with
+    the head width."""
+    from .common import narrower
+
+    out = narrower(part, divisor, what)
+    for key in EXTRA_WIDTHS:
+        if out.get(key):
+            if out[key] % divisor:
+                raise ConfigError(f"{what}: {key}={out[key]} is not divisible by width_divisor={divisor}")
+            out[key] //= divisor
+    rope = out.get("rope_parameters")
+    if isinstance(rope, dict) and "mrope_section" in rope:
+        if any(s % divisor for s in rope["mrope_section"]):
+            raise ConfigError(f"{what}: mrope_section {rope['mrope_section']} is not divisible by {divisor}")
+        out["rope_parameters"] = dict(rope, mrope_section=[s // divisor for s in rope["mrope_section"]])
+    return out
+
+
 def family_config(family: str, preset: str = "tiny", *, vocab_size: int, token_ids: dict | None,
-                  text_layers: int | None = None, vision_layers: int | None = None):
-    """The transformers config of a family's preset; ``token_ids``: config field -> id (None: placeholders)."""
+                  text_layers: int | None = None, vision_layers: int | None = None, width_divisor: int | None = None):
+    """The transformers config of a family's preset; ``token_ids``: config field -> id (None: placeholders);
+    ``width_divisor``: every width divided (the heads kept), for ``peftmed plan``'s narrow copies."""
     from transformers import AutoConfig
 
     fam, spec = _family(family), _spec(family, preset)
+    if width_divisor not in (None, 1):
+        spec["text"] = _narrower(spec["text"], width_divisor, f"{family} text")
+        spec["vision"] = _narrower(spec["vision"], width_divisor, f"{family} vision")
     text = dict(spec["text"])
     text.setdefault("vocab_size", vocab_size)
     if text_layers is not None:
@@ -266,11 +292,13 @@ def _processor_class(model_type: str):
     return type(base.__name__, (base,), {"check_argument_for_proper_class": check, "__module__": base.__module__})
 
 
-def _image_processor(family: str, folder=None):
+def _image_processor(family: str, folder=None, settings: dict | None = None):
     import transformers
 
     cls_name, kwargs, attrs = _family(family)["image_processor"]
     cls = getattr(transformers, cls_name)
+    if settings is not None:  # a real architecture's
+        kwargs, attrs = settings, {}
     if folder is not None:
         proc = cls.from_pretrained(str(folder), local_files_only=True)
     else:
@@ -473,7 +501,7 @@ class HFVisionLanguage(VQAModule):
 # ---- building and loading ----------------------------------------------------------------------------
 def build(family: str, preset: str = "tiny", tokenizer=None, texts=None, max_question_tokens: int = 64,
           max_answer_tokens: int = 16, seed: int | None = 0, text_layers: int | None = None,
-          vision_layers: int | None = None) -> HFVisionLanguage:
+          vision_layers: int | None = None, width_divisor: int | None = None) -> HFVisionLanguage:
     """A fresh (randomly initialised) model of ``family`` with a tokenizer and processor; nothing is downloaded.
 
     ``preset``: ``tiny`` (CPU tests) or a real architecture (:data:`.families.FAMILIES`' presets; build those
@@ -491,13 +519,14 @@ def build(family: str, preset: str = "tiny", tokenizer=None, texts=None, max_que
                               f"(config field {field})")
     ids.update(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id)
-    processor = family_processor(family, tokenizer)  # it may add tokens (PaliGemma's location ones)
+    spec = _spec(family, preset)
+    processor = family_processor(family, tokenizer, _image_processor(family, settings=spec.get("image_processor")),
+                                 settings=spec.get("processor"))  # it may add tokens (PaliGemma's location ones)
     config = family_config(family, preset, vocab_size=len(tokenizer), token_ids=ids, text_layers=text_layers,
-                           vision_layers=vision_layers)
+                           vision_layers=vision_layers, width_divisor=width_divisor)
     model = family_model(config, seed)
     if preset == "tiny" and seed is not None:
         _redraw_zeros(model, seed)
-    spec = _spec(family, preset)
     return HFVisionLanguage(model, processor, family,
                             image_size=spec["image_size"], max_question_tokens=max_question_tokens,
                             max_answer_tokens=max_answer_tokens)
@@ -577,7 +606,7 @@ def _backbone(family: str) -> Backbone:
         builder=functools.partial(build, family), loader=functools.partial(load, family=family),
         prefix_wrapper=make_prefix_capable, tokenizer_loader=_saved_tokenizer,
         description=f"transformers {fam['description']}", tasks=("vqa", "report"),
-        depth_options={"vision_layers": ("vision",), "text_layers": ("llm",)},
+        depth_options={"vision_layers": ("vision",), "text_layers": ("llm",)}, width_option="width_divisor",
         unused=unused_modules, tiny=True)
 
 

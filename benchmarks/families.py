@@ -1,0 +1,118 @@
+"""LoRA and LayerNorm-tuning on every tiny vision-language family, peftmed beside huggingface/peft on the same model.
+
+    python benchmarks/families.py [--steps 20] [--rounds 5] [--only qwen2-vl ...]
+
+For each family (the tiny random model peftmed builds) and each recipe, both implementations train the same model
+(the same weights, batch and AdamW settings) for ``--steps`` steps; the timing is interleaved (peftmed step, peft
+step, ... for ``--rounds`` rounds of steps) so that load on the machine hits both alike, and the median step time of
+each is compared. Memory is the peak of the allocator's own records (torch.profiler, profile_memory) over one
+training step, plus what the parameters and optimizer states hold. Prints a table and, per row, whether the loss
+fell over the steps. Targets: step time x peft <= 1.0, memory x peft <= 1.0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+RECIPES = {"lora": "llm=lora(r=8,alpha=16)", "layernorm": "vision=layernorm llm=layernorm"}
+
+
+def _peak_step_bytes(step) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    running = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        running += event.nbytes()
+        peak = max(peak, running)
+    return peak
+
+
+def _setup(kind: str, family: str, recipe: str, registry):
+    import peftmed
+    from peftmed.baselines.hf_peft import apply_peft
+
+    backbone = registry.backbone(family)
+    model = backbone.build()
+    if kind == "peftmed":
+        model = peftmed.apply(model, recipe, registry=registry)
+    else:
+        model = apply_peft(model, recipe, backbone, registry)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    batch = (model.base_model if kind == "peftmed" else model).example_inputs(4)[0]
+    losses = []
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = model.compute_loss(batch) if kind == "peftmed" else model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+
+    held = [*model.parameters()]
+    return step, losses, sum(p.numel() for p in params), sum(p.numel() for p in held), opt, held
+
+
+def main() -> int:
+    import peftmed
+    from peftmed.backbones.hf.families import FAMILIES
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (of --steps // rounds steps)")
+    p.add_argument("--only", nargs="*", help="families to run")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    registry = peftmed.default_registry()
+    families = args.only or [f for f in sorted(FAMILIES) if f != "smolvlm"]
+    print(f"torch {torch.__version__}, 1 thread, {args.steps} steps per implementation, {args.rounds} interleaved rounds")
+    header = (f"{'family':16s} {'recipe':10s} {'trainable':>9s} {'%':>6s} {'step ms':>8s} {'peft ms':>8s} "
+              f"{'step x':>7s} {'mem MiB':>8s} {'peft MiB':>8s} {'mem x':>6s}  loss first->last (peftmed | peft)")
+    print(header)
+    print("-" * len(header))
+    start = time.perf_counter()
+    worst_time = worst_mem = 0.0
+    for family in families:
+        for name, recipe in RECIPES.items():
+            ours = _setup("peftmed", family, recipe, registry)
+            theirs = _setup("peft", family, recipe, registry)
+            times = {"peftmed": [], "peft": []}
+            per_round = max(1, args.steps // args.rounds)
+            for _ in range(args.rounds):
+                for kind, (step, *_rest) in (("peftmed", ours), ("peft", theirs)):
+                    t0 = time.perf_counter()
+                    for _ in range(per_round):
+                        step()
+                    times[kind].append((time.perf_counter() - t0) / per_round)
+            mem = {}
+            for kind, (step, _losses, _n, _total, opt, held) in (("peftmed", ours), ("peft", theirs)):
+                states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+                base = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                            for t in held + states}.values())
+                mem[kind] = (base + _peak_step_bytes(step)) / 2**20
+            ms = {k: statistics.median(v) * 1000 for k, v in times.items()}
+            tx, mx = ms["peftmed"] / ms["peft"], mem["peftmed"] / mem["peft"]
+            worst_time, worst_mem = max(worst_time, tx), max(worst_mem, mx)
+            lo, lt = ours[1], theirs[1]
+            print(f"{family:16s} {name:10s} {ours[2]:9,d} {100 * ours[2] / ours[3]:6.2f} {ms['peftmed']:8.1f} "
+                  f"{ms['peft']:8.1f} {tx:7.2f} {mem['peftmed']:8.1f} {mem['peft']:8.1f} {mx:6.2f}  "
+                  f"{lo[0]:.3f}->{lo[-1]:.3f} {'falls' if lo[-1] < lo[0] else 'DOES NOT FALL'} | "
+                  f"{lt[0]:.3f}->{lt[-1]:.3f}")
+    print(f"worst step time x peft: {worst_time:.2f} (target <= 1.0); worst memory x peft: {worst_mem:.2f} "
+          f"(target <= 1.0); {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
