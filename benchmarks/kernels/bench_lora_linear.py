@@ -93,7 +93,11 @@ def main() -> None:
         base = nn.Linear(d, d, device=args.device, dtype=dtype).requires_grad_(False)
         x = torch.randn(t, d, device=args.device, dtype=dtype, requires_grad=True)
         dy = torch.randn(t, d, device=args.device, dtype=dtype)
-        fns = {"base linear (frozen)": step(base, x, dy), "peft LoRA": step(peft_layer(base, r, alpha, p), x, dy)}
+        fns = {"base linear (frozen)": step(base, x, dy)}
+        try:  # a peft API change (or no peft) loses the peft row, not the benchmark
+            fns["peft LoRA"] = step(peft_layer(base, r, alpha, p), x, dy)
+        except Exception as exc:
+            print(f"skipping peft's LoRA layer: {type(exc).__name__}: {exc}", file=sys.stderr)
         for impl in impls:
             layer = peftmed_layer(base, r, alpha, p, impl)
             layer.train()
@@ -133,7 +137,7 @@ def main() -> None:
             shape = f"{t}x{d}->{d} r={r} {str(dtype)[6:]} dropout {p}"
             target(f"LoRA {best} fwd+bwd / base GEMM pair, {shape}", ours / base_p50, f"<= {limit}x",
                    ours / base_p50 <= limit, "x")
-            if gpu:
+            if gpu and "peft LoRA" in times:
                 peft_p50 = percentiles(times["peft LoRA"])[1]
                 target(f"LoRA peft / {best} time, {shape}", peft_p50 / ours, ">= 1.3x", peft_p50 / ours >= 1.3, "x")
     report("lora_linear", rows, args.out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -66,17 +67,35 @@ def time_interleaved(fns: dict[str, Callable[[], None]], *, device: str, rounds:
 TARGETS: list[dict] = []
 
 
+_STREAMED: set[int] = set()  # TARGETS already appended to $PEFTMED_TARGETS_JSON
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(path.read_text()) if path.exists() else []
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(previous + records, indent=2))
+    tmp.replace(path)  # a benchmark killed mid-write leaves the previous file whole
+
+
 def target(name: str, figure: float, goal: str, met: bool, unit: str = "") -> None:
-    """Record one target's measured figure (and print it)."""
-    TARGETS.append({"target": name, "figure": f"{figure:.3g}{unit}", "goal": goal, "met": bool(met)})
-    print(f"target: {name}: {figure:.3g}{unit} (goal {goal}) -> {'met' if met else 'NOT MET'}")
+    """Record one target's measured figure (and print it). With $PEFTMED_TARGETS_JSON set (the GPU check sets it)
+    it is written there at once: a benchmark killed by its timeout later loses none it measured."""
+    record = {"target": name, "figure": f"{figure:.3g}{unit}", "goal": goal, "met": bool(met)}
+    TARGETS.append(record)
+    print(f"target: {name}: {figure:.3g}{unit} (goal {goal}) -> {'met' if met else 'NOT MET'}", flush=True)
+    stream = os.environ.get("PEFTMED_TARGETS_JSON")
+    if stream:
+        _append(Path(stream), [record])
+        _STREAMED.add(id(record))
 
 
 def write_targets(path: Path | None) -> None:
+    """Append the targets recorded here to ``path`` (those streamed to the same file already are not repeated)."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        previous = json.loads(path.read_text()) if path.exists() else []
-        path.write_text(json.dumps(previous + TARGETS, indent=2))
+        same = os.environ.get("PEFTMED_TARGETS_JSON") and Path(os.environ["PEFTMED_TARGETS_JSON"]).resolve() == \
+            Path(path).resolve()
+        _append(Path(path), [t for t in TARGETS if not (same and id(t) in _STREAMED)])
 
 
 def percentiles(samples: list[float]) -> tuple[float, float, float]:

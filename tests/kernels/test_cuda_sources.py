@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftmed.kernels.build import CSRC, INCLUDE
+from peftmed.kernels.build import CSRC
 
 CU_FILES = sorted(CSRC.glob("*/*.cu"))
 
@@ -28,7 +28,7 @@ def test_cu_file_compiles_with_nvcc_without_spills(cu: Path, arch, tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
-    proc = subprocess.run([nvcc, "-c", f"-arch={arch}", "-O3", "-Xptxas", "-v", f"-I{INCLUDE}", str(cu),
+    proc = subprocess.run([nvcc, "-c", f"-arch={arch}", "-O3", "-Xptxas", "-v", f"-I{CSRC}", str(cu),
                            "-o", str(tmp_path / "k.o")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spills = re.findall(r"Function properties for (\S+)\n\s*\d+ bytes stack frame, (\d+) bytes spill stores, "

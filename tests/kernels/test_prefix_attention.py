@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from peftmed import kernels
 from peftmed.attention import attend, attend_reference
 from peftmed.errors import ShapeError
-from peftmed.kernels.build import CSRC, INCLUDE
+from peftmed.kernels.build import CSRC
 from peftmed.kernels.prefix_attention.op import _PrefixAttentionFunction, prefix_attention
 from peftmed.kernels.prefix_attention.reference import reference
 
@@ -234,7 +234,7 @@ def test_cu_file_compiles_with_nvcc(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc is not on PATH")
     cu = CSRC / "prefix_attention" / "prefix_attention.cu"
-    proc = subprocess.run([nvcc, "-c", "-arch=sm_90", "-O1", f"-I{INCLUDE}", str(cu), "-o", str(tmp_path / "k.o")],
+    proc = subprocess.run([nvcc, "-c", "-arch=sm_90", "-O1", f"-I{CSRC}", str(cu), "-o", str(tmp_path / "k.o")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -57,7 +57,8 @@ def _down_kernel(x_ptr, w_ptr, out_ptr, M, K, R, sxm, sxk, swr, swk, alpha, key,
                     other=0.0)
         if DROPOUT:
             x = tl.where(_keep(rm, rk, key, thr), x.to(tl.float32) * drop_scale, 0.0).to(x.dtype)
-        w = tl.load(w_ptr + rk[:, None] * swk + rr[None, :] * swr, mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
+        w = tl.load(w_ptr + rk.to(tl.int64)[:, None] * swk + rr[None, :] * swr, mask=(rk[:, None] < K) & (rr[None, :] < R),
+                    other=0.0)
         acc = _dot(x, w, acc, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_R)
     tl.store(out_ptr + rm64[:, None] * R + rr[None, :], (acc * alpha).to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rr[None, :] < R))
@@ -93,7 +94,9 @@ def _gemm_lora_kernel(x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R,
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * sxm + rk[None, :] * sxk, mask=(rm[:, None] < M) & (rk[None, :] < K),
                     other=0.0)
-        w = tl.load(w_ptr + rk[:, None] * swk + rn[None, :] * swn, mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
+        # 64-bit offsets: a weight of more than 2**31 elements (a 152k-vocabulary head at width 16k) overflows int32
+        w = tl.load(w_ptr + rk.to(tl.int64)[:, None] * swk + rn.to(tl.int64)[None, :] * swn,
+                    mask=(rk[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc = _dot(x, w, acc, PRECISION, UPCAST)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
