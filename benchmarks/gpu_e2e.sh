@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU end-to-end run of real sizes (< 5 minutes on one H100/H200), from the source tree, nothing installed:
 #   bash benchmarks/gpu_e2e.sh [OUT_DIR]
+# A separate device call from benchmarks/gpu_check.sh: the two do not fit in one 15-minute device session together.
 # bitsandbytes (for the NF4 row) is used when importable; else a wheel carried in wheels/ (pip download
 # bitsandbytes==0.50.2 --no-deps -d wheels) is unpacked into a temporary folder; else the NF4 row says "not run".
 set -euo pipefail
