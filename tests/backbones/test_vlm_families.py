@@ -135,6 +135,19 @@ def test_exported_lora_loads_in_peft_and_merges_into_a_plain_folder(family, regi
     wrapper.eval()
     torch.testing.assert_close(_logits(wrapper, batch), ours, rtol=1e-5, atol=1e-5)
 
+    # a LoRA trained with peft on the same transformers model imports to the same logits
+    from peftmed.interop import import_from_peft
+
+    trained = bb.build()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*(language_model|text_model)\..*\.(q_proj|v_proj)",
+                             init_lora_weights=False)
+    peft.get_peft_model(trained.model, config).save_pretrained(str(tmp_path / "theirs"))
+    trained.eval()
+    theirs = _logits(trained, batch)
+    import_from_peft(tmp_path / "theirs", tmp_path / "imported", backbone=family, registry=registry)
+    imported = peftmed.load_adapter(bb.build(), tmp_path / "imported", registry=registry).eval()
+    torch.testing.assert_close(_logits(imported, batch), theirs, rtol=1e-5, atol=1e-5)
+
     merged = pm.merge_and_unload()
     merged.model.save_pretrained(str(tmp_path / "merged"))
     plain = vlm.model_class(FAMILIES[family]["model_type"]).from_pretrained(str(tmp_path / "merged"))
