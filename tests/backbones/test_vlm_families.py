@@ -294,3 +294,19 @@ def test_plan_measures_a_family_and_narrows_a_real_one_as_its_heads_allow(regist
     # MedGemma's SigLIP tower has 16 heads of 72: 1/16 of its width would leave heads of 4.5
     assert _width_divisors(registry.backbone("medgemma-4b"), {}) == (2, 4)
     assert _width_divisors(registry.backbone("qwen2-vl-2b"), {}) == (4, 8)
+
+
+def test_a_model_of_a_family_without_data_is_taken_apart_by_its_structure(registry):
+    """backbone_for: any transformers image-text-to-text model with the common layout (here a raw LLaVA-NeXT model,
+    as a family transformers adds later would come) gets components, roles and every method from its structure."""
+    model = registry.backbone("llava-next").build().model  # the transformers model itself, no peftmed wrapper
+    bb = vlm.backbone_for(model)
+    assert dict(bb.components) == {"vision": "model.vision_tower", "projector": "model.multi_modal_projector",
+                                   "llm": ("model.language_model", "lm_head")}
+    pm = peftmed.apply(model, "vision=layernorm llm=lora(r=4) projector=lora(r=4,roles=mlp.up+mlp.down)",
+                       backbone=bb, registry=registry)
+    names = {n for n, p in pm.named_parameters() if p.requires_grad}
+    assert any("language_model" in n and "lora" in n for n in names)
+    assert any("multi_modal_projector.linear_1" in n for n in names)
+    assert any("vision_tower" in n and "layer_norm" in n for n in names)
+    assert not any("post_layernorm" in n for n in names)  # LLaVA-NeXT takes the features before it
