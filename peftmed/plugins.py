@@ -133,24 +133,25 @@ class Registry:
     def _collect(self, info: PluginInfo, plugin: object) -> dict[str, dict[str, Any]]:
         """Call every register hook of one plugin; return what it registered, not yet committed."""
         staged: dict[str, dict[str, Any]] = {k: {} for k in self.KINDS}
+        others = [p for p in self.plugin_manager.get_plugins() if p is not plugin]
         for hook_name, kind in HOOK_KINDS.items():
             caller = getattr(self.plugin_manager.hook, hook_name)
-            for impl in caller.get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                info.hooks.append(hook_name)
+            if not any(impl.plugin is plugin for impl in caller.get_hookimpls()):
+                continue
+            info.hooks.append(hook_name)
 
-                def register(obj, _kind=kind):
-                    name = getattr(obj, "name", None)
-                    if not isinstance(name, str) or not name:
-                        raise PluginError(f"registered a {_kind} without a string .name: {obj!r}")
-                    key = _entry_key(_kind, obj)
-                    if key in staged[_kind]:
-                        raise PluginError(f"registered the {_kind} {key!r} twice")
-                    staged[_kind][key] = obj
+            def register(obj, _kind=kind):
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise PluginError(f"registered a {_kind} without a string .name: {obj!r}")
+                key = _entry_key(_kind, obj)
+                if key in staged[_kind]:
+                    raise PluginError(f"registered the {_kind} {key!r} twice")
+                staged[_kind][key] = obj
 
-                kwargs = {"register": register} if "register" in impl.argnames else {}
-                impl.function(**kwargs)
+            # through pluggy's own calling, restricted to this plugin: its wrappers, tryfirst/trylast and
+            # argument passing apply as pluggy documents them
+            self.plugin_manager.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
         return staged
 
     def _commit(self, info: PluginInfo, staged: dict[str, dict[str, Any]]) -> None:

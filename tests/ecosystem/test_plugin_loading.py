@@ -173,3 +173,32 @@ def test_peftmed_plugins_naming_no_installed_plugin_warns(monkeypatch, caplog):
     assert "PEFTMED_PLUGINS names 'nonexistent', but no installed peftmed plugin has that" in caplog.text
     with pytest.raises(PluginError, match="'nonexistent'"):
         peftmed.build_registry(strict=True)
+
+
+def test_hooks_are_called_through_pluggy_so_a_plugins_wrapper_runs():
+    """A plugin's hook wrapper (pluggy's wrapper=True) registered nothing: its function was called directly, which
+    only makes a generator. Through pluggy's calling, the wrapper and the plain implementation both register."""
+    from peftmed.methods.base import Method
+
+    class One(Method):
+        name = "from-wrapper"
+        family = "select"
+
+        def select(self, ctx):
+            return {}
+
+    class Two(One):
+        name = "from-impl"
+
+    class Plugin:
+        @peftmed.hookimpl(wrapper=True, specname="register_methods")
+        def wrap(self, register):
+            register(One())
+            return (yield)
+
+        @peftmed.hookimpl
+        def register_methods(self, register):
+            register(Two())
+
+    reg = peftmed.build_registry(load_entrypoints=False, extra_plugins=[Plugin()])
+    assert {"from-wrapper", "from-impl"} <= set(reg.names("method"))
