@@ -22,7 +22,7 @@ class Launch:
     bytes: float
 
 
-def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=64) -> dict[str, list[Launch]]:
+def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=132) -> dict[str, list[Launch]]:
     """y = x W^T + s (x A^T) B^T forward, dx / dA / dB backward (W frozen), bf16 (e bytes)."""
     gemm = 2 * t * k * n
     base = [Launch("y = x W^T (cuBLAS)", gemm, e * (t * k + n * k + t * n)),
@@ -31,7 +31,7 @@ def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=64) -> dict[str, list[Launch]
     ours = [Launch("xa = x A^T (_down_kernel)", 2 * t * k * r, e * (t * k + r * k + t * r)),
             Launch("y = x W^T + b + s xa B^T (_gemm_lora_kernel)", gemm + 2 * t * r * n,
                    e * (t * k + n * k + t * n + t * r + n * r)),
-            # one pass over dy: gs and dB's partials (64 programs of 128 rows: one read-modify-write of each slice)
+            # one pass over dy: gs and dB's partials (one program per SM, 132 on an H100: one read-modify-write of each slice)
             Launch("gs = s dy B and dB partials = dy^T xa (_gs_db_kernel)", 4 * t * n * r,
                    e * (t * n + n * r + 2 * t * r) + 3 * part * n),
             Launch("dB = s sum of partials (_reduce_kernel)", 0, part * n + e * r * n),

@@ -281,7 +281,10 @@ def _gs_db(dy, b, xa, scaling, db_out):
     r = b.shape[1]
     gpu = dy.device.type == "cuda"
     cfg = gs_db_config(dy.dtype, gpu, _block_r(r))
-    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], 64 if gpu else 2)
+    # one program per SM (132 on an H100, not a fixed 64), as far as the fp32 partials (splits x n x r) stay
+    # within 64 MiB, so that they stay in L2
+    most = min(sm_count(dy.device), max(1, (64 << 20) // max(1, n * r * 4))) if gpu else 2
+    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], most)
     gs = torch.empty(m, r, device=dy.device, dtype=dy.dtype)
     part = torch.empty(splits, n, r, device=dy.device, dtype=torch.float32)
     _gs_db_kernel[(splits,)](dy, b, xa.contiguous(), gs, part, m, n, r, rows_per_split, dy.stride(0), dy.stride(1),
