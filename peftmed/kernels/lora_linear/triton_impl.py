@@ -57,8 +57,7 @@ def _down_kernel(x_ptr, w_ptr, out_ptr, M, K, R, sxm, sxk, swr, swk, alpha, key,
                     other=0.0)
         if DROPOUT:
             x = tl.where(_keep(rm, rk, key, thr), x.to(tl.float32) * drop_scale, 0.0).to(x.dtype)
-        w = tl.load(w_ptr + rk.to(tl.int64)[:, None] * swk + rr[None, :] * swr, mask=(rk[:, None] < K) & (rr[None, :] < R),
-                    other=0.0)
+        w = tl.load(w_ptr + rk[:, None] * swk + rr[None, :] * swr, mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0)
         acc = _dot(x, w, acc, PRECISION, UPCAST)  # (BLOCK_M, BLOCK_R)
     tl.store(out_ptr + rm64[:, None] * R + rr[None, :], (acc * alpha).to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rr[None, :] < R))
