@@ -133,10 +133,10 @@ class Registry:
     def _collect(self, info: PluginInfo, plugin: object) -> dict[str, dict[str, Any]]:
         """Call every register hook of one plugin; return what it registered, not yet committed."""
         staged: dict[str, dict[str, Any]] = {k: {} for k in self.KINDS}
-        others = [p for p in self.plugin_manager.get_plugins() if p is not plugin]
         for hook_name, kind in HOOK_KINDS.items():
             caller = getattr(self.plugin_manager.hook, hook_name)
-            if not any(impl.plugin is plugin for impl in caller.get_hookimpls()):
+            impls = [impl for impl in caller.get_hookimpls() if impl.plugin is plugin]  # in pluggy's call order
+            if not impls:
                 continue
             info.hooks.append(hook_name)
 
@@ -149,9 +149,10 @@ class Registry:
                     raise PluginError(f"registered the {_kind} {key!r} twice")
                 staged[_kind][key] = obj
 
-            # through pluggy's own calling, restricted to this plugin: its wrappers, tryfirst/trylast and
-            # argument passing apply as pluggy documents them
-            self.plugin_manager.subset_hook_caller(hook_name, remove_plugins=others)(register=register)
+            # through pluggy's own calling (what a hook call runs), restricted to this plugin's implementations:
+            # its wrappers, tryfirst/trylast and argument passing apply as pluggy documents them. (Not
+            # subset_hook_caller: it puts the other plugins in a set, and a plugin object need not be hashable.)
+            self.plugin_manager._hookexec(hook_name, impls, {"register": register}, False)
         return staged
 
     def _commit(self, info: PluginInfo, staged: dict[str, dict[str, Any]]) -> None:
