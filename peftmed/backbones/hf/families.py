@@ -158,17 +158,6 @@ FAMILIES: dict[str, dict] = {
                                                            do_image_splitting=False), {}),
         processor=dict(image_seq_len=4), chat=("User:", "<end_of_utterance>\n", "Assistant:", "<image>", True),
         answer_prefix=" ", presets={}),
-    "smolvlm": dict(
-        model_type="smolvlm", description="SmolVLM: Idefics3's architecture, SmolLM2 LLM",
-        tiny=dict(text=dict(T), vision=dict(SIGLIP), top=dict(scale_factor=2), image_size=32),
-        tokens=dict(image_token="<image>", fake_image_token="<fake_token_around_image>", global_image_token="<global-img>",
-                    end="<end_of_utterance>"),
-        ids=dict(image_token_id="image_token"),
-        image_processor=("SmolVLMImageProcessorPil", dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                                          do_image_splitting=False), {}),
-        processor=dict(image_seq_len=4, video_processor=None),
-        chat=("User:", "<end_of_utterance>\n", "Assistant:", "<image>", True), answer_prefix=" ",
-        requires=("num2words",), presets={}),
     "paligemma": dict(
         model_type="paligemma", description="PaliGemma: SigLIP | linear | Gemma LLM (prefix-LM over image + prompt)",
         tiny=dict(text=dict(T, head_dim=8), vision=dict(SIGLIP, projection_dim=32), top=dict(projection_dim=32),
@@ -191,6 +180,12 @@ FAMILIES: dict[str, dict] = {
         chat=("<|start_header_id|>user<|end_header_id|>\n\n", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n",
               "<|image|>", True), presets={}),
 }
+
+# SmolVLM is Idefics3's architecture and processor under other class names (its processor also needs num2words)
+FAMILIES["smolvlm"] = dict(
+    FAMILIES["idefics3"], model_type="smolvlm", description="SmolVLM: Idefics3's architecture, SmolLM2 LLM",
+    image_processor=("SmolVLMImageProcessorPil",) + FAMILIES["idefics3"]["image_processor"][1:],
+    processor=dict(FAMILIES["idefics3"]["processor"], video_processor=None), requires=("num2words",))
 
 # where the parts of a transformers VLM live (attributes of its inner model), in the order tried
 VISION_NAMES = ("visual", "vision_tower", "vision_model")
