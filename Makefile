@@ -20,8 +20,9 @@ $(BIN)/python:
 		&& $(PYTHON) -m pip --python $(BIN)/python install -q pip; }
 
 # installed again only when the pins or the packages change
-$(INSTALLED): $(BIN)/python requirements-ci.txt pyproject.toml setup.py $(PLUGINS)
+$(INSTALLED): $(BIN)/python requirements-ci.txt requirements-triton-gpu.txt pyproject.toml setup.py $(PLUGINS)
 	$(BIN)/python -m pip install -q -r requirements-ci.txt
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/triton-gpu -r requirements-triton-gpu.txt
 	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
 	for p in $(dir $(PLUGINS)); do $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e $$p || exit 1; done
 	touch $(INSTALLED)

@@ -1,7 +1,8 @@
 """Compile every Triton kernel ahead of time for sm_90 (and sm_80) on this machine, no GPU needed, and print
-registers, spills, shared memory and the tensor-core path of each launch configuration the dispatcher can
-choose at the target shapes (LoRA 8192x4096x4096 r16; LayerNorm 32768 x 768/1024 and the widest Triton row;
-prefix attention B32 H12 D64/128).
+registers, spills, shared memory and the tensor-core path of each launch the launchers make at the target shapes
+(LoRA 8192x4096->4096 and 560x768->768 at each rank block; LayerNorm 32768 x 768/1024 and the widest Triton row;
+prefix attention B32 H12 D64/128, prefix 10 and 64, sequence 35 and 1024), compiled with the specialisation
+Triton's JIT gives those launches. Under another Triton (the GPU machine's): put it first on PYTHONPATH.
 
     python benchmarks/kernels/aot_report.py                # sm_90 and sm_80
     python benchmarks/kernels/aot_report.py --arch 90 --json aot.json
@@ -35,16 +36,18 @@ def main() -> int:
 
     t0 = time.perf_counter()
     rows = aot.report(args.arch or (90, 80), workers=args.workers)
-    head = (f"{'op':<17} {'kernel':<18} {'configuration':<40} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
+    head = (f"{'op':<17} {'kernel':<18} {'configuration':<52} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
             f"{'smem KB':>8} {'limit':>6} {'mma':<6} ok")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['op']:<17} {r['kernel']:<18} {r['config'][:40]:<40} {r['arch']:<6} {r['warps']:>5} {r['registers']:>5} "
+        print(f"{r['op']:<17} {r['kernel']:<18} {r['config'][:52]:<52} {r['arch']:<6} {r['warps']:>5} {r['registers']:>5} "
               f"{r['spill_stores'] + r['spill_loads']:>8} {r['shared'] / 1024:>8.1f} {r['shared_limit'] // 1024:>6} "
               f"{r['mma'] + ('*' if r['serialized_wgmma'] else ''):<6} {'yes' if r['ok'] else 'NO'}")
     bad = [r for r in rows if not r["ok"]]
-    print(f"{len(rows)} configurations compiled in {time.perf_counter() - t0:.0f} s; {len(bad)} spill or exceed shared "
+    import triton
+
+    print(f"triton {triton.__version__}: {len(rows)} configurations compiled in {time.perf_counter() - t0:.0f} s; {len(bad)} spill or exceed shared "
           f"memory (* = ptxas serialises wgmma for lack of registers)")
     if args.json:
         with open(args.json, "w") as f:

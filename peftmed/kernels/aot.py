@@ -5,14 +5,17 @@ Triton compiles for any NVIDIA target without one (``triton.compile(ASTSource(..
 registers per thread, bytes spilled to local memory, shared memory, and whether the tensor-core path is the
 Hopper one (``wgmma``) or the Ampere one (``mma.sync``).
 
-``cases()`` lists each kernel at every launch configuration its launcher can choose at the target shapes
-(the launchers' own ``*_config`` functions decide the tiles, so this list cannot drift from them);
-``report()`` compiles them; ``benchmarks/kernels/aot_report.py`` prints the table and
+``cases()`` are the launches the launchers themselves make at the target shapes (recorded, not run, with meta
+tensors standing for a GPU's: ``recorded_launches``), so they cannot drift from the launchers' tiles, grids and
+arguments; ``compile_case`` compiles each with what Triton's JIT derives from its arguments (``specialise``:
+unit strides as constants, 16-byte alignment and divisibility by 16 as attributes), i.e. the kernel that runs,
+not a generic one of other registers and pipelining; ``report()`` compiles them all; ``benchmarks/kernels/aot_report.py`` prints the table and
 ``tests/kernels/test_aot.py`` fails on any spill or on shared memory above the target's limit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -26,160 +29,179 @@ import torch
 
 # the most shared memory one block may use (the opt-in maximum), per compute capability
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
-PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclasses.dataclass
 class AotCase:
-    """One kernel at one launch configuration."""
+    """One kernel launch as a launcher makes it: its positional arguments (meta tensors, ints, floats) and keyword
+    arguments (constexprs, ``num_warps``, ``num_stages``). Compiled with what Triton's JIT derives from those
+    arguments at launch: 16-byte-aligned pointers and ints divisible by 16 marked so, ints equal to 1 made
+    constants (a unit stride: contiguous, vectorised loads), so the gate compiles the kernel that runs."""
 
     op: str
     kernel: Callable
     label: str  # what the row says (shapes, dtype, flags)
-    args: dict[str, str]  # runtime argument -> Triton type ("*bf16", "i32", "fp32")
-    constexprs: dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 3
+    args: tuple
+    kwargs: dict[str, Any]
 
     @property
     def name(self) -> str:
         return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else self.kernel.__name__
 
+    @property
+    def num_warps(self) -> int:
+        return int(self.kwargs.get("num_warps", 4))
 
-def _signature(kernel, args: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
-    sig = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in args:
-            sig[name] = args[name]
-        else:
-            raise KeyError(f"{kernel.fn.__name__}: no type for argument {name!r}")
-    return sig
+    @property
+    def num_stages(self) -> int:
+        return int(self.kwargs.get("num_stages", 3))
+
+    @property
+    def constexprs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.kwargs.items() if k not in ("num_warps", "num_stages")}
 
 
-def _types(kernel, dtype: torch.dtype, floats: Iterable[str] = (), ptr_types: dict[str, str] | None = None
-           ) -> dict[str, str]:
-    """Pointers of ``dtype`` (``ptr_types`` overrides some), the named float scalars, every other argument i32."""
-    out = {}
-    for name in kernel.arg_names:
-        if name.endswith("_ptr"):
-            out[name] = (ptr_types or {}).get(name, PTR[dtype])
-        elif name in floats:
-            out[name] = "fp32"
-        else:
-            out[name] = "i32"
+def specialise(case: AotCase, arch: int = 90):
+    """(options, signature, constexprs, attrs) as Triton's JIT computes them for this launch (its own binder
+    and packing, so the report follows the installed Triton's rules)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = case.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, options = binder(*case.args, **case.kwargs)
+    return kernel._pack_args(backend, case.kwargs, bound, specialization, options)
+
+
+@contextlib.contextmanager
+def recorded_launches(sms: int = 132):
+    """Within it a Triton kernel launch is recorded (as an ``AotCase`` without label), not run, and the
+    launchers take meta tensors for tensors on a GPU of ``sms`` SMs: calling a launcher (``forward``,
+    ``backward``) with meta tensors of the target shapes gives the launches it makes there."""
+    from unittest import mock
+
+    from triton.runtime.jit import JITFunction
+
+    from .triton_reduce import as_gpu
+
+    launches: list[AotCase] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append(AotCase("", self, "", args, kwargs))
+
+    with as_gpu(sms), mock.patch.object(JITFunction, "run", record):
+        yield launches
+
+
+def _meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
+    return torch.empty(*shape, device="meta", dtype=dtype)
+
+
+def _labelled(op: str, launches: list[AotCase], tag: str, seen: dict) -> list[AotCase]:
+    """The launches as cases labelled ``tag`` and the kernel's flags that are on; one per distinct compilation
+    (the same kernel, constexprs and JIT specialisation at two shapes compiles once)."""
+    out = []
+    for c in launches:
+        sig = specialise(c)
+        key = (c.name, repr(sig[1]), repr(sorted(sig[2].items(), key=str)), repr(sig[3]), c.num_warps, c.num_stages)
+        if key in seen:
+            continue
+        seen[key] = True
+        flags = [k for k, v in c.constexprs.items() if v is True and k.isupper() and k not in ("UPCAST",)]
+        out.append(dataclasses.replace(c, op=op, label=" ".join([tag, *flags])))
     return out
 
 
-# ---- the cases, from the launchers' configurations at the target shapes --------------------------------
+# ---- the cases: the launchers' own launches at the target shapes ------------------------------------------
 def lora_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
-    """LoRA at 8192 x 4096 -> 4096 (the launchers' tiles depend on the rank, not the sizes) at every rank
-    block up to the largest the dispatcher gives the Triton kernels (``TRITON_MAX``; fp32 stops lower)."""
-    from . import triton_reduce as r
+    """LoRA forward and backward (dropout on and off, B trained or frozen) at 8192 x 4096 -> 4096 and at a BLIP
+    layer's 560 x 768 -> 768 (a small grid on 132 SMs), at every rank block up to the largest the dispatcher
+    gives the Triton kernels (``TRITON_MAX``; fp32 stops lower)."""
     from .lora_linear import triton_impl as t
     from .plugin import TRITON_MAX, lora_triton_fits
 
-    out = []
+    out: list[AotCase] = []
+    seen: dict = {}
     top = TRITON_MAX["lora_linear"]
     for rank in sorted(set(ranks or [16 << i for i in range(8) if 16 << i <= top])):
-        br = t._block_r(rank)
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             if lora_triton_fits("cuda", dtype, rank):
                 continue  # not the dispatcher's to choose
-            dot = t._dot_args(dtype, gpu=True)
-            tag = f"{DTYPE_NAMES[dtype]} r={rank}"
-            # the large tiles (8192 x 4096 output) and the small-grid ones (a BLIP layer, 560 x 768, on 132 SMs)
-            for shape, (m, n) in (("", (8192, 4096)), (" 560x768", (560, 768))):
-                g = t.gemm_config(dtype, gpu=True, block_r=br, m=m, n=n, sms=132)
-                tiles = {k: v for k, v in g.items() if k.startswith(("BLOCK", "GROUP"))}
-                for bias, dropout, what in ((True, False, "y = xW^T + b + s xa B^T"), (False, True, "dx, dropout")):
-                    out.append(AotCase("lora_linear", t._gemm_lora_kernel, f"{tag}{shape} {what}",
-                                       _types(t._gemm_lora_kernel, dtype, ("alpha", "drop_scale")),
-                                       dict(HAS_BIAS=bias, DROPOUT=dropout, BLOCK_R=br, **tiles, **dot),
-                                       g["num_warps"], g["num_stages"]))
-            d = t.down_config(dtype, gpu=True, block_r=br)
-            for dropout in (False, True):
-                out.append(AotCase("lora_linear", t._down_kernel, f"{tag} xa / gs, dropout={dropout}",
-                                   _types(t._down_kernel, dtype, ("alpha", "drop_scale")),
-                                   dict(DROPOUT=dropout, BLOCK_M=d["BLOCK_M"], BLOCK_K=d["BLOCK_K"], BLOCK_R=br,
-                                        **dot), d["num_warps"], d["num_stages"]))
-            gd = t.gs_db_config(dtype, gpu=True, block_r=br)
-            out.append(AotCase("lora_linear", t._gs_db_kernel, f"{tag} gs and dB partials, one pass over dy",
-                               _types(t._gs_db_kernel, dtype, ("alpha",), {"part_ptr": "*fp32"}),
-                               dict(BLOCK_M=gd["BLOCK_M"], BLOCK_N=gd["BLOCK_N"], BLOCK_R=br, **dot),
-                               gd["num_warps"], gd["num_stages"]))
-            w = t.wgrad_config(dtype, gpu=True, block_r=br)
-            for dropout in (False, True):
-                out.append(AotCase("lora_linear", t._wgrad_kernel, f"{tag} dA / dB, dropout={dropout}",
-                                   _types(t._wgrad_kernel, dtype, ("drop_scale",), {"part_ptr": "*fp32"}),
-                                   dict(DROPOUT=dropout, BLOCK_M=w["BLOCK_M"], BLOCK_N=w["BLOCK_N"], BLOCK_R=br, **dot),
-                                   w["num_warps"], w["num_stages"]))
-    for dtype in (torch.bfloat16, torch.float32):
-        out.append(AotCase("lora_linear", r._reduce_kernel, f"{DTYPE_NAMES[dtype]} stage-2 reduction",
-                           _types(r._reduce_kernel, dtype, ("scale",), {"part_ptr": "*fp32"}), dict(BLOCK_N=256), 4, 1))
+            for m, n, k in ((8192, 4096, 4096), (560, 768, 768)):
+                x, w, bias = _meta(m, k, dtype=dtype), _meta(n, k, dtype=dtype), _meta(n, dtype=dtype)
+                a, b, dy = _meta(rank, k, dtype=dtype), _meta(n, rank, dtype=dtype), _meta(m, n, dtype=dtype)
+                tag = f"{DTYPE_NAMES[dtype]} r={rank} {m}x{k}->{n}"
+                for p in (0.0, 0.1):
+                    with recorded_launches() as launches:
+                        _, xa = t.forward(x, w, bias if p == 0 else None, a, b, 2.0, p, 1)
+                    out += _labelled("lora_linear", launches, f"{tag} forward", seen)
+                    for needs, what in (((True, False, False, True, True), "backward"),
+                                        ((True, False, False, True, False), "backward, B frozen"),
+                                        ((False, False, False, False, True), "backward, dB only")):
+                        with recorded_launches() as launches:
+                            t.backward(dy, x, w, a, b, _meta(m, rank, dtype=dtype), 2.0, p, 1, needs)
+                        out += _labelled("lora_linear", launches, f"{tag} {what}", seen)
     return out
 
 
 def layer_norm_cases(widths: Iterable[int] = (768, 1024)) -> list[AotCase]:
-    """LayerNorm forward and backward at each width the targets name, plus the widest the dispatcher lets
-    the Triton kernel take (``TRITON_MAX``)."""
+    """LayerNorm forward and backward (dx wanted or not) over 32768 rows at each width the targets name, plus the
+    widest the dispatcher lets the Triton kernel take (``TRITON_MAX``)."""
     from .layer_norm import triton_impl as t
     from .plugin import TRITON_MAX
 
-    out = []
+    out: list[AotCase] = []
+    seen: dict = {}
     for n in sorted(set(widths) | {TRITON_MAX["layer_norm"]}):
         for dtype in (torch.bfloat16, torch.float32):
-            f = t.fwd_config(n)
-            out.append(AotCase("layer_norm", t._fwd_kernel, f"{DTYPE_NAMES[dtype]} N={n} forward",
-                               _types(t._fwd_kernel, dtype, ("eps",), {"mean_ptr": "*fp32", "rstd_ptr": "*fp32"}),
-                               dict(BLOCK_M=f["BLOCK_M"], BLOCK_N=f["BLOCK_N"]), f["num_warps"], 1))
-            b = t.bwd_config(n)
-            out.append(AotCase("layer_norm", t._bwd_kernel, f"{DTYPE_NAMES[dtype]} N={n} backward",
-                               _types(t._bwd_kernel, dtype, (), {"mean_ptr": "*fp32", "rstd_ptr": "*fp32",
-                                                                 "pw_ptr": "*fp32", "pb_ptr": "*fp32"}),
-                               dict(NEED_DX=True, BLOCK_M=b["BLOCK_M"], BLOCK_N=b["BLOCK_N"]), b["num_warps"], 1))
+            x, w = _meta(32768, n, dtype=dtype), _meta(n, dtype=dtype)
+            tag = f"{DTYPE_NAMES[dtype]} N={n}"
+            with recorded_launches() as launches:
+                _, mean, rstd = t.forward(x, w, _meta(n, dtype=dtype), 1e-5)
+            out += _labelled("layer_norm", launches, f"{tag} forward", seen)
+            for needs in ((True, True, True), (False, True, True)):
+                with recorded_launches() as launches:
+                    t.backward(_meta(32768, n, dtype=dtype), x, w, mean, rstd, needs)
+                out += _labelled("layer_norm", launches, f"{tag} backward", seen)
     return out
+
+
+PREFIX_SHAPES = ((10, 35), (64, 1024))  # (prefix length, sequence length): the targets' extremes, B32 H12
 
 
 def prefix_attention_cases(head_dims: Iterable[int] = (64, 128),
                            dtypes: Iterable[torch.dtype] = (torch.bfloat16, torch.float32),
                            tiles: dict[str, dict] | None = None) -> list[AotCase]:
-    """Prefix attention at B32 H12 (the tiles depend on the head dim and element size only), with the most and
-    the fewest features on (mask, causality, dropout). ``tiles`` replaces the launchers' (a search)."""
+    """Prefix attention forward and backward at B32 H12 with a (B, Tk) padding mask, causality and dropout all on
+    and all off, at the targets' shortest and longest prefix and sequence. ``tiles`` replaces the launchers'
+    (a search)."""
+    from unittest import mock
+
     from .plugin import prefix_triton_fits
     from .prefix_attention import triton_impl as t
 
-    out = []
-    ptrs = {"m_ptr": "*u8", "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
-    floats = ("scale", "drop_scale")
+    out: list[AotCase] = []
+    seen: dict = {}
+    b, h = 32, 12
     for d in head_dims:
         for dtype in dtypes:
             if tiles is None and prefix_triton_fits("cuda", dtype, d):
                 continue  # not the dispatcher's to choose
-            cfg = tiles or t.config(d, dtype, gpu=True)
-
-            def case(kernel, which, label, extra, types=None):
-                c = cfg[which]
-                return AotCase("prefix_attention", kernel, label, types or _types(kernel, dtype, floats, ptrs),
-                               dict(**extra, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], BLOCK_D=c["BLOCK_D"]),
-                               c["num_warps"], c["num_stages"])
-
-            for full in (False, True):
-                flags = dict(HAS_MASK=full, DROPOUT=full, UPCAST=False)
-                tag = f"{DTYPE_NAMES[dtype]} D={d} {'mask+causal+dropout' if full else 'plain'}"
-                out.append(case(t._fwd_kernel, "fwd", f"{tag} forward", dict(CAUSAL=full, **flags)))
-                for prefix in (False, True):
-                    part = "*fp32" if prefix else PTR[dtype]
-                    out.append(case(t._dkdv_kernel, "dkdv", f"{tag} d{'prefix' if prefix else 'seq'} k/v",
-                                    dict(PREFIX=prefix, CAUSAL=full and not prefix, **flags),
-                                    _types(t._dkdv_kernel, dtype, floats, {**ptrs, "dk_ptr": part, "dv_ptr": part})))
-                out.append(case(t._dq_kernel, "dq", f"{tag} dq", dict(CAUSAL=full, **flags)))
-            if tiles is None:
-                out.append(AotCase("prefix_attention", t._delta_kernel, f"{DTYPE_NAMES[dtype]} D={d} delta",
-                                   _types(t._delta_kernel, dtype, (), {"delta_ptr": "*fp32"}),
-                                   dict(BLOCK_M=64, BLOCK_D=cfg["fwd"]["BLOCK_D"]), 4, 1))
+            for n, tq in PREFIX_SHAPES:
+                q = _meta(b, h, tq, d, dtype=dtype)
+                pk = _meta(h, n, d, dtype=dtype)
+                for full in (False, True):
+                    mask = _meta(b, 1, 1, tq, dtype=torch.bool) if full else None
+                    p = 0.1 if full else 0.0
+                    tag = f"{DTYPE_NAMES[dtype]} D={d} P{n} T{tq} {'mask+causal+dropout' if full else 'plain'}"
+                    patch = mock.patch.object(t, "config", lambda *a, **k: tiles) if tiles else contextlib.nullcontext()
+                    with patch, recorded_launches() as launches:
+                        o, lse = t.forward(q, q, q, pk, pk, mask, full, None, p, 1)
+                        t.backward(q, q, q, q, pk, pk, mask, full, None, p, 1, o, lse)
+                    out += _labelled("prefix_attention", launches, tag, seen)
     return out
 
 
@@ -203,12 +225,9 @@ def compile_case(case: AotCase, arch: int = 90) -> dict[str, Any]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = case.kernel
-    sig = _signature(kernel, case.args, case.constexprs)
-    consts = {(kernel.arg_names.index(k),): v for k, v in case.constexprs.items()}
-    src = ASTSource(fn=kernel, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": case.num_warps, "num_stages": case.num_stages})
+    options, signature, constexprs, attrs = specialise(case, arch)
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     ptx = compiled.asm["ptx"]
     gpu_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     with tempfile.TemporaryDirectory() as tmp:

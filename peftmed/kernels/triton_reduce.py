@@ -4,6 +4,9 @@ a transpose and a cast (four launches and three temporaries)."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import triton
 import triton.language as tl
@@ -22,10 +25,30 @@ def _reduce_kernel(part_ptr, out_ptr, S, R, N, s_or, s_on, scale, BLOCK_N: tl.co
 
 
 _SMS: dict[int, int] = {}
+# set by as_gpu(): the SM count of the GPU that meta tensors stand for
+_AS_GPU: contextvars.ContextVar[int | None] = contextvars.ContextVar("peftmed_as_gpu", default=None)
+
+
+@contextlib.contextmanager
+def as_gpu(sms: int = 132):
+    """Within it the launchers take meta tensors for tensors on a GPU of ``sms`` SMs: they choose tiles, grids
+    and splits as they would there (the AOT report records the launches they make so, with no GPU)."""
+    token = _AS_GPU.set(sms)
+    try:
+        yield
+    finally:
+        _AS_GPU.reset(token)
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Whether a launcher given ``t`` launches for a GPU (a CUDA tensor, or a meta tensor within as_gpu)."""
+    return t.device.type == "cuda" or (t.device.type == "meta" and _AS_GPU.get() is not None)
 
 
 def sm_count(device: torch.device) -> int:
     """The GPU's number of SMs (cached: the launchers ask on every call)."""
+    if device.type == "meta" and _AS_GPU.get() is not None:
+        return _AS_GPU.get()
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -44,6 +67,6 @@ def reduce_partials(part: torch.Tensor, out: torch.Tensor, scale: float = 1.0, t
     """Write ``scale * part.sum(0)`` ((R, N), or its transpose (N, R) with ``transpose``) into ``out``."""
     s, r, n = part.shape
     s_or, s_on = (out.stride(1), out.stride(0)) if transpose else (out.stride(0), out.stride(1))
-    block = 256 if part.device.type == "cuda" else 64
+    block = 256 if on_gpu(part) else 64
     _reduce_kernel[(triton.cdiv(n, block), r)](part, out, s, r, n, s_or, s_on, float(scale), BLOCK_N=block)
     return out

@@ -31,24 +31,38 @@ def _ptxas_present() -> bool:
 pytestmark = pytest.mark.skipif(not _ptxas_present(), reason="triton's NVIDIA backend (ptxas) is not installed")
 
 
-def _clean_env() -> dict[str, str]:
+# the GPU machine's Triton, installed beside the pinned one by `make install` (requirements-triton-gpu.txt)
+GPU_TRITON = Path(sys.prefix) / "triton-gpu"
+
+
+def _clean_env(second_triton: bool = False) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    paths = ([str(GPU_TRITON)] if second_triton else []) + [str(ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     return env
 
 
-def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_clean_env(), cwd=ROOT,
-                          timeout=1200)
+def _run(code: str, second_triton: bool = False) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=_clean_env(second_triton), cwd=ROOT, timeout=1200)
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pinned", "gpu-machine"])
+def report(request, tmp_path_factory):
+    """The report under the pinned Triton (sm_90 and sm_80) and under the GPU machine's (sm_90: its GPU)."""
+    second = request.param == "gpu-machine"
+    if second and not (GPU_TRITON / "triton").is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"{GPU_TRITON} is missing: `make install` puts the GPU machine's Triton there")
+        pytest.skip(f"the GPU machine's Triton is not installed in {GPU_TRITON} (make install)")
     out = tmp_path_factory.mktemp("aot") / "aot.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels" / "aot_report.py"), "--arch", "90",
-                           "--arch", "80", "--json", str(out)], capture_output=True, text=True, env=_clean_env(),
-                          cwd=ROOT, timeout=1800)
+    arches = ["--arch", "90"] + ([] if second else ["--arch", "80"])
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels" / "aot_report.py"), *arches,
+                           "--json", str(out)], capture_output=True, text=True, env=_clean_env(second), cwd=ROOT,
+                          timeout=1800)
     assert out.exists(), f"the report wrote nothing (exit {proc.returncode}): {proc.stderr[-3000:]}"
+    if second:
+        assert "triton 3.6" in proc.stdout, proc.stdout[:500]
     return proc, json.loads(out.read_text())
 
 
@@ -66,19 +80,60 @@ def test_no_configuration_spills_or_exceeds_shared_memory(report):
 def test_the_report_covers_every_kernel_on_both_targets(report):
     from peftmed.kernels.plugin import TRITON_MAX
 
-    _, rows = report
+    proc, rows = report
+    arches = ("sm_90", "sm_80") if "sm_80" in proc.stdout else ("sm_90",)
     seen = {(r["arch"], r["kernel"]) for r in rows}
     kernels = {"_gemm_lora_kernel", "_down_kernel", "_wgrad_kernel", "_gs_db_kernel", "_reduce_kernel", "_fwd_kernel",
                "_bwd_kernel",
                "_dkdv_kernel", "_dq_kernel", "_delta_kernel"}
-    assert seen == {(a, k) for a in ("sm_90", "sm_80") for k in kernels}
+    assert seen == {(a, k) for a in arches for k in kernels}
     configs = " ".join(r["config"] for r in rows)
-    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "560x768", "N=768", "N=1024", f"N={TRITON_MAX['layer_norm']}",
+    # (LayerNorm at 1024 compiles to the kernel at 768: the same tiles, both widths divisible by 16; one row)
+    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "560x768", "N=768", f"N={TRITON_MAX['layer_norm']}",
                    "D=64", "D=128", "mask+causal+dropout", "bf16", "fp16", "fp32"):
         assert needed in configs, needed
     # the tensor-core path is Hopper's on sm_90 for the bf16 GEMMs (not the Ampere mma.sync fallback)
     gemm90 = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] == "_gemm_lora_kernel" and "bf16" in r["config"]]
     assert gemm90 and all(r["mma"] == "wgmma" for r in gemm90)
+
+
+@pytest.mark.slow
+def test_the_report_compiles_what_the_jit_compiles(report):
+    """Compiled as the JIT compiles the launch (unit strides constant, aligned pointers and sizes marked), the main
+    GEMM holds its K loop's stages in shared memory in under 200 registers; compiled without that (as the report
+    did before), the same tiles took 252 registers and 32 KB: a different kernel from the one that runs."""
+    _, rows = report
+    big = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] == "_gemm_lora_kernel"
+           and r["config"].startswith("bf16 r=16 8192x4096->4096 forward")]
+    assert big, "the main GEMM is missing from the report"
+    for r in big:
+        assert r["registers"] < 200 and r["shared"] > 64 * 1024, r
+
+
+def test_a_launch_is_specialised_as_the_jit_specialises_it():
+    """The cases are the launchers' own launches at the target shapes, recorded with meta tensors as on a GPU:
+    a unit stride becomes a constant, a size divisible by 16 is marked so, an odd one is not."""
+    proc = _run(
+        "import torch\n"
+        "from peftmed.kernels import aot\n"
+        "from peftmed.kernels.lora_linear import triton_impl as t\n"
+        "for m in (8192, 35):\n"
+        "    x, w = torch.empty(m, 4096, device='meta', dtype=torch.bfloat16), torch.empty(4096, 4096, device='meta',"
+        " dtype=torch.bfloat16)\n"
+        "    a, b = torch.empty(16, 4096, device='meta', dtype=torch.bfloat16), torch.empty(4096, 16, device='meta',"
+        " dtype=torch.bfloat16)\n"
+        "    with aot.recorded_launches() as launches:\n"
+        "        t.forward(x, w, None, a, b, 2.0, 0.0, 1)\n"
+        "    gemm = next(c for c in launches if c.name == '_gemm_lora_kernel')\n"
+        "    _, sig, consts, attrs = aot.specialise(gemm)\n"
+        "    names = gemm.kernel.arg_names\n"
+        "    i = names.index('M')\n"
+        "    print(m, gemm.kwargs['BLOCK_M'], sig['sxk'], sig['swk'], sig['sxm'], bool(attrs.get((i,))))\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    big, odd = (line.split() for line in proc.stdout.splitlines())
+    # as on a GPU: 128-row tiles at 8192 rows (the interpreter's are 32); x's and W's unit strides are constants
+    assert big == ["8192", "128", "constexpr", "constexpr", "i32", "True"]
+    assert odd[0] == "35" and odd[2:] == ["constexpr", "constexpr", "i32", "False"]
 
 
 def test_the_gate_sees_a_spill():
@@ -88,9 +143,10 @@ def test_the_gate_sees_a_spill():
         "import torch\n"
         "from peftmed.kernels import aot\n"
         "from peftmed.kernels.layer_norm import triton_impl as t\n"
-        "case = aot.AotCase('layer_norm', t._bwd_kernel, 'N=16384', aot._types(t._bwd_kernel, torch.bfloat16, (),"
-        " {'mean_ptr': '*fp32', 'rstd_ptr': '*fp32', 'pw_ptr': '*fp32', 'pb_ptr': '*fp32'}),"
-        " dict(NEED_DX=True, BLOCK_M=1, BLOCK_N=16384), 16, 1)\n"
+        "m = lambda *s: torch.empty(*s, device='meta')\n"
+        "case = aot.AotCase('layer_norm', t._bwd_kernel, 'N=16384', (m(64, 16384), m(64, 16384), m(16384), m(64), m(64),"
+        " m(64, 16384), m(1, 2, 16384), m(1, 16384), 64, 16384, 64),"
+        " dict(NEED_DX=True, BLOCK_M=1, BLOCK_N=16384, num_warps=16, num_stages=1))\n"
         "r = aot.compile_case(case, 90)\n"
         "print(r['ok'], r['spill_stores'] + r['spill_loads'], r['registers'])\n")
     assert proc.returncode == 0, proc.stderr[-3000:]

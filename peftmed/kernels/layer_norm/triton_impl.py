@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_reduce import reduce_partials, row_splits, sm_count
+from ..triton_reduce import on_gpu, reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -102,7 +102,7 @@ def forward(x, w, b, eps):
 
 def _most_programs(x: torch.Tensor) -> int:
     # a few programs per SM on a GPU; the interpreter: few programs, each costs milliseconds
-    return 4 * sm_count(x.device) if x.device.type == "cuda" else 4
+    return 4 * sm_count(x.device) if on_gpu(x) else 4
 
 
 def backward(dy, x, w, mean, rstd, needs):

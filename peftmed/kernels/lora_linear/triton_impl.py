@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
-from ..triton_reduce import reduce_partials, row_splits, sm_count
+from ..triton_reduce import on_gpu, reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -230,7 +230,7 @@ def wgrad_config(dtype: torch.dtype, gpu: bool, block_r: int = 16) -> dict:
 def _down(x, wd_strides, wd, r, alpha, p, seed, out_dtype):
     m, k = x.shape
     out = torch.empty(m, r, device=x.device, dtype=out_dtype)
-    gpu = x.device.type == "cuda"
+    gpu = on_gpu(x)
     cfg = down_config(x.dtype, gpu, _block_r(r))
     _down_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
         x, wd, out, m, k, r, x.stride(0), x.stride(1), *wd_strides, alpha, *_drop_args(p, seed),
@@ -242,7 +242,7 @@ def _gemm_lora(x, w, w_strides, n, bias, lo, up, up_strides, alpha, p, seed):
     m, k = x.shape
     r = lo.shape[1]
     c = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    gpu = x.device.type == "cuda"
+    gpu = on_gpu(x)
     cfg = gemm_config(x.dtype, gpu, _block_r(r), m, n, sm_count(x.device) if gpu else None)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_lora_kernel[grid](
@@ -256,7 +256,7 @@ def _wgrad(g, x, p, seed, out: torch.Tensor, scale: float = 1.0, transpose: bool
     """``out`` = scale * g^T dropout(x) ((R, N); its transpose (N, R) with ``transpose``), in out's dtype."""
     m, n = x.shape
     r = g.shape[1]
-    gpu = x.device.type == "cuda"
+    gpu = on_gpu(x)
     cfg = wgrad_config(x.dtype, gpu, _block_r(r))
     splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], 64 if gpu else 1)
     part = torch.empty(splits, r, n, device=x.device, dtype=torch.float32)
@@ -278,7 +278,7 @@ def _gs_db(dy, b, xa, scaling, db_out):
     """gs = s * dy B (in dy's dtype) and db_out = s * dy^T xa, reading dy once (plus one reduce launch)."""
     m, n = dy.shape
     r = b.shape[1]
-    gpu = dy.device.type == "cuda"
+    gpu = on_gpu(dy)
     cfg = gs_db_config(dy.dtype, gpu, _block_r(r))
     # one program per SM (132 on an H100, not a fixed 64), as far as the fp32 partials (splits x n x r) stay
     # within 64 MiB, so that they stay in L2

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
-from ..triton_reduce import reduce_partials, row_splits, sm_count
+from ..triton_reduce import on_gpu, reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -238,9 +238,12 @@ def _dq_kernel(q_ptr, do_ptr, lse_ptr, delta_ptr, k_ptr, v_ptr, pk_ptr, pv_ptr, 
 # feature on (mask, causality, dropout). fwd and dq walk BLOCK_M query rows over BLOCK_N keys; dkdv holds
 # BLOCK_N keys and walks BLOCK_M query rows.
 GPU_TILES: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
-    (64, 2): dict(fwd=(64, 32, 8, 2), dkdv=(64, 32, 8, 2), dq=(32, 32, 4, 2)),
-    (128, 2): dict(fwd=(32, 64, 8, 2), dkdv=(32, 32, 8, 2), dq=(32, 64, 8, 2)),
-    (64, 4): dict(fwd=(32, 32, 8, 2), dkdv=(16, 32, 8, 1), dq=(16, 16, 4, 1)),
+    # compiled as the JIT compiles the launches (peftmed.kernels.aot) under the pinned Triton and the GPU machine's
+    # (3.6), on sm_90 and sm_80: dq (both element sizes) and the D=128 bf16 forward are the largest candidates
+    # spill-free under both (aot_report.py --search-prefix under each)
+    (64, 2): dict(fwd=(64, 32, 8, 2), dkdv=(64, 32, 8, 2), dq=(64, 32, 8, 2)),
+    (128, 2): dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(64, 32, 8, 2)),
+    (64, 4): dict(fwd=(32, 32, 8, 2), dkdv=(16, 32, 8, 1), dq=(16, 32, 8, 1)),
     # fp32 above head dim 64: no tile without spills; the dispatcher does not give it to Triton
     # (plugin.prefix_triton_fits)
 }
@@ -264,7 +267,7 @@ def _common(q, pk, mask, scale, p, seed):
     """Launch arguments shared by every kernel."""
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    gpu = q.device.type == "cuda"
+    gpu = on_gpu(q)
     cfg = config(d, q.dtype, gpu)
     if mask is None:
         m_ptr, strides = q, (0, 0, 0, 0)  # never read (HAS_MASK is false)
@@ -294,7 +297,7 @@ def forward(q, k, v, pk, pv, mask, causal, scale, p, seed):
 
 def _prefix_splits(q: torch.Tensor, b: int, h: int, key_blocks: int) -> int:
     """Batch splits of the prefix dk/dv grid: enough programs for about two per SM on a GPU."""
-    if q.device.type != "cuda":
+    if not on_gpu(q):
         return 1
     return max(1, min(b, triton.cdiv(2 * sm_count(q.device), max(1, h * key_blocks))))
 
