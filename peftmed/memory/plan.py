@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -213,8 +214,10 @@ def _component_hooks(pm, counter: dict[str, int]):
 
     for comp in pm.backbone.components:
         for _, root in pm.backbone.component_roots(pm.base_model, comp):
-            handles.append(root.register_forward_pre_hook(enter(comp)))
-            handles.append(root.register_forward_hook(leave))
+            # a ModuleList (Qwen2-VL's vision blocks) is iterated, never called: its hooks would never run
+            for module in root.children() if isinstance(root, (nn.ModuleList, nn.ModuleDict)) else (root,):
+                handles.append(module.register_forward_pre_hook(enter(comp)))
+                handles.append(module.register_forward_hook(leave))
     params = {p.untyped_storage().data_ptr() for p in pm.parameters() if p.device.type != "meta"}
     seen: set[int] = set()
 

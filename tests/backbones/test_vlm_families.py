@@ -291,9 +291,16 @@ def test_plan_measures_a_family_and_narrows_a_real_one_as_its_heads_allow(regist
                        registry=registry)
     assert {"vision", "projector", "llm"} <= {r.component for r in plan.rows}
     assert next(r for r in plan.rows if r.component == "llm").activations > 0
+    # Qwen2-VL's vision blocks are a ModuleList (iterated, never called): what they save is still the vision's
+    assert next(r for r in plan.rows if r.component == "vision").activations > 0
     # MedGemma's SigLIP tower has 16 heads of 72: 1/16 of its width would leave heads of 4.5
     assert _width_divisors(registry.backbone("medgemma-4b"), {}) == (2, 4)
-    assert _width_divisors(registry.backbone("qwen2-vl-2b"), {}) == (4, 8)
+    # Qwen2-VL's vision heads are 80 wide and rotate in quarters: 1/8 would leave 10, whose forward fails
+    assert _width_divisors(registry.backbone("qwen2-vl-2b"), {}) == (2, 4)
+    real = plan_memory(registry.backbone("qwen2-vl-2b"), "vision=layernorm llm=lora(r=8)", seq_len=8,
+                       registry=registry)
+    vision = next(r for r in real.rows if r.component == "vision")
+    assert vision.activations > 0 and real.settings["activations"].startswith("measured at widths 1/2 and 1/4")
 
 
 def test_a_model_of_a_family_without_data_is_taken_apart_by_its_structure(registry):

@@ -17,7 +17,9 @@ Per family (keyed by peftmed's backbone name):
 - ``answer_values``: per-token inputs (besides ids and masks) and the value they take on answer tokens;
 - ``presets``: real architectures by name: the configuration of the released checkpoint, with its parameter
   count (tests hold the built model to it) and its image-processor and processor settings;
-- ``requires``: packages the family's processor needs (refused with their names when missing).
+- ``requires``: packages the family's processor needs (refused with their names when missing);
+- ``head_multiple``: ``{"vision" or "text": n}`` where a part's head width must stay a multiple of n (not 2) in
+  ``peftmed plan``'s narrow copies (Qwen's vision rotary turns each half of a head by one image axis).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ FAMILIES: dict[str, dict] = {
                   vision=dict(depth=2, embed_dim=32, hidden_size=32, mlp_ratio=2, num_heads=4, patch_size=4,
                               spatial_merge_size=2, temporal_patch_size=2), top={}, image_size=32),
         tokens=QWEN_TOKENS, ids=QWEN_IDS, image_processor=QWEN_IMAGES, processor={}, chat=QWEN_CHAT,
+        head_multiple={"vision": 4},
         presets={"qwen2-vl-2b": dict(QWEN2_VL_2B, params=2_208_985_600,
                                      description="Qwen2-VL-2B, MedVLM-R1's architecture")}),
     "qwen2.5-vl": dict(
@@ -68,6 +71,7 @@ FAMILIES: dict[str, dict] = {
                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
                               fullatt_block_indexes=[1]), top={}, image_size=32),
         tokens=QWEN_TOKENS, ids=QWEN_IDS, image_processor=QWEN_IMAGES, processor={}, chat=QWEN_CHAT,
+        head_multiple={"vision": 4},
         presets={"qwen2.5-vl-7b": dict(QWEN25_VL_7B, params=8_292_166_656,
                                        description="Qwen2.5-VL-7B, Lingshu-7B's architecture")}),
     "qwen3-vl": dict(
@@ -77,7 +81,8 @@ FAMILIES: dict[str, dict] = {
                   vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
                               patch_size=4, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
                               deepstack_visual_indexes=[0]), top={}, image_size=32),
-        tokens=QWEN_TOKENS, ids=QWEN_IDS, image_processor=QWEN_IMAGES, processor={}, chat=QWEN_CHAT, presets={}),
+        tokens=QWEN_TOKENS, ids=QWEN_IDS, image_processor=QWEN_IMAGES, processor={}, chat=QWEN_CHAT,
+        head_multiple={"vision": 4}, presets={}),
     "gemma3": dict(
         model_type="gemma3", description="Gemma 3 (MedGemma): SigLIP | pooled projector | Gemma 3 LLM",
         tiny=dict(text=dict(T, head_dim=8, sliding_window=16), vision=dict(SIGLIP, vision_use_head=False),

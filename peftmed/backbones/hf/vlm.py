@@ -192,7 +192,7 @@ def _spec(family: str, preset: str) -> dict:
 EXTRA_WIDTHS = ("embed_dim", "out_hidden_size", "vision_output_dim")  # widths besides common.WIDTH_KEYS
 
 
-def _narrower(part: dict, divisor: int, what: str) -> dict:
+def _narrower(part: dict, divisor: int, what: str, head_multiple: int = 2) -> dict:
     """``common.narrower`` plus the widths VLM towers name otherwise, and multimodal rotary sections scaled with
     the head width."""
     from .common import narrower
@@ -203,12 +203,26 @@ def _narrower(part: dict, divisor: int, what: str) -> dict:
             if out[key] % divisor:
                 raise ConfigError(f"{what}: {key}={out[key]} is not divisible by width_divisor={divisor}")
             out[key] //= divisor
+    # the family's data may ask a head width to stay a multiple of more than 2 (Qwen's 2-D vision rotary: half
+    # the head per image axis, each half in cos/sin pairs): a narrow copy that breaks it would not run
+    width = _head_width(out)
+    if width and width % head_multiple:
+        raise ConfigError(f"{what}: width_divisor={divisor} leaves heads {width} wide, and this family's heads must "
+                          f"stay a multiple of {head_multiple}: choose a smaller divisor")
     rope = out.get("rope_parameters")
     if isinstance(rope, dict) and "mrope_section" in rope:
         if any(s % divisor for s in rope["mrope_section"]):
             raise ConfigError(f"{what}: mrope_section {rope['mrope_section']} is not divisible by {divisor}")
         out["rope_parameters"] = dict(rope, mrope_section=[s // divisor for s in rope["mrope_section"]])
     return out
+
+
+def _head_width(part: dict) -> int | None:
+    if part.get("head_dim"):
+        return int(part["head_dim"])
+    width = part.get("embed_dim") or part.get("hidden_size")  # Qwen2-VL's tower: embed_dim (hidden_size: the LLM's)
+    heads = part.get("num_attention_heads") or part.get("num_heads")
+    return width // heads if width and heads and width % heads == 0 else None
 
 
 def family_config(family: str, preset: str = "tiny", *, vocab_size: int, token_ids: dict | None,
@@ -219,8 +233,9 @@ def family_config(family: str, preset: str = "tiny", *, vocab_size: int, token_i
 
     fam, spec = _family(family), _spec(family, preset)
     if width_divisor not in (None, 1):
-        spec["text"] = _narrower(spec["text"], width_divisor, f"{family} text")
-        spec["vision"] = _narrower(spec["vision"], width_divisor, f"{family} vision")
+        multiple = fam.get("head_multiple", {})
+        spec["text"] = _narrower(spec["text"], width_divisor, f"{family} text", multiple.get("text", 2))
+        spec["vision"] = _narrower(spec["vision"], width_divisor, f"{family} vision", multiple.get("vision", 2))
     text = dict(spec["text"])
     text.setdefault("vocab_size", vocab_size)
     if text_layers is not None:
