@@ -33,8 +33,9 @@ bench: install
 	$(BIN)/peftmed bench
 
 # TRITON_INTERPRET=1 runs the Triton kernels on the CPU (it must be set before triton is imported).
+# also rewrites tests/slow_tests.txt: what `make quick` leaves out for its measured time (see tests/conftest.py)
 test: install
-	$(TEST_ENV) $(BIN)/python -m pytest -q --durations=30 $(TESTS)
+	$(TEST_ENV) PEFTMED_WRITE_SLOW_LIST=1 $(BIN)/python -m pytest -q --durations=30 $(TESTS)
 
 quick: install
 	$(TEST_ENV) $(BIN)/python -m pytest -q -m "not slow" --durations=15 $(TESTS)

@@ -85,7 +85,50 @@ def _is_slow(item) -> bool:
     return any(sign in text for text in texts for sign in SLOW_SIGNS)
 
 
+# What a full run measured: the tests that would take `make quick` over its budget (the slowest first, until the
+# rest fit in QUICK_BUDGET_S on this 2-core machine), written by `make test` (PEFTMED_WRITE_SLOW_LIST=1) and read
+# here, so that a test that grows slow leaves the quick set at the next full run with no edit.
+SLOW_LIST = Path(__file__).resolve().parent / "slow_tests.txt"
+QUICK_BUDGET_S = 75.0
+_durations: dict[str, float] = {}
+_slow_by_sign: set[str] = set()
+
+
+def _listed_slow() -> set[str]:
+    try:
+        return {line.strip() for line in SLOW_LIST.read_text().splitlines() if line.strip() and line[0] != "#"}
+    except OSError:
+        return set()
+
+
 def pytest_collection_modifyitems(config, items):
+    listed = _listed_slow()
     for item in items:
         if "slow" not in item.keywords and _is_slow(item):
+            _slow_by_sign.add(item.nodeid)
             item.add_marker(pytest.mark.slow)
+        elif "slow" in item.keywords:
+            _slow_by_sign.add(item.nodeid)
+        elif item.nodeid in listed:
+            item.add_marker(pytest.mark.slow)
+
+
+def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration  # setup + call + teardown
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """After a whole run (no -m, -k or -x), with PEFTMED_WRITE_SLOW_LIST=1: write SLOW_LIST from its durations."""
+    opt = session.config.option
+    if os.environ.get("PEFTMED_WRITE_SLOW_LIST") != "1" or opt.markexpr or opt.keyword or opt.maxfail \
+            or session.testscollected == 0 or session.shouldfail or session.shouldstop:
+        return
+    rest = sorted(((d, n) for n, d in _durations.items() if n not in _slow_by_sign), reverse=True)
+    total, slow = sum(d for d, _ in rest), []
+    for d, nodeid in rest:
+        if total <= QUICK_BUDGET_S:
+            break
+        slow.append(nodeid)
+        total -= d
+    SLOW_LIST.write_text("# written by `make test` (tests/conftest.py): left out of `make quick` for their measured "
+                         f"time; the rest measured {total:.0f} s\n" + "".join(f"{n}\n" for n in sorted(slow)))
