@@ -4,6 +4,6 @@
 ``pip install peftmed[baseline]``) so ``peftmed bench`` can show peftmed/peft ratios.
 """
 
-from .hf_peft import PEFT_METHODS, PeftUnavailable, apply_peft, parameter_methods, peft_equivalent, peft_version
+from .hf_peft import PeftUnavailable, apply_peft, parameter_methods, peft_equivalent, peft_version
 
-__all__ = ["PEFT_METHODS", "PeftUnavailable", "apply_peft", "parameter_methods", "peft_equivalent", "peft_version"]
+__all__ = ["PeftUnavailable", "apply_peft", "parameter_methods", "peft_equivalent", "peft_version"]

@@ -15,15 +15,13 @@ from collections.abc import Mapping
 
 from torch import nn
 
-from ..errors import PeftmedError
+from ..errors import ConfigError, PeftmedError
 from ..interop.peft_format import import_peft
 from ..recipe import Recipe
 
-# peftmed method -> peft tuner. Prompt-family methods go through peft's get_peft_model, the others
-# through inject_adapter_in_model (which keeps our model class, so compute_loss/generate still work).
-PEFT_METHODS = {"lora": "LoraConfig", "ia3": "IA3Config", "layernorm": "LNTuningConfig",
-                "prefix": "PrefixTuningConfig", "ptuning-v2": "PromptEncoderConfig"}
-PROMPT_METHODS = ("prefix", "ptuning-v2")
+# What a method is in peft is the method's declaration (Method.peft, a PeftForm). Prompt forms go through peft's
+# get_peft_model, the others through inject_adapter_in_model (which keeps our model class, so compute_loss and
+# generate still work).
 
 
 class PeftUnavailable(PeftmedError):
@@ -56,7 +54,7 @@ def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
             continue  # becomes modules_to_save
         if len(names) > 1:
             return f"peft cannot combine {'+'.join(names)} on one component"
-        if names[0] not in PEFT_METHODS:
+        if registry.method(names[0]).peft is None:
             return f"peft has no {names[0]!r} method"
         tuned.add(names[0])
     if not tuned:
@@ -66,20 +64,22 @@ def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
     return None
 
 
-def _targets(model: nn.Module, backbone, registry, component: str, call) -> tuple[list[str], list[str]]:
-    """Module names the peftmed method would touch in ``component``, and the feed-forward subset (IA3)."""
+def _targets(model: nn.Module, backbone, registry, component: str, call, form) -> tuple[list[str], dict, dict]:
+    """Module names the peftmed method would touch in ``component``, the method's config of each (as a dict) and
+    the facts its peft form reads of each (``role_subsets``: e.g. IA3's feed-forward modules)."""
     method = registry.method(call.name)
     config = method.make_config(call.options)
     names: list[str] = []
-    feedforward: list[str] = []
-    ff_roles = set(getattr(config, "feedforward_roles", ()) or ())
+    info: dict[str, dict] = {}
+    subsets = {fact: set(getattr(config, option, ()) or ()) for option, fact in form.role_subsets.items()}
     for role in method.roles_for(config):
         for name in backbone.match(model, component, role):
             if name not in names:
                 names.append(name)
-                if role in ff_roles:
-                    feedforward.append(name)
-    return names, feedforward
+            facts = info.setdefault(name, {fact: False for fact in subsets})
+            for fact, roles in subsets.items():
+                facts[fact] = facts[fact] or role in roles
+    return names, {n: config.to_dict() for n in names}, info
 
 
 def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, registry) -> nn.Module:
@@ -101,37 +101,36 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
             for path in backbone.component_paths(c)]
     tuned = {c: calls[0] for c, calls in resolved.items() if _canonical(registry, calls[0].name) != "full"}
     method = _canonical(registry, next(iter(tuned.values())).name)
+    form = registry.method(method).peft
     options = [dict(c.options) for c in tuned.values()]
     if any(o != options[0] for o in options):
         raise PeftUnavailable(f"peft takes one {method} config per model; this recipe gives {options}")
-    opts = {k: v for k, v in options[0].items() if k not in ("roles", "kernel", "fused", "lr", "weight_decay")}
     if "" in full:  # the whole model is one component: nothing left for peft to do
         raise PeftUnavailable("the fully trained component is the whole model")
     for p in model.parameters():
         p.requires_grad_(False)
 
-    if method in PROMPT_METHODS:
-        return _apply_prompt(peft, model, method, opts, full)
-    targets, feedforward = [], []
+    if form.prompt:
+        config = registry.method(method).make_config(options[0]).to_dict()
+        return _apply_prompt(peft, model, method, form, config, full)
+    targets, configs, info = [], {}, {}
     for component, call in tuned.items():
-        names, ff = _targets(model, backbone, registry, component, call)
+        names, cfgs, facts = _targets(model, backbone, registry, component, call, form)
         targets += names
-        feedforward += ff
+        configs.update(cfgs)
+        info.update(facts)
     if not targets:
         raise PeftUnavailable(f"the role map gives no {method} target modules in {sorted(tuned)}")
-    common = {"target_modules": targets, "modules_to_save": full or None}
-    if method == "lora":
-        config = peft.LoraConfig(r=int(opts.get("r", 8)), lora_alpha=float(opts.get("alpha", 8.0)),
-                                 lora_dropout=float(opts.get("dropout", 0.0)), bias=opts.get("bias", "none"),
-                                 use_rslora=bool(opts.get("rslora", False)), **common)
-    elif method == "ia3":
-        config = peft.IA3Config(feedforward_modules=feedforward, **common)
-    else:  # layernorm
-        config = peft.LNTuningConfig(**common)
+    try:
+        fields = form.config(configs, info)
+    except ConfigError as exc:
+        raise PeftUnavailable(str(exc)) from None
+    config = peft.get_peft_config({"peft_type": form.peft_type, "target_modules": targets,
+                                   "modules_to_save": full or None, **fields})
     model = peft.inject_adapter_in_model(config, model)
     # inject_adapter_in_model leaves modules_to_save copies trainable; make sure nothing else is
     for name, p in model.named_parameters():
-        p.requires_grad_(_is_peft_trainable(name, method))
+        p.requires_grad_(_is_peft_trainable(name, form))
     return model
 
 
@@ -149,27 +148,21 @@ def parameter_methods(recipe: Recipe, backbone, registry):
     return method_of
 
 
-def _is_peft_trainable(name: str, method: str) -> bool:
+def _is_peft_trainable(name: str, form) -> bool:
     if "modules_to_save." in name:
         return True
     if "original_module." in name:
         return False
-    markers = {"lora": ("lora_A.", "lora_B."), "ia3": ("ia3_l.",), "layernorm": ("ln_tuning_layers.",)}
-    return any(m in name for m in markers[method])
+    return any(m in name for m in form.trainable)
 
 
-def _apply_prompt(peft, model: nn.Module, method: str, opts: dict, full: list[str]) -> nn.Module:
+def _apply_prompt(peft, model: nn.Module, method: str, form, config: dict, full: list[str]) -> nn.Module:
     """Prefix / P-Tuning through peft's PeftModel; peft requires a transformers-style LM for these."""
-    n = int(opts.get("n", opts.get("num_virtual_tokens", 10)))
     if getattr(model, "config", None) is None:
         raise PeftUnavailable(f"peft's {method} feeds virtual tokens to a whole transformers language model "
                               f"(past_key_values); this {type(model).__name__} holds it inside a VQA wrapper, "
                               f"and peft has no per-component prefix")
-    if method == "prefix":
-        config = peft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n)
-    else:
-        config = peft.PromptEncoderConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=n)
-    wrapped = peft.get_peft_model(model, config)
     if full:
         raise PeftUnavailable("peft prompt learning with fully trained components is not supported here")
-    return wrapped
+    return peft.get_peft_model(model, peft.get_peft_config({"peft_type": form.peft_type,
+                                                             **form.config({"": config}, {})}))

@@ -3,18 +3,20 @@
 peft loads an adapter onto a transformers model: ``adapter_config.json`` + ``adapter_model.safetensors``
 with keys ``base_model.model.<module path in the transformers model>.<tensor>``. peftmed's ``hf-*``
 backbones hold the transformers model as a submodule of a wrapper, so a peftmed tensor name is that
-submodule's attribute name + the same module path. What maps:
+submodule's attribute name + the same module path. What a method is in peft's format is the method's own
+declaration (``Method.peft``, a ``PeftForm``: peft type, tensor names and layouts, config fields), so a plugin
+method that declares one exports and imports as the built-ins do. The built-ins:
 
   peftmed           peft              tensors (peftmed -> peft)
   lora              LORA              lora_A (r, in) -> lora_A.weight;  lora_B (out, r) -> lora_B.weight
   ia3               IA3               ia3_scale (n,) -> ia3_l, (out, 1), or (1, in) for feed-forward roles
   layernorm         LN_TUNING         <norm>.weight/.bias -> <norm>.ln_tuning_layers.weight/.bias
 
-Refused, with the reason: methods peft has no equivalent for (BitFit, full, FFN-/Attention-tuning,
-DoRA and VeRA plugins: peft's DoRA/VeRA differ in parameterisation), prompt methods (peft's prefix
-tuning feeds past_key_values to the whole language model, not to one component's attention), LoRA
-with bias training (peft does not save base biases as LoRA), several methods in one component, and
-models that are not a transformers model inside a peftmed wrapper.
+Refused, with the reason: methods that declare no peft form (BitFit, full, FFN-/Attention-tuning; the DoRA and
+VeRA plugins: peft's DoRA/VeRA differ in parameterisation), prompt methods (peft's prefix tuning feeds
+past_key_values to the whole language model, not to one component's attention), LoRA with bias training (peft
+does not save base biases as LoRA), several methods in one component, and models that are not a transformers
+model inside a peftmed wrapper.
 """
 
 from __future__ import annotations
@@ -22,19 +24,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..errors import AdapterError
+from ..errors import AdapterError, ConfigError
+from ..methods.base import PeftForm
 from ..model import PeftModel, apply, read_manifest, read_tensors
 from ..recipe import MethodCall, Recipe
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
-SUPPORTED = {"lora": "LORA", "ia3": "IA3", "layernorm": "LN_TUNING"}
 PREFIX = "base_model.model."
 
 
@@ -71,8 +72,19 @@ def _strip(name: str, sub: str) -> str:
     return name[len(sub) + 1:] if sub else name
 
 
+def peft_forms(registry) -> dict[str, tuple[str, PeftForm]]:
+    """peft type -> (method name, its form), over every registered method (plugins' too) that declares one."""
+    out = {}
+    for method in registry.all("method").values():
+        form = getattr(method, "peft", None)
+        if form is not None and not form.prompt:
+            out.setdefault(form.peft_type, (method.name, form))
+    return out
+
+
 def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Path:
-    """Write ``adapter`` (a peftmed adapter folder) as a peft adapter folder ``out``."""
+    """Write ``adapter`` (a peftmed adapter folder) as a peft adapter folder ``out``; what a method is in peft's
+    format is the method's own declaration (``Method.peft``)."""
     from safetensors.torch import save_file
 
     from ..plugins import default_registry
@@ -88,59 +100,46 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
     for comp, ms in manifest["methods"].items():
         if len(ms) > 1:
             raise AdapterError(f"component {comp!r} combines {[m['method'] for m in ms]}; peft takes one method per adapter")
-    unsupported = sorted(kinds - set(SUPPORTED))
+    forms = {kind: registry.method(kind).peft for kind in kinds}
+    unsupported = sorted(k for k, f in forms.items() if f is None or f.prompt)
     if unsupported:
+        why = "; ".join(f"{k}: {forms[k].refusal}" for k in unsupported if forms[k] is not None)
+        exportable = sorted(m.name for m in registry.all("method").values()
+                            if getattr(m, "peft", None) is not None and not m.peft.prompt)
         raise AdapterError(
-            f"peft cannot represent method(s) {unsupported} of adapter {str(adapter)!r}; exportable: "
-            f"{', '.join(SUPPORTED)} (see peftmed.interop.peft_format for why others are not)"
+            f"peft cannot represent method(s) {unsupported} of adapter {str(adapter)!r}{f' ({why})' if why else ''}; "
+            f"exportable: {', '.join(exportable)} (the methods that declare a peft form)"
         )
     if len(kinds) > 1:
         raise AdapterError(f"adapter mixes {sorted(kinds)}; a peft adapter holds one method type")
     kind = kinds.pop()
+    form = forms[kind]
     with torch.device("meta"):
         model = backbone.build()
     sub = hf_submodule(model, backbone.name)
-    out_tensors: dict[str, torch.Tensor] = {}
-    if kind == "lora":
-        configs = list(methods.values())
-        for cfg in configs:
-            if cfg.get("bias", "none") != "none":
-                raise AdapterError(f"LoRA with bias={cfg['bias']!r} trains base biases, which peft's LoRA format cannot hold")
-        modules: dict[str, dict] = {}
-        for key, t in tensors.items():
-            base, attr = key.rsplit(".", 1)
-            cfg = methods[(manifest["tensors"][key]["component"], "lora")]
-            modules[_strip(base, sub)] = cfg
-            out_tensors[f"{PREFIX}{_strip(base, sub)}.{attr}.weight"] = t
-        ranks, alphas = Counter(c["r"] for c in modules.values()), Counter(c["alpha"] for c in modules.values())
-        first = configs[0]
-        config = peft.LoraConfig(
-            r=ranks.most_common(1)[0][0], lora_alpha=alphas.most_common(1)[0][0], target_modules=sorted(modules),
-            lora_dropout=first["dropout"], use_rslora=first["rslora"], bias="none",
-            rank_pattern={m: c["r"] for m, c in modules.items()}, alpha_pattern={m: c["alpha"] for m, c in modules.items()},
-        )
-    elif kind == "ia3":
-        with torch.device("meta"):
-            pm = apply(model, Recipe.from_dict(manifest["recipe_json"]), backbone=backbone, registry=registry, keep_base=False)
-        targets, feedforward = [], []
-        for key, t in tensors.items():
-            base = key.rsplit(".", 1)[0]
-            layer = pm.base_model.get_submodule(base)
-            name = _strip(base, sub)
-            targets.append(name)
-            if layer.on_input["default"] if "default" in layer.on_input else next(iter(layer.on_input.values())):
-                feedforward.append(name)
-                out_tensors[f"{PREFIX}{name}.ia3_l"] = t.reshape(1, -1)
-            else:
-                out_tensors[f"{PREFIX}{name}.ia3_l"] = t.reshape(-1, 1)
-        config = peft.IA3Config(target_modules=sorted(targets), feedforward_modules=sorted(feedforward))
-    else:  # layernorm
-        targets = set()
-        for key, t in tensors.items():
-            base, attr = key.rsplit(".", 1)
-            targets.add(_strip(base, sub))
-            out_tensors[f"{PREFIX}{_strip(base, sub)}.ln_tuning_layers.{attr}"] = t
-        config = peft.LNTuningConfig(target_modules=sorted(targets))
+    with torch.device("meta"):
+        pm = apply(model, Recipe.from_dict(manifest["recipe_json"]), backbone=backbone, registry=registry,
+                   keep_base=False)
+    configs: dict[str, dict] = {}
+    info: dict[str, dict] = {}
+    by_module: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        base, attr = key.rsplit(".", 1)
+        if attr not in form.tensors:
+            raise AdapterError(f"tensor {key!r}: peft's {form.peft_type} format has no place for a {attr!r} tensor "
+                               f"(what {kind} trains beside its adapter); it holds {sorted(form.tensors)}")
+        name = _strip(base, sub)
+        configs[name] = methods[(manifest["tensors"][key]["component"], kind)]
+        by_module.setdefault(name, []).append((attr, t))
+        if name not in info:
+            info[name] = form.info(pm.base_model.get_submodule(base), configs[name], None, name)
+    try:
+        fields = form.config(configs, info)
+    except ConfigError as exc:
+        raise AdapterError(str(exc)) from None
+    out_tensors = {f"{PREFIX}{name}.{form.tensors[attr]}": form.to_peft(attr, t, info[name])
+                   for name, items in by_module.items() for attr, t in items}
+    config = peft.get_peft_config({"peft_type": form.peft_type, "target_modules": sorted(by_module), **fields})
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
     save_file({k: v.contiguous() for k, v in out_tensors.items()}, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
@@ -196,26 +195,9 @@ def read_peft_config(path: Path) -> dict:
     return config
 
 
-def peft_targets(spec, name: str) -> bool:
-    """Whether peft's ``target_modules`` / ``feedforward_modules`` value selects module ``name``: a string is a
-    regular expression matched against the whole name, a list names modules by their last dotted parts."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == t or name.endswith("." + t) for t in spec)
-
-
-def pattern_value(patterns, name: str, default):
-    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of ``name``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registry=None) -> Path:
-    """Write the peft adapter folder ``src`` as a peftmed adapter ``out`` for ``backbone``."""
+    """Write the peft adapter folder ``src`` as a peftmed adapter ``out`` for ``backbone``: the method is the
+    registered one whose peft form has the folder's ``peft_type``."""
     from safetensors.torch import load_file
 
     from ..plugins import default_registry
@@ -226,9 +208,10 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
         raise AdapterError(f"{str(src)!r} is not a peft adapter folder ({PEFT_CONFIG} and {PEFT_WEIGHTS} expected)")
     config = read_peft_config(src / PEFT_CONFIG)
     peft_type = config.get("peft_type")
-    method = {v: k for k, v in SUPPORTED.items()}.get(peft_type)
-    if method is None:
-        raise AdapterError(f"peft adapter type {peft_type!r} has no peftmed equivalent; importable: {', '.join(SUPPORTED.values())}")
+    forms = peft_forms(registry)
+    if peft_type not in forms:
+        raise AdapterError(f"peft adapter type {peft_type!r} has no peftmed equivalent; importable: {', '.join(forms)}")
+    method, form = forms[peft_type]
     bb = registry.backbone(backbone)
     try:
         weights = load_file(str(src / PEFT_WEIGHTS))
@@ -237,25 +220,21 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
     model = bb.build()
     sub = hf_submodule(model, bb.name)
     full = lambda name: f"{sub}.{name}" if sub else name  # noqa: E731
+    attributes = {suffix: attr for attr, suffix in form.tensors.items()}
     mine: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
     for key, t in weights.items():
         if not key.startswith(PREFIX):
             raise AdapterError(f"peft tensor {key!r} does not start with {PREFIX!r}")
         name = key[len(PREFIX):]
-        if peft_type == "LORA":
-            base, attr, _ = name.rsplit(".", 2)
-            mine[f"{full(base)}.{attr}"] = t
-            modules[full(base)] = {"r": pattern_value(config.get("rank_pattern"), base, config["r"]),
-                                   "alpha": pattern_value(config.get("alpha_pattern"), base, config["lora_alpha"])}
-        elif peft_type == "IA3":
-            base = name.rsplit(".", 1)[0]
-            mine[f"{full(base)}.ia3_scale"] = t.reshape(-1)
-            modules[full(base)] = {"feedforward": peft_targets(config.get("feedforward_modules"), base)}
-        else:
-            base, _, attr = name.rsplit(".", 2)
-            mine[f"{full(base)}.{attr}"] = t
-            modules[full(base)] = {}
+        suffix = next((s for s in attributes if name.endswith("." + s)), None)
+        if suffix is None:
+            raise AdapterError(f"peft tensor {key!r} is none of a {peft_type} adapter's ({', '.join(attributes)})")
+        base = name[:-len(suffix) - 1]
+        if base not in modules:
+            modules[base] = form.info(None, None, config, base)
+        mine[f"{full(base)}.{attributes[suffix]}"] = form.from_peft(attributes[suffix], t, modules[base])
+    modules = {full(base): i for base, i in modules.items()}
     # one recipe entry per component, restricted to exactly these modules by an anchored role pattern
     by_comp: dict[str, list[str]] = {}
     for mod in modules:
@@ -265,16 +244,12 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
         by_comp.setdefault(comp, []).append(mod)
     entries = {}
     for comp, mods in by_comp.items():
-        opts = {}
-        if method == "lora":
-            rs = {modules[m]["r"] for m in mods}
-            alphas = {modules[m]["alpha"] for m in mods}
-            if len(rs) > 1 or len(alphas) > 1:
-                raise AdapterError(f"component {comp!r} has LoRA modules with different ranks {sorted(rs)}; peftmed uses one per component")
-            opts = {"r": rs.pop(), "alpha": float(alphas.pop()), "dropout": float(config.get("lora_dropout", 0.0)),
-                    "rslora": bool(config.get("use_rslora", False))}
+        try:
+            opts = form.options(config, [modules[m] for m in mods])
+        except ConfigError as exc:
+            raise AdapterError(f"component {comp!r}: {exc}") from None
         entries[comp] = (MethodCall(method, opts),)
-    pm = _apply_exact(model, bb, Recipe(entries), {c: set(m) for c, m in by_comp.items()}, method, modules, registry)
+    pm = _apply_exact(model, bb, Recipe(entries), {c: set(m) for c, m in by_comp.items()}, form, modules, registry)
     own = pm.adapter_tensors()
     missing, unexpected = sorted(set(own) - set(mine)), sorted(set(mine) - set(own))
     if missing or unexpected:
@@ -303,15 +278,16 @@ def _roles_covering(model, bb, comp: str, mods: set[str]) -> list[str]:
     return chosen
 
 
-def _apply_exact(model, bb, recipe: Recipe, mods_by_comp, method, modules, registry) -> PeftModel:
+def _apply_exact(model, bb, recipe: Recipe, mods_by_comp, form: PeftForm, modules, registry) -> PeftModel:
     """Apply ``recipe`` with the backbone's own roles chosen to match exactly the modules peft adapted,
     so the saved adapter loads onto any build of the backbone."""
     entries = {}
     for comp, mods in mods_by_comp.items():
-        opts = dict(recipe.entries[comp][0].options)
+        call = recipe.entries[comp][0]
+        opts = dict(call.options)
         opts["roles"] = _roles_covering(model, bb, comp, mods)
-        if method == "ia3":
-            ff = {m for m in mods if modules[m]["feedforward"]}
-            opts["feedforward_roles"] = _roles_covering(model, bb, comp, ff) if ff else ["none"]
-        entries[comp] = (MethodCall(method, opts),)
+        for option, fact in form.role_subsets.items():  # e.g. IA3's feed-forward roles
+            subset = {m for m in mods if modules[m][fact]}
+            opts[option] = _roles_covering(model, bb, comp, subset) if subset else ["none"]
+        entries[comp] = (MethodCall(call.name, opts),)
     return apply(model, Recipe(entries), backbone=bb, registry=registry)

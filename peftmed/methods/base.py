@@ -66,6 +66,66 @@ class MethodConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+@dataclass(frozen=True)
+class PeftForm:
+    """What a method is in huggingface/peft's adapter format, declared by the method itself (``Method.peft``;
+    None: peft has no equivalent), so that exporting, importing and the bench's peft baseline branch on no
+    method's name and a plugin method crosses to peft as the built-ins do. Nothing here imports peft: the config
+    is the fields of peft's ``adapter_config.json``.
+
+    A module's tensors are ``<module>.<attribute>`` in peftmed and ``<module>.<suffix>`` in peft.
+
+    - ``peft_type``: peft's name of the method (``adapter_config.json``'s ``peft_type``, e.g. ``"LORA"``);
+    - ``tensors``: {peftmed attribute: peft suffix}, e.g. ``{"lora_A": "lora_A.weight"}``;
+    - ``trainable``: parts of the names of what trains in a model peft adapted (the baseline unfreezes those);
+    - ``config(configs, info)``: peft's config fields besides ``peft_type`` and ``target_modules``, from
+      ``configs`` {module: the method's config of its component, as a dict} and ``info`` {module: facts of
+      the module, see ``info``}; raises ConfigError for what peft's config cannot say;
+    - ``info(layer, config, peft_config, module)``: the facts of one module, from its peftmed layer (export:
+      ``peft_config`` None) or from peft's config (import: ``layer`` None), e.g. IA3's ``feedforward``;
+    - ``to_peft(attribute, tensor, info)`` / ``from_peft(attribute, tensor, info)``: layout changes;
+    - ``options(peft_config, infos)``: one component's recipe options from the infos of its modules;
+    - ``role_subsets``: {recipe option: key of ``info``}: the option lists the roles of the modules whose
+      fact is true (IA3's ``feedforward_roles``), ``["none"]`` when none;
+    - ``prompt``: peft applies it to a whole language model (``get_peft_model``), not per module; such an adapter
+      is not exported (``refusal`` says why).
+    """
+
+    peft_type: str
+    tensors: Mapping[str, str] = field(default_factory=dict)
+    trainable: tuple[str, ...] = ()
+    config: typing.Callable[[dict, dict], dict] = lambda configs, info: {}
+    info: typing.Callable[..., dict] = lambda layer, config, peft_config, module: {}
+    to_peft: typing.Callable[[str, torch.Tensor, dict], torch.Tensor] = lambda attribute, tensor, info: tensor
+    from_peft: typing.Callable[[str, torch.Tensor, dict], torch.Tensor] = lambda attribute, tensor, info: tensor
+    options: typing.Callable[[dict, list], dict] = lambda peft_config, infos: {}
+    role_subsets: Mapping[str, str] = field(default_factory=dict)
+    prompt: bool = False
+    refusal: str = ""
+
+
+def peft_targets(spec, name: str) -> bool:
+    """Whether peft's ``target_modules`` / ``feedforward_modules`` value selects module ``name``: a string is a
+    regular expression matched against the whole name, a list names modules by their last dotted parts."""
+    import re
+
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith("." + t) for t in spec)
+
+
+def pattern_value(patterns, name: str, default):
+    """peft's ``rank_pattern`` / ``alpha_pattern`` lookup: the first key matching the end of ``name``."""
+    import re
+
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 class Method:
     """Base class of all methods. Subclasses set the class attributes and the family's hook."""
 
@@ -80,6 +140,7 @@ class Method:
     trains_nothing: ClassVar[bool] = False  # the method leaves its component frozen (frozen, F): skipped
     default_lr: ClassVar[float | None] = None  # its usual learning rate (the bench's default without --lr)
     version: ClassVar[str] = "1"
+    peft: ClassVar[PeftForm | None] = None  # its form in huggingface/peft's format; None: peft has none
 
     # inject family
     layer_class: ClassVar[type[AdapterLayer] | None] = None

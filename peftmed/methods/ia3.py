@@ -9,7 +9,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, Method, MethodConfig, unwrap
+from .base import AdapterLayer, Method, MethodConfig, PeftForm, peft_targets, unwrap
 
 
 @dataclass
@@ -71,6 +71,18 @@ class IA3Linear(AdapterLayer):
         return self.base_layer(x) * scale
 
 
+def _peft_info(layer, config, peft_config, module) -> dict:
+    """Whether the module is scaled on its input (peft: a feed-forward module, its vector (1, in))."""
+    if peft_config is None:
+        on_input = layer.on_input
+        return {"feedforward": bool(on_input["default"] if "default" in on_input else next(iter(on_input.values())))}
+    return {"feedforward": peft_targets(peft_config.get("feedforward_modules"), module)}
+
+
+def _to_peft(attribute: str, t: torch.Tensor, info: dict) -> torch.Tensor:
+    return t.reshape(1, -1) if info["feedforward"] else t.reshape(-1, 1)
+
+
 class IA3(Method):
     name = "ia3"
     family = "inject"
@@ -84,6 +96,11 @@ class IA3(Method):
     mergeable = True
     identity_at_init = True  # scales start at one; the conformance kit checks the promise
     layer_class = IA3Linear
+    peft = PeftForm("IA3", tensors={"ia3_scale": "ia3_l"}, trainable=("ia3_l.",),
+                    config=lambda configs, info: {"feedforward_modules": sorted(m for m, i in info.items()
+                                                                                if i["feedforward"])},
+                    info=_peft_info, to_peft=_to_peft, from_peft=lambda attribute, t, info: t.reshape(-1),
+                    role_subsets={"feedforward_roles": "feedforward"})
 
 
 @hookimpl

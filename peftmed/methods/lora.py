@@ -15,7 +15,8 @@ from torch import nn
 from .. import kernels
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from .base import AdapterLayer, ApplyContext, Method, MethodConfig, canonical_name, compute_dtype, unwrap
+from .base import (AdapterLayer, ApplyContext, Method, MethodConfig, PeftForm, canonical_name, compute_dtype,
+                   pattern_value, unwrap)
 
 INITS = ("kaiming", "gaussian", "orthogonal")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -162,6 +163,35 @@ class LoraConv2d(AdapterLayer):
         return ", ".join(f"{n}: r={c.r}, alpha={c.alpha}" for n, c in self.configs.items())
 
 
+def _peft_config(configs: dict, info: dict) -> dict:
+    """peft's LoraConfig fields: the most common rank and alpha, and per-module patterns for the rest."""
+    from collections import Counter
+
+    first = next(iter(configs.values()))
+    ranks, alphas = Counter(c["r"] for c in configs.values()), Counter(c["alpha"] for c in configs.values())
+    # bias="all" / "lora_only": peft trains the base biases too (an exported adapter has no place for them)
+    return {"r": ranks.most_common(1)[0][0], "lora_alpha": alphas.most_common(1)[0][0],
+            "lora_dropout": first["dropout"], "use_rslora": first["rslora"], "bias": first.get("bias", "none"),
+            "rank_pattern": {m: c["r"] for m, c in configs.items()},
+            "alpha_pattern": {m: c["alpha"] for m, c in configs.items()}}
+
+
+def _peft_info(layer, config, peft_config, module) -> dict:
+    if peft_config is None:
+        return {}
+    return {"r": pattern_value(peft_config.get("rank_pattern"), module, peft_config["r"]),
+            "alpha": pattern_value(peft_config.get("alpha_pattern"), module, peft_config["lora_alpha"])}
+
+
+def _peft_options(peft_config: dict, infos: list) -> dict:
+    ranks, alphas = {i["r"] for i in infos}, {i["alpha"] for i in infos}
+    if len(ranks) > 1 or len(alphas) > 1:
+        raise ConfigError(f"LoRA modules of one component have different ranks {sorted(ranks)} or alphas "
+                          f"{sorted(alphas)}; peftmed uses one per component")
+    return {"r": ranks.pop(), "alpha": float(alphas.pop()), "dropout": float(peft_config.get("lora_dropout", 0.0)),
+            "rslora": bool(peft_config.get("use_rslora", False))}
+
+
 class Lora(Method):
     name = "lora"
     family = "inject"
@@ -175,6 +205,8 @@ class Lora(Method):
     mergeable = True
     identity_at_init = True  # B starts at zero; the conformance kit checks the promise
     layer_class = LoraLinear
+    peft = PeftForm("LORA", tensors={"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
+                    trainable=("lora_A.", "lora_B."), config=_peft_config, info=_peft_info, options=_peft_options)
 
     def layer_class_for(self, module: nn.Module) -> type[AdapterLayer]:
         """LoraConv2d for a convolution (the ``patch`` role), LoraLinear otherwise."""

@@ -31,7 +31,7 @@ from torch import nn
 from ..attention import PrefixKV
 from ..errors import ConfigError, RecipeError
 from ..hookspecs import hookimpl
-from .base import ApplyContext, Method, MethodConfig, PromptModule
+from .base import ApplyContext, Method, MethodConfig, PeftForm, PromptModule
 
 INITS = ("normal", "zeros", "text")
 
@@ -339,6 +339,15 @@ class _PromptMethod(Method):
         return module
 
 
+PEFT_REFUSAL = ("peft's prompt learning feeds past_key_values to a whole transformers language model, not to one "
+                "component's attention")
+
+
+def _peft_prompt_config(configs: dict, info: dict) -> dict:
+    cfg = next(iter(configs.values()), {})
+    return {"task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": int(cfg.get("num_virtual_tokens", 10))}
+
+
 class Prefix(_PromptMethod):
     name = "prefix"
     config_class = PrefixConfig
@@ -347,6 +356,7 @@ class Prefix(_PromptMethod):
     description = "Prefix-tuning: learned key/value prefixes per attention layer, via a foldable MLP"
     short_label = "Prefix"
     default_lr = 3e-3
+    peft = PeftForm("PREFIX_TUNING", config=_peft_prompt_config, prompt=True, refusal=PEFT_REFUSAL)
 
 
 class PTuningV2(_PromptMethod):
@@ -356,6 +366,7 @@ class PTuningV2(_PromptMethod):
     description = "P-Tuning v2: learned key/value prefixes (deep prompts) per attention layer"
     short_label = "PTV2"
     default_lr = 3e-3
+    peft = PeftForm("P_TUNING", config=_peft_prompt_config, prompt=True, refusal=PEFT_REFUSAL)
 
 
 def _word_embeddings(ctx: ApplyContext, cfg: PromptConfig, hidden: int) -> torch.Tensor | None:

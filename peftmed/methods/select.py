@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import kernels
 from ..hookspecs import hookimpl
-from .base import ApplyContext, Method, MethodConfig, canonical_name, unwrap
+from .base import ApplyContext, Method, MethodConfig, PeftForm, canonical_name, unwrap
 
 
 def _params_of(ctx: ApplyContext, modules: dict[str, nn.Module], *, bias_only: bool = False) -> dict[str, nn.Parameter]:
@@ -46,6 +46,9 @@ class LayerNormTuning(SelectMethod):
     aliases = ("ln", "ln-tuning")
     short_label = "LN"
     default_lr = 1e-3
+    # peft's LN_TUNING holds a trained copy of each norm's weight and bias
+    peft = PeftForm("LN_TUNING", tensors={"weight": "ln_tuning_layers.weight", "bias": "ln_tuning_layers.bias"},
+                    trainable=("ln_tuning_layers.",))
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         matched = ctx.matched()

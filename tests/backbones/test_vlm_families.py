@@ -210,6 +210,14 @@ def _hand_count_qwen2_vl_2b() -> int:
     return llm + patch * vd + vl * vblock + merger
 
 
+def _hand_count_qwen25_7b_text(vocab: int) -> int:
+    """Qwen2.5-7B's decoder by hand: q (with bias), k and v (grouped, 4 heads of 128, with bias), o, the gated MLP,
+    two RMSNorms a layer; the input embedding, an untied LM head and the final norm."""
+    h, i, layers, kv = 3584, 18944, 28, 4 * 128
+    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+    return layers * layer + 2 * vocab * h + h
+
+
 def test_real_sizes_by_name_on_the_meta_device(registry):
     assert vlm.parameter_count("qwen2-vl", "qwen2-vl-2b") == _hand_count_qwen2_vl_2b() == 2_208_985_600
     for family, fam in FAMILIES.items():
@@ -219,6 +227,9 @@ def test_real_sizes_by_name_on_the_meta_device(registry):
             n = sum(p.numel() for p in model.parameters())
             if spec.get("params"):
                 assert n == spec["params"], (preset, n)
+            if preset == "internvl3-8b":  # its language model is Qwen2.5-7B (untied head) at InternVL's vocabulary
+                llm = sum(p.numel() for n, p in model.named_parameters() if ".language_model." in n or "lm_head" in n)
+                assert llm == _hand_count_qwen25_7b_text(vocab=151674) == 7_612_820_992
             pm = peftmed.apply(model, "llm=lora(r=8)", registry=registry)
             report = pm.trainable_report() if hasattr(pm, "trainable_report") else None
             trained = sum(p.numel() for p in pm.parameters() if p.requires_grad)

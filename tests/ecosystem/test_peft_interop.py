@@ -119,3 +119,51 @@ def test_ia3_trained_in_peft_imports_with_regex_or_list_targets(registry, tmp_pa
     ours = peftmed.load_adapter(_model(registry), tmp_path / "mine", registry=registry)
     with torch.no_grad():
         h.assert_close(h.run(ours, inputs), theirs, "peftmed vs peft output (IA3)")
+
+
+class _RenamedLora:
+    """A third-party method (here LoRA under another name and config class) that declares its peft form: export
+    and the bench's peft baseline take it with no edit to peftmed."""
+
+    @staticmethod
+    def _method():
+        from peftmed.methods.base import PeftForm
+        from peftmed.methods.lora import Lora, LoraConfig
+
+        class HalfConfig(LoraConfig):
+            pass
+
+        class HalfLora(Lora):
+            name = "half-lora"
+            config_class = HalfConfig
+            peft = PeftForm("LORA", tensors=Lora.peft.tensors, trainable=Lora.peft.trainable,
+                            config=Lora.peft.config, info=Lora.peft.info, options=Lora.peft.options)
+
+        return HalfLora()
+
+    @peftmed.hookimpl
+    def register_methods(self, register):
+        register(self._method())
+
+
+def test_a_plugin_method_that_declares_its_peft_form_exports_and_imports(tmp_path):
+    reg = peftmed.build_registry(extra_plugins=[_RenamedLora()])
+    if BACKBONE not in reg.names("backbone"):
+        pytest.skip(f"backbone {BACKBONE} is not registered")
+    pm = peftmed.apply(_model(reg), "fusion=half-lora(r=2,alpha=4)", registry=reg)
+    h.perturb_(pm.adapter_tensors(), seed=1)
+    inputs = h.example_inputs(pm.base_model, reg.backbone(BACKBONE), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        ours = h.run(pm, inputs)
+    pm.save_adapter(tmp_path / "mine")
+    export_to_peft(tmp_path / "mine", tmp_path / "peft", registry=reg)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    wrapper = _model(reg)
+    peft.PeftModel.from_pretrained(wrapper.model, str(tmp_path / "peft"))
+    wrapper.eval()
+    with torch.no_grad():
+        h.assert_close(h.run(wrapper, inputs), ours, "peft vs a plugin method's export")
+    # and a method that declares none is refused by name, with what can be exported
+    peftmed.apply(_model(reg), "fusion=bitfit", registry=reg).save_adapter(tmp_path / "b")
+    with pytest.raises(AdapterError, match=r"peft cannot represent method\(s\) \['bitfit'\].*exportable: .*half-lora"):
+        export_to_peft(tmp_path / "b", tmp_path / "out", registry=reg)

@@ -119,7 +119,7 @@ FAMILIES: dict[str, dict] = {
                       rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
             vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                         image_size=[448, 448], patch_size=[14, 14]),
-            top=dict(downsample_ratio=0.5), image_size=448, params=None,
+            top=dict(downsample_ratio=0.5, tie_word_embeddings=False), image_size=448, params=7_944_300_032,
             image_processor=dict(size={"height": 448, "width": 448}, crop_to_patches=False),
             processor=dict(image_seq_length=256),
             description="InternVL3-8B: InternViT-300M + Qwen2.5-7B")}),
