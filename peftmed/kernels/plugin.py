@@ -38,6 +38,8 @@ def _module_fns(module: str):
     fns = {"forward": mod.forward, "backward": mod.backward}
     if hasattr(mod, "needs_out"):  # optional: (inputs, p) -> whether backward reads the forward's output
         fns["needs_out"] = mod.needs_out
+    if hasattr(mod, "autograd"):  # optional: the op's result under torch's autograd (eager calls), or None
+        fns["autograd"] = mod.autograd
     return fns
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...errors import ShapeError
-from ..registry import KernelInputError, dispatch, dispatch_key, resolved
+from ..registry import KernelInputError, dispatch_key, resolve, resolved
 
 OP = "layer_norm"
 
@@ -48,12 +48,16 @@ def layer_norm(x, weight, bias, eps=1e-5, impl=None, registry=None):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     _check(x, weight, bias)
     n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()  # a copy only when x is not already row-contiguous
     if torch.compiler.is_compiling():  # the same dispatch, its key a constant of the graph
         key = dispatch_key(OP, impl, x.device.type, x.dtype, n, registry)
-        y, _, _ = layer_norm_fwd(x2, weight, bias, float(eps), key)
+        y, _, _ = layer_norm_fwd(x.reshape(-1, n).contiguous(), weight, bias, float(eps), key)
         return y.view(x.shape)
-    _, _, fns = dispatch(OP, impl, x.device, x.dtype, n, registry)
+    _, fns = resolve(OP, impl, x.device, x.dtype, n, registry)
+    if "autograd" in fns:  # an implementation torch's autograd differentiates (the fp32 fallback): no Function
+        y = fns["autograd"](x, weight, bias, float(eps))
+        if y is not None:
+            return y
+    x2 = x.reshape(-1, n).contiguous()  # a copy only when x is not already row-contiguous
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         y = _LayerNormFunction.apply(x2, weight, bias, float(eps), fns)
     else:
