@@ -114,6 +114,9 @@ run "bench_layer_norm" 120 "$out/bench_layer_norm.txt" "$PY" benchmarks/kernels/
   --rounds 50 --out "$out"
 run "bench_prefix_attention" 150 "$out/bench_prefix_attention.txt" "$PY" benchmarks/kernels/bench_prefix_attention.py \
   --device cuda --skip-model --rounds 10 --out "$out"
+# where LoRA's time goes: each kernel against cuBLAS or a copy, and a sweep of the main GEMM's tiles (no targets)
+run "bench_lora_breakdown" 60 "$out/bench_lora_breakdown.txt" "$PY" benchmarks/kernels/bench_lora_breakdown.py \
+  --rounds 10
 
 step "4. the other kernel tests, compiled (what the deadline leaves)"
 run "tests: kernels" 120 "$out/tests-kernels.log" "$PY" -m pytest -q -p no:cacheprovider \

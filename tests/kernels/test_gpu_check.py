@@ -33,7 +33,7 @@ def _assert_whole_table(summary: str, why: str):
         line = next(ln for ln in summary.splitlines() if f"({bench})" in ln)
         assert "NOT MEASURED" in line and why in line, line
     for name in ("build lora_linear_cuda", "build layer_norm_cuda", "build prefix_attention_cuda",
-                 "tests: GPU targets, bf16", "tests: kernels", *BENCHES):
+                 "tests: GPU targets, bf16", "tests: kernels", "bench_lora_breakdown", *BENCHES):
         assert name in summary, name
 
 
@@ -123,3 +123,18 @@ print('\n'.join(sorted(used)))
     used = set(proc.stdout.split())
     missing = sorted(d for d in used if d not in GPU_MACHINE and not d.startswith(("nvidia-", "triton")))
     assert not missing, f"imported by the GPU check but not on the GPU machine: {missing}"
+
+
+def test_the_lora_breakdown_runs_its_code_paths_on_the_cpu():
+    """The per-kernel breakdown the GPU check runs (each LoRA kernel beside cuBLAS or a copy, then a tile sweep)
+    goes through the same code on a CPU under the interpreter at a tiny shape: every row and every tile printed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels" / "bench_lora_breakdown.py"),
+                           "--device", "cpu", "--tokens", "32", "--features", "64", "--rank", "4", "--rounds", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for kernel in ("_down_kernel", "_gemm_lora_kernel fwd", "_gs_db_kernel", "_reduce_kernel", "_gemm_lora_kernel dx",
+                   "_wgrad_kernel"):
+        assert any(line.startswith(kernel) for line in proc.stdout.splitlines()), kernel
+    sweep = proc.stdout.split("tile sweep")[1].splitlines()[1:]
+    assert len([line for line in sweep if "x cuBLAS" in line]) == 7, proc.stdout
