@@ -20,6 +20,7 @@ class Launch:
     what: str
     flops: float
     bytes: float
+    ours_gemm: bool = False  # a GEMM of peftmed's own (runs at a fraction of cuBLAS's rate: --gemm-efficiency)
 
 
 def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=132) -> dict[str, list[Launch]]:
@@ -30,13 +31,13 @@ def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=132) -> dict[str, list[Launch
     part = 4 * splits * r
     ours = [Launch("xa = x A^T (_down_kernel)", 2 * t * k * r, e * (t * k + r * k + t * r)),
             Launch("y = x W^T + b + s xa B^T (_gemm_lora_kernel)", gemm + 2 * t * r * n,
-                   e * (t * k + n * k + t * n + t * r + n * r)),
+                   e * (t * k + n * k + t * n + t * r + n * r), True),
             # one pass over dy: gs and dB's partials (one program per SM, 132 on an H100: one read-modify-write of each slice)
             Launch("gs = s dy B and dB partials = dy^T xa (_gs_db_kernel)", 4 * t * n * r,
                    e * (t * n + n * r + 2 * t * r) + 3 * part * n),
             Launch("dB = s sum of partials (_reduce_kernel)", 0, part * n + e * r * n),
             Launch("dx = dy W + gs A (_gemm_lora_kernel)", gemm + 2 * t * r * k,
-                   e * (t * n + n * k + t * k + t * r + r * k)),
+                   e * (t * n + n * k + t * k + t * r + r * k), True),
             Launch("dA partials = gs^T x (_wgrad_kernel)", 2 * t * r * k, e * (t * r + t * k) + part * k),
             Launch("dA = sum of partials (_reduce_kernel)", 0, part * k + e * r * k)]
     # peft's LoRA layer (dropout 0: Identity): base linear, lora_A, lora_B, * scale, + result; and their backward
@@ -50,6 +51,21 @@ def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=132) -> dict[str, list[Launch
                    Launch("dA = dxa^T x", 2 * t * r * k, e * (t * r + t * k + r * k)),
                    Launch("dx = dx_base + dx_lora", 0, 3 * e * t * k)]
     return {"base GEMM pair (cuBLAS)": base, "peftmed triton": ours, "peft LoRA layer": peft}
+
+
+def lora_persistent(t=8192, k=4096, n=4096, r=16, e=2) -> list[Launch]:
+    """The design that can reach the base GEMM (not built yet; issue: LoRA at the base GEMM): a persistent,
+    TMA-fed GEMM whose extra r-column tile computes the rank-r product in the same pass over its A operand (x in
+    the forward, dy in the backward), the other tiles adding it in their epilogue once that row block's tile is
+    done; dB accumulated by the r-column tile from the dy chunks it loads anyway, dA in one pass over x, both into
+    fp32 buffers of r x n / r x k (256 KB: they stay in L2, no HBM traffic and no reduce launch)."""
+    gemm = 2 * t * k * n
+    return [Launch("y = x W^T + b, xa = x A^T as an extra tile, + s xa B^T in the epilogue (persistent)",
+                   gemm + 2 * t * k * r + 2 * t * r * n, e * (t * k + n * k + t * n + r * k + n * r), True),
+            Launch("dx = dy W, gs = s dy B as an extra tile (and dB += dy^T xa), + gs A in the epilogue (persistent)",
+                   gemm + 4 * t * n * r + 2 * t * r * k, e * (t * n + n * k + t * k + 2 * t * r + n * r + r * k), True),
+            Launch("dA = gs^T dropout(x), one pass over x into an fp32 buffer in L2", 2 * t * r * k,
+                   e * (t * k + t * r))]
 
 
 def layer_norm_backward(m=32768, n=768, e=2, programs=4 * 132) -> dict[str, list[Launch]]:
@@ -83,15 +99,17 @@ def prefix_attention(b=32, h=12, t=1024, p=64, d=64, e=2) -> dict[str, list[Laun
     return {"sdpa on concat (the baseline)": sdpa, "peftmed triton": ours}
 
 
-def seconds(launches: list[Launch], tflops: float, tbps: float, launch_us: float) -> float:
-    return sum(max(x.flops / (tflops * 1e12), x.bytes / (tbps * 1e12)) + launch_us * 1e-6 for x in launches)
+def seconds(launches: list[Launch], tflops: float, tbps: float, launch_us: float, gemm_efficiency: float = 1.0
+            ) -> float:
+    return sum(max(x.flops / (tflops * 1e12 * (gemm_efficiency if x.ours_gemm else 1.0)), x.bytes / (tbps * 1e12))
+               + launch_us * 1e-6 for x in launches)
 
 
 def show(title: str, providers: dict[str, list[Launch]], args, baseline: str) -> dict[str, float]:
     print(f"\n## {title}")
     times = {}
     for name, launches in providers.items():
-        s = seconds(launches, args.tflops, args.tbps, args.launch_us)
+        s = seconds(launches, args.tflops, args.tbps, args.launch_us, args.gemm_efficiency)
         times[name] = s
         gb = sum(x.bytes for x in launches) / 1e9
         gf = sum(x.flops for x in launches) / 1e9
@@ -108,12 +126,24 @@ def main() -> None:
     ap.add_argument("--tflops", type=float, default=790.0, help="bf16 dense peak measured (TFLOP/s)")
     ap.add_argument("--tbps", type=float, default=3.0, help="device copy bandwidth, read + write (TB/s)")
     ap.add_argument("--launch-us", type=float, default=4.0)
+    ap.add_argument("--gemm-efficiency", type=float, default=1.0,
+                    help="the rate of peftmed's own GEMM kernels as a fraction of cuBLAS's (default 1: as fast)")
     ap.add_argument("-v", "--verbose", action="store_true", help="every launch")
     args = ap.parse_args()
     print(f"roofline at {args.tflops:g} TFLOP/s, {args.tbps:g} TB/s, {args.launch_us:g} us a launch")
     t = show("LoRA fwd+bwd, 8192 x 4096 -> 4096, r=16, bf16 (target <= 1.10x base, >= 1.3x faster than peft)",
              lora(), args, "base GEMM pair (cuBLAS)")
     print(f"peft / peftmed: {t['peft LoRA layer'] / t['peftmed triton']:.2f}x")
+    print("\nLoRA designs x the base GEMM pair, by the rate of peftmed's GEMM kernels against cuBLAS's (target <= 1.10x):")
+    print(f"{'GEMM efficiency':>16} {'today (7 launches)':>20} {'persistent (3 launches, not built)':>36}")
+    base = seconds(lora()["base GEMM pair (cuBLAS)"], args.tflops, args.tbps, args.launch_us)
+    for eff in (1.0, 0.97, 0.95, 0.9, 0.85, 0.8):
+        today = seconds(lora()["peftmed triton"], args.tflops, args.tbps, args.launch_us, eff)
+        persistent = seconds(lora_persistent(), args.tflops, args.tbps, args.launch_us, eff)
+        print(f"{eff:>16.2f} {today / base:>19.3f}x {persistent / base:>35.3f}x")
+    if args.verbose:
+        for x in lora_persistent():
+            print(f"    {x.what:<100} {x.flops / 1e9:>9.2f} GFLOP {x.bytes / 1e6:>9.1f} MB")
     for n in (768, 1024):
         t = show(f"LayerNorm backward, 32768 x {n}, bf16 (target >= 80% of copy bandwidth)",
                  layer_norm_backward(n=n), args, "copy (the ceiling)")
