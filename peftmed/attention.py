@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ShapeError
+from .kernels.prefix_attention.op import prefix_attention
+from .kernels.registry import KernelUnavailableError
 
 log = logging.getLogger("peftmed.attention")
 REFERENCE = "reference"  # attend(impl=...) name of the explicit concatenation path
@@ -104,8 +106,6 @@ def attend(q, k, v, *, prefix=None, attn_mask=None, causal=False, dropout_p=0.0,
     if pk.dim() == 4 or impl == REFERENCE:
         return attend_reference(q, k, v, prefix=prefix, attn_mask=attn_mask, causal=causal, dropout_p=dropout_p,
                                 scale=scale)
-    from .kernels.prefix_attention.op import prefix_attention
-    from .kernels.registry import KernelUnavailableError
 
     try:
         return prefix_attention(q, k, v, pk.to(q.dtype), pv.to(q.dtype), attn_mask, causal=causal, scale=scale,

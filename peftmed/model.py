@@ -24,9 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .backbones.base import Backbone
-from .tokenizer_files import tokenizer_fingerprint
 from .errors import AdapterError, NoMatchError, PeftmedError, RecipeError, UnknownNameError
+from .files import sha256_file, write_bytes_atomic, write_json_atomic
 from .methods.base import (
     AdapterLayer,
     ApplyContext,
@@ -39,9 +40,9 @@ from .methods.base import (
     unwrap,
 )
 from .plugins import Registry, default_registry
-from .files import sha256_file, write_bytes_atomic, write_json_atomic
 from .recipe import Recipe
 from .tasks import answer as answer_with
+from .tokenizer_files import tokenizer_fingerprint
 
 log = logging.getLogger("peftmed.model")
 
@@ -531,8 +532,6 @@ class PeftModel(nn.Module):
         the identity of the model's tokenizer (when it has one), which loading checks. ``tensors``: the
         adapter's values by name when the parameters do not hold them whole (gathered from a sharded run).
         """
-        from . import __version__
-
         name = name or self._require_active()
         if name != self.active_adapter:
             raise PeftmedError(f"save the active adapter; {name!r} is not active (call set_adapter)")
@@ -725,8 +724,6 @@ def _rate(value: float | None) -> str:
 
 def read_manifest(path: Path) -> dict:
     """The adapter manifest of folder ``path``, every field checked for type before anything uses it."""
-    from . import __version__
-
     mpath = Path(path) / MANIFEST
     if not Path(path).is_dir():
         raise AdapterError(f"adapter folder {str(path)!r} does not exist")

@@ -25,7 +25,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from . import __version__, hookspecs
 from .errors import PluginError, UnknownNameError
 
 log = logging.getLogger("peftmed.plugins")
@@ -321,8 +321,6 @@ def _check_unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
 
 
 def _peftmed_version() -> str:
-    from . import __version__
-
     return __version__
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import RecipeError
+from .errors import RecipeError, UnknownNameError
 from .options import parse_scalar
 
 WILDCARD = "*"
@@ -164,7 +164,6 @@ class Recipe:
     def resolve(self, components: Iterable[str]) -> dict[str, tuple[MethodCall, ...]]:
         """Component -> methods, with ``*`` expanded; components with no method are left out."""
         components = list(components)
-        from .errors import UnknownNameError
 
         for target in self.entries:
             if target != WILDCARD and target not in components:

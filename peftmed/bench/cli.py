@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli import Command
 from ..errors import ConfigError
 from ..files import check_output_path
 from ..hookspecs import hookimpl
+from ..options import parse_key_values
+from ..plugins import default_registry
+from . import report
+from .html import compare_html
+from .results import dumps, read_results
+from .runner import DEFAULT_DATASET, BenchConfig, run_bench
+from .suites import BUILTIN_SUITES, SUITE_TASKS, read_suite_file
 
 DESCRIPTION = """\
 Run every method of a suite side by side on a Med-VQA backbone: trainable parameters, peak memory,
@@ -37,8 +45,6 @@ TRANSFER_EVAL_SAMPLES = 600
 
 def parse_options(items, what: str) -> dict:
     """``["k=v", "a=1,b=2"]`` -> ``{"k": "v", "a": 1, "b": 2}`` (``peftmed.options.parse_key_values``)."""
-    from ..options import parse_key_values
-
     return parse_key_values(items, what, split_commas=True)
 
 
@@ -116,15 +122,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def build_config(args, registry=None):
     """The BenchConfig a parsed ``peftmed bench`` command line asks for (defaults from the task and dataset)."""
-    from ..plugins import default_registry
-    from .runner import BenchConfig
-    from .suites import SUITE_TASKS, read_suite_file
-
     registry = registry or default_registry()
     recipes = list(args.recipes or [])
     if args.suite_file:
         recipes = list(read_suite_file(args.suite_file))
-    from .runner import DEFAULT_DATASET
 
     task_name = args.task or SUITE_TASKS.get(args.suite or "")
     dataset = args.dataset or (registry.get("task", task_name).default_dataset if task_name else DEFAULT_DATASET)
@@ -164,11 +165,6 @@ def build_config(args, registry=None):
 
 
 def run(args) -> int:
-    from . import report
-    from .results import dumps, read_results
-    from .runner import run_bench
-    from .suites import BUILTIN_SUITES
-
     if args.list_suites:
         for name, entries in BUILTIN_SUITES.items():
             print(f"{name}:")
@@ -176,8 +172,6 @@ def run(args) -> int:
                 print(f"  {e.name:<22} {e.recipe}")
         return 0
     if args.compare:
-        from ..plugins import default_registry
-
         if args.output:
             check_output_path(args.output, flag="--output", kind="folder")
         a, b = (read_results(path) for path in args.compare)
@@ -185,8 +179,6 @@ def run(args) -> int:
         task = registry.get("task", cfg.get("task") or registry.get("dataset", cfg.get("dataset")).task)
         print(report.compare_text(a, b, *args.compare, task))
         from pathlib import Path
-
-        from .html import compare_html
 
         target = Path(args.output) / "compare.html" if args.output else Path("compare.html")
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +200,5 @@ def run(args) -> int:
 
 @hookimpl
 def register_commands(register):
-    from ..cli import Command
-
     register(Command("bench", "compare fine-tuning methods on a Med-VQA backbone (params, memory, speed, "
                               "accuracy; vs huggingface/peft)", configure, run, description=DESCRIPTION))

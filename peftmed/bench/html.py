@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import write_text_atomic
+from .summary import winner
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 
@@ -217,7 +218,6 @@ def html_document(runs: Sequence[tuple[str, dict]], task, title: str) -> str:
     import plotly.io as pio
     from plotly.offline import get_plotlyjs
 
-    from .summary import winner
 
     figures = [_score_figure(runs, task),
                _bar_figure(runs, "throughput", "Training throughput (median step, after warm-up)", "samples/s"),

@@ -14,7 +14,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .html import write_html
 from .results import write_atomic
+from .summary import efficiency, winner
 
 
 def echo(text: str) -> None:
@@ -271,8 +273,6 @@ def _bars(plt, path: Path, rows, metric: str, ylabel: str, title: str) -> Path:
 
 # ---- the Markdown report -----------------------------------------------------------------------------
 def write_report(folder: Path, data: dict[str, Any], task) -> Path:
-    from .summary import efficiency, winner
-
     meta, rows, summary = data["meta"], data["rows"], data.get("summary") or []
     plots = plot_all(folder, summary, task)
     primary = next(c.header for c in task.columns if c.key == task.primary)
@@ -324,9 +324,7 @@ def write_report(folder: Path, data: dict[str, Any], task) -> Path:
         "",
     ]
     try:
-        from .html import write_html
-
-        write_html(folder, data, task)
+        write_html(folder, data, task)  # imports plotly
         lines[1:1] = ["", "Interactive: [report.html](report.html) (sortable table, plots, metadata; one file, no network)"]
     except ImportError:  # plotly is not installed: the Markdown report and its PNG plots only
         echo("report.html needs plotly (pip install plotly); wrote report.md only")

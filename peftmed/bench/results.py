@@ -23,8 +23,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+from .. import __version__
+from ..baselines import peft_version
 from ..errors import PeftmedError
 from ..files import write_text_atomic
+from ..plugins import plugin_versions
 from .suites import slug
 
 FORMAT = "peftmed-bench"
@@ -152,10 +155,6 @@ def device_description(device: str) -> str:
 
 
 def run_metadata(config: dict[str, Any], registry) -> dict[str, Any]:
-    from .. import __version__
-    from ..baselines import peft_version
-    from ..plugins import plugin_versions
-
     import torch
 
     return {

@@ -26,12 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..baselines import peft_equivalent, peft_version
+from ..data import load_records
+from ..data.images import verify_images
+from ..data.records import drop_test_questions
+from ..errors import ConfigError, UnknownNameError
 from ..files import check_output_path
+from ..kernels import build
+from ..recipe import Recipe
+from ..run.config import parse_targets
+from ..tasks import build_options, check_backbone, resolve_task
 from . import report, results
 from . import task as glue
-from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite, for_backbone
 from .load import OtherWork, busy_note, load_average
+from .suites import SUITE_TASKS, SuiteEntry, builtin_suite, check_suite, for_backbone
 from .summary import efficiency, forgetting, forgetting_text, pairwise, summarise, winner
 from .worker import Job, run_job
 
@@ -96,8 +104,6 @@ class BenchConfig:
         if self.train_test_overlap not in ("drop", "keep"):
             raise ConfigError(f"train_test_overlap must be drop or keep, got {self.train_test_overlap!r}")
         if self.report_to is not None:
-            from ..run.config import parse_targets
-
             parse_targets(self.report_to)
 
     @property
@@ -118,8 +124,6 @@ def default_output() -> str:
 
 def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
     """Check everything the user typed; raises before any training with what exists."""
-    from ..tasks import build_options, check_backbone, resolve_task
-
     config.validate()
     backbone = registry.backbone(config.backbone)
     spec = registry.get("dataset", config.dataset)
@@ -137,9 +141,6 @@ def plan(config: BenchConfig, registry) -> list[SuiteEntry]:
 
 
 def _missing_methods(entry: SuiteEntry, backbone, registry) -> list[str]:
-    from ..errors import UnknownNameError
-    from ..recipe import Recipe
-
     try:
         recipe = Recipe.parse(entry.recipe, components=list(backbone.components))
         calls = [c for cs in recipe.resolve(backbone.components).values() for c in cs]
@@ -155,9 +156,6 @@ def _missing_methods(entry: SuiteEntry, backbone, registry) -> list[str]:
 
 
 def _peft_reason(entry: SuiteEntry, backbone, registry) -> str | None:
-    from ..baselines import peft_equivalent, peft_version
-    from ..recipe import Recipe
-
     recipe = Recipe.parse(entry.recipe, list(backbone.components))
     if not recipe.trained(backbone.components, registry):
         return "nothing is trained"
@@ -404,15 +402,11 @@ def answers_note(rows: list[dict[str, Any]]) -> str | None:
 
 
 def _trains(entry: SuiteEntry, backbone, registry) -> bool:
-    from ..recipe import Recipe
-
     return bool(Recipe.parse(entry.recipe, list(backbone.components)).trained(backbone.components, registry))
 
 
 def _source_records(config: BenchConfig, registry) -> list:
     """The source-domain test records every adapted model was scored on for forgetting."""
-    from ..data import load_records
-
     _, test_split = glue.dataset_splits(registry, config.dataset)
     options = {**config.dataset_options, **config.transfer[0]}
     records = load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **options)
@@ -421,8 +415,6 @@ def _source_records(config: BenchConfig, registry) -> list:
 
 def _test_records(config: BenchConfig, registry) -> list:
     """The test records every job answered (the target split, its first eval_samples)."""
-    from ..data import load_records
-
     _, test_split = glue.dataset_splits(registry, config.dataset)
     options = {**config.dataset_options, **(config.transfer[1] if config.transfer else {})}
     records = load_records(config.dataset, test_split, data_dir=config.data_dir, registry=registry, **options)
@@ -432,8 +424,6 @@ def _test_records(config: BenchConfig, registry) -> list:
 def prebuild_kernels(device: str, echo) -> list[dict[str, Any]]:
     """Compile (or load from the cache) the C++ extensions auto would use on ``device`` before any job is
     timed, so no recipe's training time contains a build. Returns what happened, for the report."""
-    from ..kernels import build
-
     done = []
     for name, spec in build.EXTENSIONS.items():
         if spec["cuda"] != device.startswith("cuda") or not build.can_compile(cuda=spec["cuda"])[0]:
@@ -477,9 +467,6 @@ def _prepare_folder(folder: Path, config: BenchConfig) -> None:
 def _shared_options(config: BenchConfig, backbone, registry) -> dict:
     """Builder options shared by every job of the suite (see glue.shared_build_options); every image of the
     suite's data is decoded once here, so a bad file fails the suite before any job starts, named."""
-    from ..data import load_records
-    from ..data.images import verify_images
-
     task = registry.get("task", config.task)
     train_split, test_split = glue.dataset_splits(registry, config.dataset)
     source = {**config.dataset_options, **(config.transfer[0] if config.transfer else {})}
@@ -488,7 +475,6 @@ def _shared_options(config: BenchConfig, backbone, registry) -> dict:
     def load(split, options):
         return load_records(config.dataset, split, data_dir=config.data_dir, registry=registry, **options)
 
-    from ..data.records import drop_test_questions
 
     records = load(train_split, source)
     target_train, target_test = load(train_split, target), load(test_split, target)

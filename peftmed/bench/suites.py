@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, RecipeError, UnknownNameError
+from ..options import read_structured_file
 from ..recipe import Recipe
 
 FROZEN = "*=frozen"  # the recipe that trains nothing: evaluated as is (the papers' F|F|F)
@@ -133,8 +134,6 @@ def builtin_suite(name: str) -> tuple[SuiteEntry, ...]:
 
 def read_suite_file(path: str | Path) -> tuple[SuiteEntry, ...]:
     """Read a suite from YAML (.yaml/.yml), TOML (.toml) or JSON (.json)."""
-    from ..options import read_structured_file
-
     path = Path(path)
     data = read_structured_file(path, "suite file")
     if isinstance(data, dict):

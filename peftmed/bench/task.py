@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from ..data import load_records
 from ..errors import AdapterError, ConfigError
+from ..plugins import build_registry, default_registry, set_default_registry
+from ..tasks import evaluate as run
 
 
 def registry_with(plugins: Sequence[str] = ()):
     """The default registry, plus plugin modules named on the command line (``--plugin MODULE``)."""
-    from ..plugins import build_registry, default_registry, set_default_registry
-
     if not plugins:
         return default_registry()
     modules = []
@@ -46,8 +47,6 @@ def dataset_splits(registry, dataset: str) -> tuple[str, str]:
 
 
 def load_data(job, registry):
-    from ..data import load_records
-
     train_split, test_split = dataset_splits(registry, job.dataset)
     train = load_records(job.dataset, train_split, data_dir=job.data_dir, registry=registry, **job.train_options)
     test = load_records(job.dataset, test_split, data_dir=job.data_dir, registry=registry, **job.test_options)
@@ -57,8 +56,6 @@ def load_data(job, registry):
 def load_source_test(job, registry):
     """The transfer protocol's source-domain test records (the first ``source_eval_samples``): what the adapted
     model is scored on for forgetting."""
-    from ..data import load_records
-
     _, test_split = dataset_splits(registry, job.dataset)
     records = load_records(job.dataset, test_split, data_dir=job.data_dir, registry=registry, **job.source_options)
     return records[: job.source_eval_samples] if job.source_eval_samples else records
@@ -127,8 +124,6 @@ def image_size(model) -> int:
 
 def evaluate(task, model, records, job, registry, max_new_tokens: int | None = None) -> dict[str, Any]:
     """Predictions for the test records and the task's scores (floats; NaN where the metric gives none)."""
-    from ..tasks import evaluate as run
-
     dataset = task.dataset(records, image_size(model), cache_dir=job.cache_dir)
     tokens = max_new_tokens or job.max_new_tokens or task.max_new_tokens
     result = run(task, model, records, registry=registry, batch_size=job.eval_batch_size, num_beams=job.num_beams,

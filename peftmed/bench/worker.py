@@ -23,7 +23,14 @@ from typing import Any
 
 import torch
 
+from ..baselines import apply_peft, parameter_methods
+from ..data.records import drop_test_questions
+from ..model import apply
+from ..plugins import default_registry
+from ..recipe import Recipe
+from ..runtime import resolve_device, seed_everything
 from ..tasks import answer_lengths
+from ..train import TrainConfig, Trainer
 from . import task as glue
 from .memory import MemoryProbe
 from .suites import slug
@@ -91,8 +98,6 @@ def run_job(job: Job) -> dict[str, Any]:
 
 
 def _run(job: Job, registry) -> dict[str, Any]:
-    from ..runtime import resolve_device, seed_everything
-
     device = resolve_device(job.device)
     if job.threads:
         torch.set_num_threads(job.threads)
@@ -100,7 +105,6 @@ def _run(job: Job, registry) -> dict[str, Any]:
     task = registry.get("task", job.task or registry.get("dataset", job.dataset).task)
     train_records, test_records = glue.load_data(job, registry)
     if job.train_test_overlap == "drop":  # the runner said so once for the suite
-        from ..data.records import drop_test_questions
 
         train_records = drop_test_questions(train_records, test_records, quiet=True)
     if job.eval_samples:
@@ -152,9 +156,6 @@ def _apply(job: Job, model, backbone, registry, total: int):
     """Apply the recipe through the job's provider; returns (model, lr of each tensor, trainable info).
 
     A recipe that trains nothing (``frozen``) leaves the model as it is (lr None: no training)."""
-    from ..model import apply
-    from ..recipe import Recipe
-
     recipe = Recipe.parse(job.recipe, components=list(backbone.components))
     row = recipe.row(list(backbone.components), registry)
     if not recipe.trained(backbone.components, registry):
@@ -169,7 +170,6 @@ def _apply(job: Job, model, backbone, registry, total: int):
         rates = {k: (job.lr or max(o["lr"], job.lr_floor or 0.0)) for k, o in options.items()}
         return pm, rates.__getitem__, {"trainable": report.trainable, "trainable_percent": report.percent,
                                        "total_params": report.total_base, "row": row}
-    from ..baselines import apply_peft, parameter_methods
 
     wrapped = apply_peft(model, recipe, backbone, registry)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
@@ -183,8 +183,6 @@ def _apply(job: Job, model, backbone, registry, total: int):
 
 
 def _train(job: Job, task, model, lr_of, records) -> dict[str, Any]:
-    from ..train import TrainConfig, Trainer
-
     config = TrainConfig(steps=job.steps, time_budget=job.time_budget, batch_size=job.batch_size,
                          lr=job.lr or FALLBACK_LR, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0,
                          max_grad_norm=1.0, seed=job.seed, device=job.device, precision="fp32",
@@ -208,6 +206,5 @@ def preload() -> None:
             importlib.import_module(name)
         except ImportError:
             pass
-    from ..plugins import default_registry
 
     default_registry()

@@ -10,8 +10,9 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..errors import ConfigError, PeftmedError
+from ..errors import ConfigError, PeftmedError, PluginError
 from ..options import parse_bool
+from ..plugins import default_registry
 
 
 @dataclass
@@ -54,8 +55,6 @@ def positive_int(text: str) -> int:
 
 
 def build_parser(registry=None) -> argparse.ArgumentParser:
-    from ..plugins import default_registry
-
     registry = registry or default_registry()
     parser = argparse.ArgumentParser(
         prog="peftmed",
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    from ..errors import PluginError
-    from ..plugins import default_registry
 
     try:
         registry = default_registry()

@@ -5,13 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..data import load_records
 from ..hookspecs import hookimpl
+from ..model import apply
+from ..options import parse_key_values
+from ..plugins import default_registry
+from ..recipe import Recipe
+from ..roles import ROLES
+from ..tasks import build_options, resolve_task
 from . import Command, str2bool, table
 
 
 def _registry():
-    from ..plugins import default_registry
-
     return default_registry()
 
 
@@ -53,7 +58,6 @@ def _backbones_configure(p: argparse.ArgumentParser) -> None:
 def _roles_run(reg, name: str, as_json: bool) -> int:
     import torch
 
-    from ..roles import ROLES
 
     bb = reg.backbone(name)
     with torch.device("meta"):
@@ -154,10 +158,7 @@ def _recipe_configure(p: argparse.ArgumentParser) -> None:
 def _recipe_run(args) -> int:
     import torch
 
-    from ..model import apply
-    from ..recipe import Recipe
 
-    from ..options import parse_key_values
 
     reg = _registry()
     bb = reg.backbone(args.backbone)
@@ -165,9 +166,6 @@ def _recipe_run(args) -> int:
     options = parse_key_values(args.backbone_options, "--backbone-options")
     note = ""
     if args.dataset:
-        from ..data import load_records
-        from ..tasks import build_options, resolve_task
-
         spec = reg.get("dataset", args.dataset)
         task = resolve_task(reg, None, spec)
         options = build_options(task, bb, options)

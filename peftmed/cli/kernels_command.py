@@ -6,6 +6,9 @@ import argparse
 import json
 
 from ..hookspecs import hookimpl
+from ..kernels import build
+from ..kernels.registry import implementations
+from ..plugins import default_registry
 from . import Command, table
 
 
@@ -19,7 +22,6 @@ def _auto_choice(op: str, device: str, registry) -> str:
     """What impl='auto' would pick for fp32 on ``device``, without compiling anything to find out."""
     import torch
 
-    from ..kernels.registry import implementations
 
     for impl in implementations(op, registry):
         if impl.reject_reason(device, torch.float32, None, explicit=False) is None and impl.available()[0]:
@@ -29,9 +31,6 @@ def _auto_choice(op: str, device: str, registry) -> str:
 
 def build_all(registry) -> list[tuple[str, str, str | None]]:
     """Compile every extension of ``build.EXTENSIONS`` this machine can compile: (op, impl, error or None)."""
-    from ..kernels import build
-    from ..kernels.registry import implementations
-
     done = []
     for name, spec in build.EXTENSIONS.items():
         impl_name = "cuda" if spec["cuda"] else "cpp"
@@ -52,9 +51,6 @@ def build_all(registry) -> list[tuple[str, str, str | None]]:
 def _run(args) -> int:
     import torch
 
-    from ..kernels import build
-    from ..kernels.registry import implementations
-    from ..plugins import default_registry
 
     registry = default_registry()
     failed = 0

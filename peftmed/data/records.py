@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
-from ..errors import DataError, MissingDataError, UnknownNameError  # noqa: F401  (DataError, MissingDataError: re-exported)
+from ..errors import (  # noqa: F401  (DataError, MissingDataError: re-exported)
+    DataError,
+    MissingDataError,
+    UnknownNameError,
+)
+from ..plugins import default_registry
 from .images import open_image
 
 if TYPE_CHECKING:  # PIL is imported where images are read (help and listings never import it)
@@ -136,8 +141,6 @@ def load_records(name: str, split: str, data_dir=None, registry=None, **options)
     ``DataError``.
     """
     if registry is None:
-        from ..plugins import default_registry
-
         registry = default_registry()
     spec: DatasetSpec = registry.get("dataset", name)
     spec.check_split(split)

@@ -25,6 +25,10 @@ import torch
 
 from ..errors import ConfigError, PeftmedError
 from ..files import check_output_path
+from ..methods.base import AdapterLayer, is_quantized
+from ..model import apply, find_peft_model
+from ..plugins import default_registry
+from ..run.model import load_adapted
 
 log = logging.getLogger("peftmed.merge")
 
@@ -45,8 +49,6 @@ def split_recipe(pm, name: str | None = None):
 def merged_model(pm, *, keep_unmergeable: bool = False):
     """Merge ``pm``'s active adapter in place; returns (the plain base model, the unmergeable part as a
     ``(recipe dict, tensors)`` pair or None)."""
-    from ..methods.base import AdapterLayer, is_quantized
-
     name = pm.active_adapter
     if name is None:
         raise PeftmedError("no active adapter to merge")
@@ -99,10 +101,10 @@ def save_model(model, output: Path) -> list[str]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one model, one shard: no bar
-    from ..backbones.miss.model import MissForVQA
+    from ..backbones.miss.model import MissForVQA  # deferred (as transformers above): MISS imports tokenizers
 
     if isinstance(model, MissForVQA):
-        from ..backbones.miss.checkpoint import save_pretrained
+        from ..backbones.miss.checkpoint import save_pretrained  # deferred: imports tokenizers
 
         saver = functools.partial(save_pretrained, model)
     else:
@@ -119,10 +121,6 @@ def save_model(model, output: Path) -> list[str]:
 def merge_adapter(adapter, output, *, registry=None, keep_unmergeable: bool = False, base_dtype: str | None = None,
                   overwrite: bool = False) -> dict:
     """Merge the adapter folder ``adapter`` (rebuilt on its run's base) and write the model to ``output``."""
-    from ..model import apply, find_peft_model
-    from ..plugins import default_registry
-    from ..run.model import load_adapted
-
     registry = registry or default_registry()
     output = check_output_path(output, flag="--output", kind="folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from ..cli import Command
+from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from .peft_format import export_to_peft, import_from_peft
 
 
 def _export_configure(p):
@@ -13,8 +15,6 @@ def _export_configure(p):
 
 
 def _export_run(args) -> int:
-    from .peft_format import export_to_peft
-
     print(f"wrote {export_to_peft(args.adapter, args.out)} (peft format)")
     return 0
 
@@ -27,8 +27,6 @@ def _import_configure(p):
 
 
 def _import_run(args) -> int:
-    from .peft_format import import_from_peft
-
     print(f"wrote {import_from_peft(args.src, args.out, backbone=args.backbone)} (peftmed adapter)")
     return 0
 
@@ -60,8 +58,7 @@ def _convert_run(args) -> int:
 
     import torch
 
-    from ..backbones.hf.convert import CONVERTERS
-    from ..errors import ConfigError
+    from ..backbones.hf.convert import CONVERTERS  # deferred: imports tokenizers and transformers' models
 
     if not (args.shard_size > 0 and math.isfinite(args.shard_size)):
         raise ConfigError(f"--shard-size must be a positive number of GB, got {args.shard_size}")

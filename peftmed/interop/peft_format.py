@@ -30,8 +30,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError
+from ..memory.quantize import quiet_bitsandbytes_import
 from ..methods.base import PeftForm
 from ..model import PeftModel, apply, read_manifest, read_tensors
+from ..plugins import default_registry
 from ..recipe import MethodCall, Recipe
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -42,8 +44,6 @@ PREFIX = "base_model.model."
 def import_peft():
     """peft, imported only when an adapter crosses to or from its format or the bench runs its baseline (it takes
     seconds to import, and imports bitsandbytes when that is installed: its import-time warning is silenced)."""
-    from ..memory.quantize import quiet_bitsandbytes_import
-
     with quiet_bitsandbytes_import():
         try:
             import peft
@@ -87,7 +87,6 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
     format is the method's own declaration (``Method.peft``)."""
     from safetensors.torch import save_file
 
-    from ..plugins import default_registry
 
     peft = import_peft()
     registry = registry or default_registry()
@@ -200,7 +199,6 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
     registered one whose peft form has the folder's ``peft_type``."""
     from safetensors.torch import load_file
 
-    from ..plugins import default_registry
 
     registry = registry or default_registry()
     src = Path(src)

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .plugin import TRITON_MAX, lora_triton_fits, prefix_triton_fits
+
 # the most shared memory one block may use (the opt-in maximum), per compute capability
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
@@ -85,7 +87,7 @@ def recorded_launches(sms: int = 132):
 
     from triton.runtime.jit import JITFunction
 
-    from .triton_reduce import as_gpu
+    from .triton_reduce import as_gpu  # deferred, as triton: the module imports triton
 
     launches: list[AotCase] = []
 
@@ -120,8 +122,7 @@ def lora_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
     """LoRA forward and backward (dropout on and off, B trained or frozen) at 8192 x 4096 -> 4096 and at a BLIP
     layer's 560 x 768 -> 768 (a small grid on 132 SMs), at every rank block up to the largest the dispatcher
     gives the Triton kernels (``TRITON_MAX``; fp32 stops lower)."""
-    from .lora_linear import triton_impl as t
-    from .plugin import TRITON_MAX, lora_triton_fits
+    from .lora_linear import triton_impl as t  # deferred: imports triton
 
     out: list[AotCase] = []
     seen: dict = {}
@@ -150,8 +151,7 @@ def lora_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
 def layer_norm_cases(widths: Iterable[int] = (768, 1024)) -> list[AotCase]:
     """LayerNorm forward and backward (dx wanted or not) over 32768 rows at each width the targets name, plus the
     widest the dispatcher lets the Triton kernel take (``TRITON_MAX``)."""
-    from .layer_norm import triton_impl as t
-    from .plugin import TRITON_MAX
+    from .layer_norm import triton_impl as t  # deferred: imports triton
 
     out: list[AotCase] = []
     seen: dict = {}
@@ -180,8 +180,7 @@ def prefix_attention_cases(head_dims: Iterable[int] = (64, 128),
     (a search)."""
     from unittest import mock
 
-    from .plugin import prefix_triton_fits
-    from .prefix_attention import triton_impl as t
+    from .prefix_attention import triton_impl as t  # deferred: imports triton
 
     out: list[AotCase] = []
     seen: dict = {}
@@ -274,7 +273,7 @@ def search_prefix_tiles(arches: Iterable[int] = (90, 80), workers: int = 2) -> d
     ``prefix_attention.triton_impl.GPU_TILES`` holds."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .prefix_attention import triton_impl as t
+    from .prefix_attention import triton_impl as t  # deferred: imports triton
 
     names = {"fwd": "_fwd_kernel", "dkdv": "_dkdv_kernel", "dq": "_dq_kernel"}
 

@@ -33,6 +33,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .. import __version__
+
 log = logging.getLogger("peftmed.kernels.build")
 
 # the C++/CUDA sources ship inside the package (package data), so an installed wheel builds them too
@@ -81,7 +83,6 @@ def cache_root() -> Path:
     """The per-version folder the JIT builds go to."""
     import torch
 
-    from .. import __version__
 
     base = Path(os.environ.get("PEFTMED_KERNEL_CACHE") or Path.home() / ".cache" / "peftmed" / "kernels")
     cuda = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..errors import PeftmedError, UnknownNameError
+from ..plugins import default_registry
 
 log = logging.getLogger("peftmed.kernels")
 
@@ -110,8 +111,6 @@ class KernelImpl:
 
 
 def _registry():
-    from ..plugins import default_registry
-
     return default_registry()
 
 

@@ -7,6 +7,7 @@ layers), cast what stays frozen to the base dtype, turn on checkpointing. ``prep
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .checkpointing import enable_checkpointing, parse_components
 from .precision import BASE_DTYPES, autocast_for, base_dtype_of, parse_base_dtype, resolve_base_dtype, set_base_dtype
 from .quantize import quantize_nf4
@@ -29,8 +30,6 @@ def prepare(peft_model, *, base_dtype="auto", grad_checkpoint=None, quantize=Non
     dtype = resolve_base_dtype(base_dtype, peft_model)
     if quantize not in (None, "none"):
         if quantize != "nf4":
-            from ..errors import ConfigError
-
             raise ConfigError(f"--quantize must be nf4 or none, got {quantize!r}")
         if device is not None:
             peft_model.to(device)

@@ -34,7 +34,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import ConfigError
+from ..methods.base import adapter_parameter_ids, canonical_name
+from ..model import apply
+from ..plugins import default_registry
+from ..recipe import Recipe
 from ..runtime import adamw
+from . import prepare
+from .checkpointing import component_blocks, parse_components
+from .precision import _is_norm, autocast_for, parse_base_dtype
+from .quantize import NF4_BYTES_PER_WEIGHT, default_components, quantizable_linears
 
 GIB = 1024**3
 MIB = 1024**2
@@ -133,10 +141,6 @@ def _size(n: float) -> str:
 
 # ---- weights, gradients, optimizer states (the full model on the meta device) --------------------------
 def _static_rows(pm, base_dtype: torch.dtype | None, quantize: str, quantize_components) -> list[PlanRow]:
-    from ..methods.base import adapter_parameter_ids
-    from .precision import _is_norm
-    from .quantize import NF4_BYTES_PER_WEIGHT, quantizable_linears
-
     backbone = pm.backbone
     quantized: set[int] = set()
     if quantize == "nf4":
@@ -153,7 +157,6 @@ def _static_rows(pm, base_dtype: torch.dtype | None, quantize: str, quantize_com
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            from ..methods.base import canonical_name
 
             comp = backbone.component_of(canonical_name(f"{mod_name}.{pname}" if mod_name else pname))
             if comp is None:
@@ -300,8 +303,6 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
     they appear), the gradients' bytes at the end, the activations (``peak`` - gradients), the bytes saved for
     backward per component, and with ``optimizer_step`` AdamW's states and the temporaries its update holds
     on top of them (``optimizer_temporaries``)."""
-    from .precision import autocast_for
-
     pm.train()
     saved: dict[str, int] = {}
     handles, pack = _component_hooks(pm, saved)
@@ -342,8 +343,6 @@ def _reduced_options(backbone, options: dict, depths: Mapping[str, int]) -> dict
 
 
 def _full_depths(backbone, pm_meta) -> dict[str, int]:
-    from .checkpointing import component_blocks
-
     depths = {}
     for option, comps in backbone.depth_options.items():
         depths[option] = len(component_blocks(pm_meta, comps[0]))
@@ -355,13 +354,6 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
                 quantize: str = "none", quantize_components=None, backbone_options: Mapping | None = None,
                 device: str = "cpu") -> MemoryPlan:
     """Estimate the memory of a training step of ``recipe`` on ``backbone`` (see the module doc)."""
-    from ..model import apply
-    from ..plugins import default_registry
-    from ..recipe import Recipe
-    from . import prepare
-    from .checkpointing import parse_components
-    from .precision import parse_base_dtype
-
     registry = registry or default_registry()
     backbone = registry.backbone(backbone) if isinstance(backbone, str) else backbone
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -446,8 +438,6 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
 
 def _alternatives(pm, base_dtype, quantize: str, quantize_components) -> dict[str, int]:
     """The weights under the memory options this plan does not use yet (counted on the same meta model)."""
-    from .quantize import default_components
-
     options = []
     if base_dtype in (None, "fp32", "auto"):
         options.append(("--base-dtype bf16", torch.bfloat16, "none"))
@@ -470,8 +460,6 @@ def _alternatives(pm, base_dtype, quantize: str, quantize_components) -> dict[st
 def _width_divisors(backbone, options: dict) -> tuple[int, int] | None:
     """The narrowest pair of widths (1/d, 1/2d) the architecture can be built at: every head keeps an even,
     whole width (a SigLIP tower's 16 heads of 72 allow 1/2 and 1/4, not 1/16); None: measure at the real width."""
-    from ..errors import ConfigError
-
     for pair in (WIDTH_DIVISORS, (8, 16), (4, 8), (2, 4)):
         try:
             with torch.device("meta"):

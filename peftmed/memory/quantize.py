@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .checkpointing import parse_components
 
 QUANT_TYPES = ("nf4",)
 
@@ -61,8 +62,6 @@ def quantizable_linears(peft_model, components=None) -> tuple[tuple[str, ...], l
     """The components ``--quantize`` applies to, and per component the (name, nn.Linear) it quantizes: the
     frozen linear layers, heads excepted. A component training linear weights, or without any frozen
     linear layer, is an error naming it."""
-    from .checkpointing import parse_components
-
     backbone, model = peft_model.backbone, peft_model.base_model
     comps = (parse_components(components, list(backbone.components), "--quantize-components") if components
              else default_components(backbone))

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, NoMatchError, PeftmedError, UnknownNameError
+from ..roles import ROLES
 
 log = logging.getLogger("peftmed.methods")
 
@@ -267,7 +268,6 @@ class ApplyContext:
         """name -> (module, role) over this method's roles; raises if nothing matches."""
         found: dict[str, tuple[nn.Module, str]] = {}
         known = set(self.backbone.declared_roles(self.component))
-        from ..roles import ROLES
 
         for role in self.roles():
             if role not in known and role not in ROLES:

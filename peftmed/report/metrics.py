@@ -25,6 +25,7 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from ..metrics.vqa import MetricError, match_predictions
+from .findings import findings_scores
 
 log = logging.getLogger("peftmed.report")
 
@@ -164,8 +165,6 @@ def report_scores(predictions: Mapping[str, str], records: Sequence) -> dict:
     planted phantom findings (``extra["findings"]``) also get the findings scores of
     ``peftmed.report.findings.findings_scores``.
     """
-    from .findings import findings_scores
-
     pairs = match_predictions(predictions, records)
     scores: dict = caption_scores([p for _, p in pairs], [r.report for r, _ in pairs])
     if all("findings" in getattr(r, "extra", {}) for r, _ in pairs):

@@ -29,6 +29,7 @@ from torch import nn
 from ..backbones.base import TextLimits
 from ..data.text import detokenize
 from ..errors import ConfigError, PeftmedError
+from ..model import PeftModel
 
 log = logging.getLogger("peftmed.report")
 
@@ -38,8 +39,6 @@ DEFAULT_MAX_REPORT_TOKENS = 100
 
 def task_model(model: nn.Module) -> nn.Module:
     """The backbone model under adapter wrappers (peftmed's ``PeftModel``, peft's ``PeftModel``)."""
-    from ..model import PeftModel
-
     seen = 0
     while seen < 8:
         seen += 1

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
 from ..data.dataset import VQADataset
+from ..data.images import open_image
 from ..data.records import DataError, ImageSource
 from ..errors import ConfigError
 
@@ -66,8 +67,6 @@ class ReportRecord:
 
     def load_image(self, min_size: int | None = None) -> Image.Image:
         """The first view as an RGB PIL image (a missing file names the record and the path)."""
-        from ..data.images import open_image
-
         return open_image(self.views[0], what=f"report {self.id!r}", min_size=min_size)
 
 

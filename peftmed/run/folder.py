@@ -25,7 +25,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..files import check_output_path
 from ..tokenizer_files import IDENTITY_FILE
-from .config import check_options
+from .config import BASE_MODEL_OPTIONS, check_options
 
 RUN_CONFIG = "train_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -133,8 +133,6 @@ def check_same_base(saved: dict[str, Any], opts: dict[str, Any], given: set[str]
     """On a resume, the options that decide the frozen base model (backbone, its build options, the
     pretrained folder, the seed of its random init) are the run's: one given with another value is refused
     by name; one not given is taken from the run. Returns notes on what was taken."""
-    from .config import BASE_MODEL_OPTIONS
-
     notes = []
     for key in BASE_MODEL_OPTIONS:
         before, now = saved.get(key), opts.get(key)

@@ -18,8 +18,10 @@ import torch
 from ..errors import ConfigError
 from ..memory import prepare
 from ..model import load_adapter, read_manifest
+from ..plugins import default_registry
 from ..runtime import resolve_device, seed_everything
-from ..tokenizer_files import load_tokenizer, save_tokenizer as save_tokenizer_files
+from ..tokenizer_files import load_tokenizer
+from ..tokenizer_files import save_tokenizer as save_tokenizer_files
 from .folder import TOKENIZER_DIR, find_run, read_run_config
 
 
@@ -87,8 +89,6 @@ def load_adapted(adapter, *, registry=None, device: str | torch.device = "auto",
     ``base_dtype`` / ``quantize``: override the run's (e.g. ``quantize="none"`` for an adapter trained on a
     4-bit base); ``task``: must be the run's task when the run names one; ``texts``: what a backbone that
     trains its vocabulary trains it on when the adapter has no run folder."""
-    from ..plugins import default_registry
-
     registry = registry or default_registry()
     adapter = Path(adapter)
     manifest = read_manifest(adapter)

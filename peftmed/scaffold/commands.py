@@ -6,11 +6,10 @@ import argparse
 
 from ..cli import Command
 from ..hookspecs import hookimpl
+from . import KINDS, create_plugin, names_for
 
 
 def _configure(p: argparse.ArgumentParser) -> None:
-    from . import KINDS
-
     sub = p.add_subparsers(dest="plugin_command", metavar="ACTION", required=True)
     new = sub.add_parser("new", help="write a new plugin package from a template",
                          description="Write peftmed-plugin-NAME/ (pyproject.toml with the entry point, a module "
@@ -22,8 +21,6 @@ def _configure(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args) -> int:
-    from . import create_plugin, names_for
-
     root = create_plugin(args.name, args.kind, args.dir)
     n = names_for(args.name)
     print(f"wrote {root}/ ({args.kind} plugin {n['distribution']}, module {n['module']})")

@@ -23,7 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.dataset import image_to_tensor
+from ..data.images import open_image
 from ..errors import ConfigError, PeftmedError, UnknownNameError
+from ..files import write_json_atomic
+from ..plugins import default_registry
 from ..runtime import autocast_for
 
 
@@ -124,8 +128,6 @@ class Task:
         return "  ".join(f"{c.header} {scores[c.key]:{c.fmt}}" for c in self.columns if scores.get(c.key) is not None)
 
     def write_predictions(self, path, predictions: dict, records: Sequence):
-        from ..files import write_json_atomic
-
         return write_json_atomic(path, [{"id": k, "prediction": v} for k, v in predictions.items()])
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -146,8 +148,6 @@ class EvalResult:
 
     def write(self, folder: str | Path, prefix: str = "") -> tuple[Path, Path]:
         """Write ``<prefix>predictions.json`` and ``<prefix>metrics.json`` into ``folder``."""
-        from ..files import write_json_atomic
-
         folder = Path(folder)
         preds = folder / f"{prefix}predictions.json"
         self.task.write_predictions(preds, self.predictions, self.records)
@@ -299,8 +299,6 @@ def evaluate(task: Task, model: nn.Module, records: Sequence, *, registry=None, 
     from torch.utils.data import DataLoader, Subset
 
     if registry is None:
-        from ..plugins import default_registry
-
         registry = default_registry()
     max_new_tokens = task.max_new_tokens if max_new_tokens is None else max_new_tokens
     for key, value in (("batch_size", batch_size), ("num_beams", num_beams), ("max_new_tokens", max_new_tokens)):
@@ -350,8 +348,6 @@ def image_batch(images: Sequence, size: int) -> torch.Tensor:
     training data was (RGB, bicubic resize); a missing or unreadable file is an error naming it."""
     from PIL import Image  # deferred: listings and help never read an image
 
-    from ..data.dataset import image_to_tensor
-    from ..data.images import open_image
 
     out = []
     for i, image in enumerate(images):
@@ -415,8 +411,6 @@ def answer(task: Task, model: nn.Module, images: Sequence, questions: Sequence[s
 def score(task: Task, predictions: dict, records: Sequence, registry=None) -> dict[str, Any]:
     """The task's metric (looked up by name in the registry) over ``predictions``."""
     if registry is None:
-        from ..plugins import default_registry
-
         registry = default_registry()
     try:
         metric = registry.get("metric", task.metric)

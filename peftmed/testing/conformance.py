@@ -25,6 +25,8 @@ import pytest
 import torch
 
 from ..errors import PeftmedError
+from ..model import apply, load_adapter
+from ..recipe import Recipe
 from . import helpers as h
 
 _registries: dict[type, object] = {}
@@ -71,8 +73,6 @@ class MethodConformance:
 
     def _setup(self, backbone_name: str, dtype_name: str):
         """(registry, backbone, target, base model, inputs, base output) or a skip with the reason."""
-        from ..model import apply
-
         reg = self.registry()
         self._method()
         dtype, device = h.to_dtype(dtype_name), h.test_device()
@@ -139,8 +139,6 @@ class MethodConformance:
         assert reached, f"no adapter tensor of {self.method_name!r} received a gradient"
 
     def test_save_load_round_trip(self, conformance_backbone, conformance_dtype, tmp_path):
-        from ..model import load_adapter
-
         reg, backbone, _, pm, inputs, _ = self._setup(conformance_backbone, conformance_dtype)
         h.perturb_(pm.adapter_tensors(), seed=self.seed + 1)
         with torch.no_grad():
@@ -223,9 +221,6 @@ class BackboneConformance:
         assert torch.isfinite(out).all()
 
     def test_probe_methods_apply_and_train(self, probe_method):
-        from ..model import apply
-        from ..recipe import Recipe
-
         reg, backbone = self._backbone()
         call = Recipe.parse(f"*={probe_method}").entries["*"][0]
         comps = []

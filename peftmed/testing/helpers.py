@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import PeftmedError, RecipeError
+from ..model import apply
 from ..plugins import Registry, build_registry
+from ..recipe import MethodCall
 
 # The tolerance tables, every entry (rtol, atol); atol is scaled by the reference's largest magnitude.
 # Two computations of one model in one dtype that should agree (identity, merge, reload): float32 leaves
@@ -146,16 +148,12 @@ class Target:
 
 
 def method_recipe(method_name: str, options: Mapping[str, Any], component: str) -> str:
-    from ..recipe import MethodCall
-
     return f"{component}={MethodCall(method_name, dict(options)).to_text()}"
 
 
 def find_target(registry: Registry, backbone_name: str, method_name: str, options: Mapping[str, Any],
                 component: str | None = None) -> Target:
     """The first component of the backbone the method applies to (or ``component`` when given)."""
-    from ..model import apply
-
     backbone = registry.backbone(backbone_name)
     candidates = [component] if component else list(backbone.components)
     reasons = []

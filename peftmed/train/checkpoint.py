@@ -32,6 +32,8 @@ import torch
 
 from .. import files
 from ..errors import PeftmedError
+from ..model import PeftModel
+from ..recipe import Recipe
 
 LATEST = "latest"
 META = "trainer.json"
@@ -110,7 +112,6 @@ def write_checkpoint(root: Path, step: int, *, model, trainable: Mapping[str, to
 def _write_checkpoint(root: Path, name: str, *, model, trainable, state, meta) -> Path:
     from safetensors.torch import save_file
 
-    from ..model import PeftModel
 
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}.", dir=root))
@@ -271,8 +272,6 @@ def read_trainable(ckpt: Path) -> dict[str, torch.Tensor]:
 def check_same_run(meta: Mapping[str, Any], *, backbone: str | None, recipe: Mapping | None,
                    components: list[str] | None) -> None:
     """Refuse to resume a checkpoint of another backbone or recipe, naming the difference."""
-    from ..recipe import Recipe
-
     if meta.get("backbone") != backbone:
         raise CheckpointError(
             f"cannot resume: the checkpoint was trained on backbone {meta.get('backbone')!r}, this run uses "

@@ -20,6 +20,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError
+from ..memory.checkpointing import component_blocks
+from ..model import find_peft_model
 from ..runtime import resolve_device
 
 log = logging.getLogger("peftmed.train")
@@ -150,9 +152,6 @@ def shard(module: nn.Module, model: nn.Module, d: Dist) -> nn.Module:
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from ..memory.checkpointing import component_blocks
-    from ..model import find_peft_model
 
     # peftmed's layers return LayerNorm outputs as views of fresh tensors, never modified in place afterwards (the
     # sharded run's gradients equal the unsharded run's: tests/train/test_fsdp.py); FSDP2 warns about any view

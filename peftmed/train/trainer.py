@@ -39,11 +39,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data import collate as default_collate
 from ..errors import ConfigError, PeftmedError
+from ..memory import base_dtype_of
+from ..model import find_peft_model
+from ..run.config import TrainConfig
 from ..runtime import adamw, seed_everything
 from . import checkpoint as ckpt
 from . import distributed
-from ..run.config import TrainConfig
+from .loggers import Loggers
 
 log = logging.getLogger("peftmed.train")
 
@@ -98,8 +102,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     (canonical names, what an adapter file holds); a parameter that requires grad outside the adapter
     would be trained but never saved, so it is refused.
     """
-    from ..model import find_peft_model
-
     peft = find_peft_model(model)
     if peft is not None and peft.active_adapter is not None:
         tensors: dict[str, nn.Parameter] = {}
@@ -175,7 +177,7 @@ class Trainer:
         if not hasattr(model, "compute_loss"):
             raise ConfigError(f"{type(model).__name__} has no compute_loss(batch); the trainer needs one")
         if collate_fn is None:
-            from ..data import collate as collate_fn
+            collate_fn = default_collate
         self.model, self.data, self.config = model, train_data, config
         self.collate_fn, self.eval_fn, self.lr_of = collate_fn, eval_fn, lr_of
         self.log_dir = Path(log_dir) if log_dir is not None else None
@@ -270,9 +272,6 @@ class Trainer:
             self.loggers = self._open_loggers()
 
     def _open_loggers(self):
-        from ..model import find_peft_model
-        from .loggers import Loggers
-
         folder = self.log_dir or (self.output_dir / "logs" if self.output_dir is not None else None)
         if folder is None:
             raise ConfigError("--report-to needs an output folder (or log_dir=) to write the logs in")
@@ -313,8 +312,6 @@ class Trainer:
         report names them (``decoder.lora``; ``params`` for a model that is not a PeftModel). Matrices get the
         weight decay; biases and 1-d tensors (norms, IA3 vectors) none. A PeftModel gives each method's tensors
         the rate and decay of its recipe call (``lr=``, ``weight_decay=``), else the run's."""
-        from ..model import find_peft_model
-
         c = self.config
         options: dict[str, dict] = {}
         peft = find_peft_model(self.model)
@@ -331,8 +328,6 @@ class Trainer:
                 for (label, lr, wd), ps in groups.items()]
 
     def _autocast_dtype(self) -> torch.dtype | None:
-        from ..memory import base_dtype_of
-
         p, dev = self.config.precision, self.dist.device
         base = base_dtype_of(self.model)
         if base is not None:  # a bf16/fp16 base computes in its dtype, on a CPU as on a GPU
@@ -368,8 +363,6 @@ class Trainer:
         tensors = self._full_tensors()  # a collective when sharded: every rank gathers
         path = None
         if self.dist.is_main and self.checkpoint_root is not None:
-            from ..model import find_peft_model
-
             path = ckpt.write_checkpoint(
                 self.checkpoint_root, self.state["step"], model=find_peft_model(self.model) or self.model,
                 trainable=tensors,

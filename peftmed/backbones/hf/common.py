@@ -296,7 +296,7 @@ class VQAModule(nn.Module):
 
     def example_inputs(self, batch: int = 2, seq: int | None = None, generator: torch.Generator | None = None):
         """(batch,) of random images and questions/answers from the built-in corpus (for the test kit)."""
-        from .tokenizer import CORPUS
+        from .tokenizer import CORPUS  # deferred: the tokenizer module imports the tokenizers package
 
         g = generator or torch.Generator().manual_seed(0)
         size = self.image_size

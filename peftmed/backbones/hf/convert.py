@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from ...errors import PeftmedError
-from ...files import write_json_atomic
+from ...files import check_output_path, write_json_atomic
 from .common import CLIP_MEAN, CLIP_STD, tensor_shapes, weight_files, write_image_stats
 from .llava import llava_model
 
@@ -366,7 +366,6 @@ def convert_llava(src, dst, *, vision_tower=None, shard_size: int = 2 * 1024**3,
     from safetensors import safe_open
     from transformers import LlavaConfig
 
-    from ...files import check_output_path
 
     src, dst = Path(src), Path(dst)
     vision_folder = Path(vision_tower) if vision_tower else None

@@ -21,11 +21,18 @@ from ...errors import ConfigError, PeftmedError
 from ..base import Backbone
 from ..images import IMAGENET_MEAN, IMAGENET_STD, prepare_images
 from .common import (
-    CLIP_MEAN, CLIP_STD, load_tokenizer, load_weights, local_folder, read_image_stats, saved_tokenizer, seeded_model,
+    CLIP_MEAN,
+    CLIP_STD,
+    load_tokenizer,
+    load_weights,
+    local_folder,
+    read_image_stats,
+    saved_tokenizer,
+    seeded_model,
     write_image_stats,
 )
 from .prefix import make_prefix_capable
-from .tokenizer import check_vocab, wordpiece_tokenizer
+from .tokenizer import CORPUS, check_vocab, wordpiece_tokenizer
 
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                patch_size=8)
@@ -93,8 +100,6 @@ class HFEncoder(nn.Module):
 
     def example_inputs(self, batch: int = 2, seq: int | None = None, generator: torch.Generator | None = None):
         """Keyword inputs for one forward pass: random uint8 images and corpus questions (for the test kit)."""
-        from .tokenizer import CORPUS
-
         g = generator or torch.Generator().manual_seed(0)
         out = {}
         if self.reads_images:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ...errors import ConfigError, PeftmedError
 from ..base import Backbone, TextLimits
-from .common import VQAModule, load_weights, local_folder, seeded_model
+from .common import VQAModule, load_tokenizer, load_weights, local_folder, narrower, saved_tokenizer, seeded_model
 from .families import FAMILIES, LLM_NAMES, MERGER_NAMES, PROJECTOR_NAMES, VISION_NAMES, chat_template
 from .prefix import make_prefix_capable
 
@@ -195,8 +195,6 @@ EXTRA_WIDTHS = ("embed_dim", "out_hidden_size", "vision_output_dim")  # widths b
 def _narrower(part: dict, divisor: int, what: str, head_multiple: int = 2) -> dict:
     """``common.narrower`` plus the widths VLM towers name otherwise, and multimodal rotary sections scaled with
     the head width."""
-    from .common import narrower
-
     out = narrower(part, divisor, what)
     for key in EXTRA_WIDTHS:
         if out.get(key):
@@ -279,7 +277,7 @@ def family_model(config, seed: int | None = 0):
 
 def family_tokenizer(family: str, texts=None, vocab_size: int = 400):
     """A byte-level BPE tokenizer with the family's special tokens (as tokenizer attributes: ``image_token``...)."""
-    from .tokenizer import bpe_tokenizer
+    from .tokenizer import bpe_tokenizer  # deferred: the tokenizer module imports the tokenizers package
 
     tokens = _family(family)["tokens"]
     return bpe_tokenizer(texts, vocab_size=vocab_size, extra={k: v for k, v in tokens.items()})
@@ -564,8 +562,6 @@ def load(path: str | os.PathLike, family: str, max_question_tokens: int = 64, ma
          strict: bool = True, preset: str = "tiny") -> HFVisionLanguage:
     """Load a local Hub-format folder of ``family`` strictly (missing, unexpected and mismatched weights named).
     The classes come from the family (and transformers' own tables), never from names in the folder."""
-    from .common import load_tokenizer
-
     fam = _family(family)
     folder = local_folder(path, family)
     try:
@@ -609,8 +605,6 @@ def _image_size(image_processor, fam) -> int:
 
 
 def _saved_tokenizer(folder):
-    from .common import saved_tokenizer
-
     return saved_tokenizer(folder)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ... import __version__
 from ...errors import ConfigError, PeftmedError
 from .config import MissConfig
 from .model import MissForVQA
@@ -252,8 +253,6 @@ def infer_config(state: dict[str, torch.Tensor], **overrides) -> MissConfig:
 # ---- folders ------------------------------------------------------------------------------------------
 def save_pretrained(model: MissForVQA, folder: str | Path, *, weights: str = "safetensors") -> Path:
     """Write config.json, the weights in BLIP key format (``model.safetensors`` or ``model.pth``) and the tokenizer."""
-    from ... import __version__
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = to_blip_state_dict(model)

@@ -9,6 +9,7 @@ import torch
 from ...errors import UnknownNameError
 from ...hookspecs import hookimpl
 from ..base import Backbone
+from .checkpoint import from_pretrained
 from .config import PRESETS, MissConfig
 from .model import MissForVQA
 from .tokenizer import MissTokenizer
@@ -47,8 +48,6 @@ def build_miss(size: str = "base", *, tokenizer: MissTokenizer | None = None, vo
 
 
 def load_miss(path, **options) -> MissForVQA:
-    from .checkpoint import from_pretrained
-
     options.pop("size", None)  # the folder's config.json decides the size
     return from_pretrained(path, **options)
 
