@@ -42,6 +42,12 @@ def _canonical(registry, name: str) -> str:
     return registry.method(name).name
 
 
+def _saved_whole(registry, name: str) -> bool:
+    """Whether peft keeps a component this method trains as one of ``modules_to_save`` (full tuning)."""
+    form = registry.method(name).peft
+    return form is not None and form.modules_to_save
+
+
 def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
     """Why peft has no equivalent of ``recipe`` (None when it has one)."""
     resolved = recipe.trained(backbone.components, registry)
@@ -50,7 +56,7 @@ def peft_equivalent(recipe: Recipe, backbone, registry) -> str | None:
     tuned = set()
     for component, calls in resolved.items():
         names = [_canonical(registry, c.name) for c in calls]
-        if names == ["full"]:
+        if len(names) == 1 and _saved_whole(registry, names[0]):
             continue  # becomes modules_to_save
         if len(names) > 1:
             return f"peft cannot combine {'+'.join(names)} on one component"
@@ -97,9 +103,9 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     if reason:
         raise PeftUnavailable(reason)
     resolved = recipe.trained(backbone.components, registry)
-    full = [path for c, calls in resolved.items() if _canonical(registry, calls[0].name) == "full"
+    full = [path for c, calls in resolved.items() if _saved_whole(registry, calls[0].name)
             for path in backbone.component_paths(c)]
-    tuned = {c: calls[0] for c, calls in resolved.items() if _canonical(registry, calls[0].name) != "full"}
+    tuned = {c: calls[0] for c, calls in resolved.items() if not _saved_whole(registry, calls[0].name)}
     method = _canonical(registry, next(iter(tuned.values())).name)
     form = registry.method(method).peft
     options = [dict(c.options) for c in tuned.values()]
@@ -139,8 +145,8 @@ def parameter_methods(recipe: Recipe, backbone, registry):
     trained components (peft's ``modules_to_save``) -> the full-tuning method, the rest -> the tuned one."""
     resolved = recipe.trained(backbone.components, registry)
     methods = [registry.method(c.name) for calls in resolved.values() for c in calls]
-    full = next((m for m in methods if _canonical(registry, m.name) == "full"), None)
-    tuned = next((m for m in methods if _canonical(registry, m.name) != "full"), full)
+    full = next((m for m in methods if _saved_whole(registry, m.name)), None)
+    tuned = next((m for m in methods if not _saved_whole(registry, m.name)), full)
 
     def method_of(name: str):
         return full if full is not None and "modules_to_save." in name else tuned

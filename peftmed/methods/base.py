@@ -89,7 +89,9 @@ class PeftForm:
     - ``role_subsets``: {recipe option: key of ``info``}: the option lists the roles of the modules whose
       fact is true (IA3's ``feedforward_roles``), ``["none"]`` when none;
     - ``prompt``: peft applies it to a whole language model (``get_peft_model``), not per module; such an adapter
-      is not exported (``refusal`` says why).
+      is not exported (``refusal`` says why);
+    - ``modules_to_save``: a component it trains is, in peft, one of ``modules_to_save`` (full tuning) beside
+      another method's adapter; it has no adapter of its own (not exported: ``refusal``).
     """
 
     peft_type: str
@@ -102,6 +104,7 @@ class PeftForm:
     options: typing.Callable[[dict, list], dict] = lambda peft_config, infos: {}
     role_subsets: Mapping[str, str] = field(default_factory=dict)
     prompt: bool = False
+    modules_to_save: bool = False
     refusal: str = ""
 
 

@@ -112,6 +112,8 @@ class Full(SelectMethod):
     aliases = ("t", "all")
     short_label = "T"
     default_lr = 1e-4
+    peft = PeftForm("", modules_to_save=True, refusal="full tuning has no adapter; peft keeps such a component as "
+                                                      "modules_to_save beside another method's adapter")
 
     def select(self, ctx: ApplyContext) -> dict[str, nn.Parameter]:
         if ctx.config.roles:
