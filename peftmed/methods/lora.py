@@ -7,6 +7,7 @@ subclass, a Method subclass, and one ``register_methods`` hook implementation.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -165,8 +166,6 @@ class LoraConv2d(AdapterLayer):
 
 def _peft_config(configs: dict, info: dict) -> dict:
     """peft's LoraConfig fields: the most common rank and alpha, and per-module patterns for the rest."""
-    from collections import Counter
-
     first = next(iter(configs.values()))
     ranks, alphas = Counter(c["r"] for c in configs.values()), Counter(c["alpha"] for c in configs.values())
     # bias="all" / "lora_only": peft trains the base biases too (an exported adapter has no place for them)
