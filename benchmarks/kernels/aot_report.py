@@ -28,14 +28,16 @@ def main() -> int:
                    help="print the largest spill-free prefix-attention tiles per (head dim, element size, kernel)")
     args = p.parse_args()
     from peftmed.kernels import aot
+    from peftmed.kernels.plugin import aot_cases
+    from peftmed.kernels.prefix_attention import impls as prefix_impls
 
     if args.search_prefix:
-        for key, tiles in sorted(aot.search_prefix_tiles(args.arch or (90, 80), args.workers).items()):
+        for key, tiles in sorted(prefix_impls.search_tiles(args.arch or (90, 80), args.workers).items()):
             print(f"{key}: {tiles}  # (BLOCK_M, BLOCK_N, num_warps, num_stages); None: no tile fits")
         return 0
 
     t0 = time.perf_counter()
-    rows = aot.report(args.arch or (90, 80), workers=args.workers)
+    rows = aot.report(aot_cases(), args.arch or (90, 80), workers=args.workers)
     head = (f"{'op':<17} {'kernel':<18} {'configuration':<52} {'arch':<6} {'warps':>5} {'regs':>5} {'spill B':>8} "
             f"{'smem KB':>8} {'limit':>6} {'mma':<6} ok")
     print(head)

@@ -7,7 +7,7 @@ import json
 
 from ..hookspecs import hookimpl
 from ..kernels import build
-from ..kernels.registry import implementations
+from ..kernels.registry import KernelCall, implementations
 from ..plugins import default_registry
 from . import Command, table
 
@@ -24,7 +24,7 @@ def _auto_choice(op: str, device: str, registry) -> str:
 
 
     for impl in implementations(op, registry):
-        if impl.reject_reason(device, torch.float32, None, explicit=False) is None and impl.available()[0]:
+        if impl.refuses(KernelCall(device, torch.float32)) is None and impl.available()[0]:
             return impl.name
     return "none"
 

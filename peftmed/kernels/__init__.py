@@ -9,9 +9,10 @@ Public API (methods and models call these; ``registry`` is the model's, None the
 ``impl`` is ``None``/``"auto"`` (fastest that runs here; PEFTMED_KERNEL_IMPL[_<OP>] overrides) or an
 implementation name (``"triton"``, ``"cuda"``, ``"cpp"``, ``"torch"``, or one a plugin registered).
 Layout: one folder per op (``<op>/reference.py``: the oracle and the signature of every implementation;
-``<op>/op.py``: checks, dispatch, autograd, torch.library; ``<op>/triton_impl.py``) and its C++/CUDA sources
-in ``csrc/<op>/`` (shipped in the package); implementations are registered in :mod:`.plugin`; dispatch is in
-:mod:`.registry`; compiling (one table of extensions) in :mod:`.build`. kernels/ imports nothing from the
+``<op>/op.py``: checks, dispatch, autograd, torch.library; ``<op>/triton_impl.py``; ``<op>/impls.py``: its
+implementations, their limits and its AOT cases; ``<op>/extensions.py``: what its C++/CUDA extensions compile) and
+its C++/CUDA sources in ``csrc/<op>/`` (shipped in the package); :mod:`.plugin` registers every op's implementations;
+dispatch is in :mod:`.registry`; compiling in :mod:`.build`. kernels/ imports nothing from the
 CLI, the methods or the backbones. See docs/kernels.md.
 """
 
@@ -22,7 +23,7 @@ from torch import nn
 from .layer_norm.op import layer_norm
 from .lora_linear.op import lora_linear
 from .prefix_attention.op import prefix_attention
-from .registry import KernelImpl, KernelInputError, KernelUnavailableError, clear_cache, implementations, resolve
+from .registry import KernelCall, KernelImpl, KernelInputError, KernelUnavailableError, clear_cache, implementations, resolve
 
 
 class FusedLayerNorm(nn.LayerNorm):
@@ -58,6 +59,6 @@ class FusedLayerNorm(nn.LayerNorm):
 
 
 __all__ = [
-    "FusedLayerNorm", "KernelImpl", "KernelInputError", "KernelUnavailableError", "clear_cache",
+    "FusedLayerNorm", "KernelCall", "KernelImpl", "KernelInputError", "KernelUnavailableError", "clear_cache",
     "implementations", "layer_norm", "lora_linear", "prefix_attention", "resolve",
 ]

@@ -20,11 +20,13 @@ mid-way (a timeout, kill -9) leaves it, and torch then waits on it forever. Hold
 building, so a ``lock`` file found then is stale and is removed (with a warning) before torch runs.
 
 setup.py loads this file by path (without importing peftmed) and calls :func:`setup_extensions`;
-this module therefore imports nothing from peftmed at top level.
+this module therefore imports nothing from peftmed at top level but the version (which only names the JIT cache),
+and reads the op folders' extension tables by path.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import logging
@@ -33,7 +35,10 @@ import sys
 import threading
 from pathlib import Path
 
-from .. import __version__
+try:
+    from .. import __version__
+except ImportError:  # loaded by path from setup.py, before peftmed is installed: no JIT cache is named there
+    __version__ = "unknown"
 
 log = logging.getLogger("peftmed.kernels.build")
 
@@ -44,19 +49,25 @@ CSRC = Path(__file__).resolve().parent / "csrc"
 CXX_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
-# The one table of compiled extensions: what each is built from (relative to csrc/). The JIT build, the
-# AOT build (setup.py, PEFTMED_BUILD_EXT=1) and `peftmed kernels --build` all read it.
-EXTENSIONS: dict[str, dict] = {
-    "lora_linear_cpu": {"op": "lora_linear", "sources": ["lora_linear/lora_linear.cpp"], "cuda": False},
-    "layer_norm_cpu": {"op": "layer_norm", "sources": ["layer_norm/layer_norm.cpp"], "cuda": False},
-    "lora_linear_cuda": {"op": "lora_linear", "sources": ["lora_linear/lora_linear_cuda.cpp",
-                                                          "lora_linear/lora_linear.cu"], "cuda": True},
-    "layer_norm_cuda": {"op": "layer_norm", "sources": ["layer_norm/layer_norm_cuda.cpp", "layer_norm/layer_norm.cu"],
-                        "cuda": True},
-    "prefix_attention_cuda": {"op": "prefix_attention", "sources": ["prefix_attention/prefix_attention_cuda.cpp",
-                                                                    "prefix_attention/prefix_attention.cu"],
-                              "cuda": True},
-}
+OPS = ("lora_linear", "layer_norm", "prefix_attention")  # the built-in ops: one folder each
+
+
+def _op_extensions() -> dict[str, dict]:
+    """Every op's ``<op>/extensions.py``, read by path as a literal (this module may be loaded without its package,
+    and the table is plain data: nothing in it is run)."""
+    table: dict[str, dict] = {}
+    for op in OPS:
+        path = Path(__file__).resolve().parent / op / "extensions.py"
+        tree = ast.parse(path.read_text(), str(path))
+        value = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                     and any(isinstance(t, ast.Name) and t.id == "EXTENSIONS" for t in node.targets))
+        table.update({name: {"op": op, **spec} for name, spec in ast.literal_eval(value).items()})
+    return table
+
+
+# The table of compiled extensions, gathered from the op folders that declare them: the JIT build, the AOT build
+# (setup.py, PEFTMED_BUILD_EXT=1) and `peftmed kernels --build` all read it.
+EXTENSIONS: dict[str, dict] = _op_extensions()
 AOT_PACKAGE = "peftmed.kernels._ext"  # setup.py builds peftmed/kernels/_ext/<name>.so
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,25 +48,49 @@ def _always() -> tuple[bool, str]:
     return True, ""
 
 
+@dataclass(frozen=True)
+class KernelCall:
+    """What dispatch knows of a call when it picks an implementation."""
+
+    device: str  # torch device type: "cpu", "cuda", "meta"
+    dtype: torch.dtype
+    size: int | None = None  # the size that limits the op's kernels: LoRA rank, LayerNorm row width, head dim
+    explicit: bool = False  # asked for by name (not by auto)
+
+
+# one limit of an implementation: None if the call fits, else why not (a sentence a user reads)
+Limit = Callable[[KernelCall], "str | None"]
+
+
+def refusal(limits: Sequence[Limit], call: KernelCall) -> str | None:
+    """The first limit's reason to refuse ``call``, None if every limit lets it through."""
+    for limit in limits:
+        why = limit(call)
+        if why:
+            return why
+    return None
+
+
 @dataclass(eq=False)
 class KernelImpl:
-    """One implementation of one op.
+    """One implementation of one op; it answers two questions.
 
-    ``load()`` returns the op-specific callables (for the built-in ops: ``forward`` and ``backward``,
-    whose signatures are documented in each op's ``reference.py``); it may compile code and raise.
+    - :meth:`available`: can it run on this machine at all (``check``: cheap, compiles nothing)?
+    - :meth:`refuses`: does it take this call (a :class:`KernelCall`)? It runs on ``devices`` in ``dtypes``, within
+      each of its ``limits`` (a size bound, fp32 stopping lower on a GPU, a device it takes only when asked by name).
+
+    ``load()`` returns the op-specific callables (for the built-in ops: ``forward`` and ``backward``, whose signatures
+    are documented in each op's ``reference.py``); it may compile code and raise.
     """
 
     op: str  # op name, e.g. "lora_linear"
     name: str  # implementation name, e.g. "cpp"
     priority: int  # auto tries higher first
-    devices: tuple[str, ...]  # torch device types auto may use it on ("cpu", "cuda")
+    devices: tuple[str, ...]  # torch device types it runs on ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...]  # supported input dtypes
     loader: Callable[[], Mapping[str, Callable]]  # returns {"forward": ..., "backward": ...}
-    check: Callable[[], tuple[bool, str]] = _always  # cheap availability test: (ok, why not)
-    accepts: Callable[[int], str | None] | None = None  # size check: None if fine, else why not
-    explicit_devices: Callable[[], tuple[str, ...]] = tuple  # extra devices only when asked by name
-    # the finest check, on the whole call: (device, dtype, size) -> None if fine, else why not
-    fits: Callable[[str, torch.dtype, int | None], str | None] | None = None
+    check: Callable[[], tuple[bool, str]] = _always  # availability on this machine: (ok, why not)
+    limits: Sequence[Limit] = ()  # each: (call) -> None if it fits, else why not
     description: str = ""
     _loaded: Mapping[str, Callable] | None = field(default=None, repr=False)
     _error: str | None = field(default=None, repr=False)
@@ -93,21 +117,14 @@ class KernelImpl:
     def loaded(self) -> bool:
         return self._loaded is not None
 
-    def reject_reason(self, device: str, dtype: torch.dtype, size: int | None, *, explicit: bool) -> str | None:
-        """Why this implementation does not fit the call (None if it fits)."""
-        devices = self.devices + (self.explicit_devices() if explicit else ())
-        if device not in devices:
-            return f"runs on {'/'.join(devices) or 'no device here'}, not {device}"
-        if dtype not in self.dtypes:
+    def refuses(self, call: KernelCall) -> str | None:
+        """Why this implementation does not take ``call`` (None if it does)."""
+        if call.device not in self.devices:
+            return f"runs on {'/'.join(self.devices) or 'no device'}, not {call.device}"
+        if call.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"does not support dtype {str(dtype).replace('torch.', '')} (supports {names})"
-        if size is not None and self.accepts is not None:
-            why = self.accepts(size)
-            if why:
-                return why
-        if self.fits is not None:
-            return self.fits(device, dtype, size)
-        return None
+            return f"does not support dtype {str(call.dtype).replace('torch.', '')} (supports {names})"
+        return refusal(self.limits, call)
 
 
 def _registry():
@@ -206,7 +223,7 @@ def _explicit(op, wanted, impls, device_type, dtype, size):
     if wanted not in by_name:
         raise UnknownNameError(f"implementation of kernel op {op!r}", wanted, list(by_name) + [AUTO])
     kernel = by_name[wanted]
-    reason = kernel.reject_reason(device_type, dtype, size, explicit=True)
+    reason = kernel.refuses(KernelCall(device_type, dtype, size, explicit=True))
     if reason is None:
         ok, why = kernel.available()
         reason = None if ok else why
@@ -221,7 +238,7 @@ def _explicit(op, wanted, impls, device_type, dtype, size):
 def _auto(op, impls, device_type, dtype, size):
     skipped: list[str] = []
     for kernel in impls:
-        reason = kernel.reject_reason(device_type, dtype, size, explicit=False)
+        reason = kernel.refuses(KernelCall(device_type, dtype, size))
         if reason is None:
             ok, why = kernel.available()
             reason = None if ok else why

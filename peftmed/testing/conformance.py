@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from ..errors import PeftmedError
+from ..kernels.registry import KernelCall
 from ..model import apply, load_adapter
 from ..recipe import Recipe
 from . import helpers as h
@@ -310,7 +311,7 @@ class KernelConformance:
         ok, why = impl.available()
         if not ok:
             pytest.skip(f"{self.op}:{self.impl} is not available here: {why}")
-        if impl.reject_reason("cpu", torch.float32, None, explicit=True) is not None:
+        if impl.refuses(KernelCall("cpu", torch.float32, explicit=True)) is not None:
             pytest.skip(f"{self.op}:{self.impl} does not run on the CPU in float32 here")
         try:
             ref = importlib.import_module(f"peftmed.kernels.{self.op}.reference")

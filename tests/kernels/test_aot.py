@@ -78,7 +78,8 @@ def test_no_configuration_spills_or_exceeds_shared_memory(report):
 
 @pytest.mark.slow
 def test_the_report_covers_every_kernel_on_both_targets(report):
-    from peftmed.kernels.plugin import TRITON_MAX
+    from peftmed.kernels.layer_norm.impls import TRITON_MAX_WIDTH
+    from peftmed.kernels.lora_linear.impls import TRITON_MAX_RANK
 
     proc, rows = report
     arches = ("sm_90", "sm_80") if "sm_80" in proc.stdout else ("sm_90",)
@@ -89,7 +90,7 @@ def test_the_report_covers_every_kernel_on_both_targets(report):
     assert seen == {(a, k) for a in arches for k in kernels}
     configs = " ".join(r["config"] for r in rows)
     # (LayerNorm at 1024 compiles to the kernel at 768: the same tiles, both widths divisible by 16; one row)
-    for needed in ("r=16", f"r={TRITON_MAX['lora_linear']}", "560x768", "N=768", f"N={TRITON_MAX['layer_norm']}",
+    for needed in ("r=16", f"r={TRITON_MAX_RANK}", "560x768", "N=768", f"N={TRITON_MAX_WIDTH}",
                    "D=64", "D=128", "mask+causal+dropout", "bf16", "fp16", "fp32"):
         assert needed in configs, needed
     # the tensor-core path is Hopper's on sm_90 for the bf16 GEMMs (not the Ampere mma.sync fallback)
@@ -156,27 +157,38 @@ def test_the_gate_sees_a_spill():
 
 def test_the_dispatcher_keeps_what_cannot_compile_away_from_triton(fresh_dispatch):
     """Rows wider than the widest gated LayerNorm, ranks above the gated LoRA rank and heads above the gated
-    head dim are not Triton's to take."""
+    head dim are not Triton's to take: the limits each op's folder declares are the ones dispatch applies."""
     from peftmed.kernels import plugin
+    from peftmed.kernels.layer_norm import impls as ln
+    from peftmed.kernels.lora_linear import impls as lora
+    from peftmed.kernels.prefix_attention import impls as prefix
+    from peftmed.kernels.registry import KernelCall
 
-    ln, lora = plugin._max_size("layer_norm"), plugin._max_size("lora_linear")
-    assert ln(plugin.TRITON_MAX["layer_norm"]) is None
-    assert "row width 8192 is above" in ln(8192)
-    assert lora(plugin.TRITON_MAX["lora_linear"]) is None
-    assert "rank" in lora(plugin.TRITON_MAX["lora_linear"] * 2)
-    assert plugin.PREFIX_MAX_HEAD_DIM["triton"] == 128
     impls = {(k.op, k.name): k for k in plugin.builtin_impls()}
-    lora_t, prefix_t = impls[("lora_linear", "triton")], impls[("prefix_attention", "triton")]
+    ln_t, lora_t, prefix_t = (impls[(op, "triton")] for op in ("layer_norm", "lora_linear", "prefix_attention"))
+
+    def refuses(impl, dtype, size, device="cuda"):
+        return impl.refuses(KernelCall(device, dtype, size, explicit=True))
+
+    assert refuses(ln_t, torch.bfloat16, ln.TRITON_MAX_WIDTH) is None
+    assert "row width 8192 is above the Triton kernel's 4096" in refuses(ln_t, torch.bfloat16, 8192)
+    assert refuses(lora_t, torch.bfloat16, lora.TRITON_MAX_RANK) is None
+    assert "rank 256 is above" in refuses(lora_t, torch.bfloat16, lora.TRITON_MAX_RANK * 2)
+    assert prefix.MAX_HEAD_DIM["triton"] == 128
+    assert "head dim 256 is above" in refuses(prefix_t, torch.bfloat16, 256)
+    assert refuses(impls[("prefix_attention", "cuda")], torch.bfloat16, 256) is None
     # fp32 on a GPU stops lower (three TF32 passes hold more registers); bf16 does not; the CPU interpreter
     # (no registers to spill) takes every size it took before
-    top = plugin.LORA_TRITON_FP32_MAX_RANK
-    assert lora_t.reject_reason("cuda", torch.float32, top, explicit=True) is None
-    assert f"fp32 at rank {top * 2} is above" in lora_t.reject_reason("cuda", torch.float32, top * 2, explicit=True)
-    assert lora_t.reject_reason("cuda", torch.bfloat16, top * 2, explicit=True) is None
-    assert "fp32 at head dim 128" in prefix_t.reject_reason("cuda", torch.float32, 128, explicit=True)
-    assert prefix_t.reject_reason("cuda", torch.bfloat16, 128, explicit=True) is None
+    top = lora.TRITON_FP32_MAX_RANK
+    assert refuses(lora_t, torch.float32, top) is None
+    assert f"fp32 at rank {top * 2} is above" in refuses(lora_t, torch.float32, top * 2)
+    assert refuses(lora_t, torch.bfloat16, top * 2) is None
+    assert "fp32 at head dim 128" in refuses(prefix_t, torch.float32, 128)
+    assert refuses(prefix_t, torch.bfloat16, 128) is None
     if os.environ.get("TRITON_INTERPRET") == "1":
-        assert lora_t.reject_reason("cpu", torch.float32, top * 2, explicit=True) is None
+        assert refuses(lora_t, torch.float32, top * 2, device="cpu") is None
+        # auto never takes the interpreter
+        assert "only when asked for by name" in lora_t.refuses(KernelCall("cpu", torch.float32, 16))
 
 
 def test_lora_tiles_are_keyed_by_shape():

@@ -46,7 +46,7 @@ def test_explicit_wrong_device_and_unknown_name(fresh_dispatch, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(KernelUnavailableError, match=r"lora_linear:cuda .*runs on cuda, not cpu"):
         kernels.resolve("lora_linear", "cuda", "cpu", torch.float32, 8)
-    with pytest.raises(KernelUnavailableError, match="triton.*not cpu.*auto"):
+    with pytest.raises(KernelUnavailableError, match="triton.*CPU only interpreted.*TRITON_INTERPRET=1.*auto"):
         kernels.resolve("layer_norm", "triton", "cpu", torch.float32, 8)
     with pytest.raises(UnknownNameError, match="'tritn'.*did you mean 'triton'"):
         kernels.resolve("layer_norm", "tritn", "cpu", torch.float32, 8)
@@ -238,3 +238,30 @@ def test_a_lock_left_by_a_killed_build_does_not_stop_the_next_one(monkeypatch, t
         assert build._jit_build("layer_norm_cpu") == "module"
     assert calls and not (folder / "lock").exists()
     assert "stopped before it finished" in caplog.text
+
+
+def test_setup_py_reads_the_extension_table_without_importing_peftmed(tmp_path):
+    """``PEFTMED_BUILD_EXT=1 pip install .`` loads build.py by path (peftmed is not importable yet while it is being
+    installed): it failed there on a relative import. Run as setup.py runs it, in a process where importing peftmed
+    fails, it lists every extension of every op with sources that exist."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "peftmed"  # first on the path: `import peftmed` fails in the child
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('peftmed must not be imported by setup.py')\n")
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('peftmed_kernels_build', {str(Path(build.__file__))!r})\n"
+            "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\n"
+            "print(sorted(b.EXTENSIONS))\n"
+            "print(all((b.CSRC / s).is_file() for e in b.EXTENSIONS.values() for s in e['sources']))\n"
+            "print(sorted(e.name for e in b.setup_extensions()[0]))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names, sources_exist, built = proc.stdout.split("\n")[:3]
+    assert names == repr(sorted(build.EXTENSIONS))
+    assert {e["op"] for e in build.EXTENSIONS.values()} == {"lora_linear", "layer_norm", "prefix_attention"}
+    assert sources_exist == "True"
+    cuda = torch.version.cuda is not None  # a CPU torch builds the C++ extensions only
+    assert built == repr(sorted(f"{build.AOT_PACKAGE}.{n}" for n, e in build.EXTENSIONS.items() if cuda or not e["cuda"]))

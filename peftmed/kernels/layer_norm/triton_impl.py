@@ -1,13 +1,13 @@
 """layer_norm in Triton (GPU; on CPU through TRITON_INTERPRET=1 for tests).
 
-Forward: each program normalises BLOCK_M whole rows (a row fits one block: N <= TRITON_MAX) and saves
+Forward: each program normalises BLOCK_M whole rows (a row fits one block: N <= impls.TRITON_MAX_WIDTH) and saves
 mean and rstd in fp32. Backward: a fixed number of programs (a few per SM), each walking a contiguous
 range of rows BLOCK_M at a time: it writes dx and keeps fp32 running sums of dy * xhat and dy in
 registers, stored once as one partial row per program (stage 1); the partials are summed afterwards
 (stage 2: one launch sums, casts and stores both, ``triton_reduce``). Unlike a lock-and-atomics dgamma
 reduction, no program waits for another, and at the widths of ViT/BERT (768, 1024) several rows per step
 keep enough loads in flight. Warps grow with the tile so that no thread holds more than 32 values of a
-tile (the AOT report checks registers and spills at every width up to TRITON_MAX). Row offsets are 64-bit.
+tile (the AOT report checks registers and spills at every width up to impls.TRITON_MAX_WIDTH). Row offsets are 64-bit.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def fwd_config(n: int) -> dict:
 def bwd_config(n: int) -> dict:
     """The backward walks the same tiles with twice the warps: it holds about seven row tensors in registers
     (x, dy, x-hat, w, dx and the dw/db sums), at most 16 values each per thread. No spill up to N = 4096
-    (plugin.TRITON_MAX; at 8192 its 16 warps are capped at 128 registers and spill), and registers low
+    (impls.TRITON_MAX_WIDTH; at 8192 its 16 warps are capped at 128 registers and spill), and registers low
     enough for several blocks per SM."""
     cfg = fwd_config(n)
     cfg["num_warps"] = min(16, max(4, cfg["BLOCK_M"] * cfg["BLOCK_N"] // 512))

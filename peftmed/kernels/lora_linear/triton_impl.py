@@ -187,7 +187,7 @@ def _drop_args(p: float, seed: int):
 # ---- launch configurations (what peftmed.kernels.aot compiles and checks) ------------------------------
 # Tiles on a GPU per element type and BLOCK_R (the rank rounded up to a power of two >= 16): the largest with no
 # register spill at sm_90 and sm_80 (benchmarks/kernels/aot_report.py; tests/kernels/test_aot.py gates them).
-# fp32 ranks above 32 are not the Triton kernels' (plugin.lora_triton_fits): the tiles tried spill on sm_80.
+# fp32 ranks above 32 are not the Triton kernels' (impls.TRITON_LIMITS): the tiles tried spill on sm_80.
 def gemm_config(dtype: torch.dtype, gpu: bool, block_r: int = 16, m: int | None = None, n: int | None = None,
                 sms: int | None = None) -> dict:
     """Tiles of the (base GEMM + LoRA) kernel: a Hopper/Ampere-sized tile on a GPU, 8 warps (the LoRA term

@@ -245,7 +245,7 @@ GPU_TILES: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     (128, 2): dict(fwd=(64, 32, 8, 2), dkdv=(32, 32, 8, 2), dq=(64, 32, 8, 2)),
     (64, 4): dict(fwd=(32, 32, 8, 2), dkdv=(16, 32, 8, 1), dq=(16, 32, 8, 1)),
     # fp32 above head dim 64: no tile without spills; the dispatcher does not give it to Triton
-    # (plugin.prefix_triton_fits)
+    # (impls.TRITON_LIMITS)
 }
 KERNELS = ("fwd", "dkdv", "dq")
 
