@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -72,51 +73,116 @@ def _factors(weight: torch.Tensor, config: LoraConfig, fan_in: int, out: int, ke
     return nn.Parameter(a), nn.Parameter(b)
 
 
-class LoraLinear(AdapterLayer):
-    """nn.Linear + per-adapter low-rank update; forward through the fused ``lora_linear`` op."""
+class LoraVariant:
+    """What a variant of LoRA on linear layers changes (peft's LoRA variants are the model: DoRA is one; VeRA, a
+    frozen seeded pair with trained vectors, is another). A plugin subclasses it, binds it to a layer class
+    (``class DoraLinear(LoraLinear): variant = DoraVariant()``) and names that class in its Method's
+    ``layer_class``. The layer keeps what every variant shares: it wraps nn.Linear only, keeps per-adapter
+    configs and roles, the active adapter, merging's bookkeeping and removal; the variant says what differs:
 
-    adapter_attributes = ("lora_A", "lora_B")
+    - ``tensors``: the layer's per-adapter ``nn.ParameterDict`` attributes (trained, counted, saved);
+      ``side_tables``: per-adapter dicts kept outside them (removed with the adapter);
+    - ``init(layer, name, config)``: make the adapter's tensors (and any frozen buffers);
+    - ``forward(layer, name, x)``: the layer's output while the adapter applies;
+    - ``delta_weight(layer, name)``: the additive update merging folds into W; or ``merge_into`` /
+      ``unmerge_from`` where merging is not an addition (DoRA renormalises);
+    - ``remove(layer, name)``: drop what ``init`` made outside ``tensors`` and ``side_tables``;
+    - ``describe(config)``: the layer's repr per adapter.
+    """
+
+    label = "LoRA"
+    tensors: tuple[str, ...] = ("lora_A", "lora_B")
+    side_tables: tuple[str, ...] = ()
+
+    def init(self, layer: LoraLinear, name: str, config) -> None:
+        base = layer.innermost
+        layer.lora_A[name], layer.lora_B[name] = _factors(base.weight, config, base.in_features, base.out_features)
+
+    def delta_weight(self, layer: LoraLinear, name: str) -> torch.Tensor:
+        """s B A (out, in)."""
+        return (layer.lora_B[name] @ layer.lora_A[name]) * layer.configs[name].scaling
+
+    def forward(self, layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Through the fused ``lora_linear`` op; stacked over another method or over 4-bit weights only the base
+        layer can read, the update is added to the base layer's output."""
+        cfg = layer.configs[name]
+        dt = compute_dtype(x)
+        a, b = layer.lora_A[name].to(dt), layer.lora_B[name].to(dt)
+        if isinstance(layer.base_layer, AdapterLayer) or layer.quantized:
+            h = x.to(dt)
+            h = nn.functional.dropout(h, cfg.dropout, layer.training) if cfg.dropout > 0 else h
+            return layer.base_layer(x) + cfg.scaling * (h @ a.t()) @ b.t()
+        w, bias = layer.base_layer.weight.to(dt), layer.base_layer.bias
+        return kernels.lora_linear(
+            x.to(dt), w, bias.to(dt) if bias is not None else None, a, b, cfg.scaling,
+            dropout_p=cfg.dropout, training=layer.training, impl=cfg.kernel, registry=layer.kernel_registry,
+        )
+
+    def merge_into(self, layer: LoraLinear, name: str, base: nn.Module) -> None:
+        base.weight += self.delta_weight(layer, name).to(base.weight.dtype)
+
+    def unmerge_from(self, layer: LoraLinear, name: str, base: nn.Module) -> None:
+        base.weight -= self.delta_weight(layer, name).to(base.weight.dtype)
+
+    def remove(self, layer: LoraLinear, name: str) -> None:
+        pass
+
+    def describe(self, config) -> str:
+        return f"r={config.r}, alpha={config.alpha}"
+
+
+class LoraLinear(AdapterLayer):
+    """nn.Linear + per-adapter low-rank update; what the update is and how it is applied is ``variant``'s (plain
+    LoRA: forward through the fused ``lora_linear`` op). A subclass that sets another ``variant`` gets its
+    ``tensors`` and ``side_tables`` as the layer's adapter attributes."""
+
+    variant: ClassVar[LoraVariant] = LoraVariant()
+    adapter_attributes = LoraVariant.tensors
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.adapter_attributes = tuple(cls.variant.tensors)
+        cls.adapter_side_tables = tuple(cls.variant.side_tables)
 
     def __init__(self, base_layer: nn.Module):
         if not isinstance(unwrap(base_layer), nn.Linear):
             raise RecipeError(
-                f"LoRA wraps nn.Linear layers; got {type(unwrap(base_layer)).__name__}. "
+                f"{self.variant.label} wraps nn.Linear layers; got {type(unwrap(base_layer)).__name__}. "
                 f"Choose roles that name linear layers."
             )
         super().__init__(base_layer)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
+        for attr in self.adapter_attributes:
+            setattr(self, attr, nn.ParameterDict())
+        for attr in self.adapter_side_tables:
+            setattr(self, attr, {})
 
-    def add_adapter(self, name: str, config: LoraConfig, role: str) -> None:
-        base = self.innermost
-        self.lora_A[name], self.lora_B[name] = _factors(base.weight, config, base.in_features, base.out_features)
+    def add_adapter(self, name: str, config: MethodConfig, role: str) -> None:
+        self.variant.init(self, name, config)
         self.configs[name] = config
         self.roles[name] = role
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """s B A (out, in): what merging adds to the base weight (the base class does the bookkeeping)."""
-        return (self.lora_B[name] @ self.lora_A[name]) * self.configs[name].scaling
+        """What merging adds to the base weight (the base class does the bookkeeping)."""
+        return self.variant.delta_weight(self, name)
+
+    def merge_into(self, name: str, base: nn.Module) -> None:
+        self.variant.merge_into(self, name, base)
+
+    def unmerge_from(self, name: str, base: nn.Module) -> None:
+        self.variant.unmerge_from(self, name, base)
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.variant.remove(self, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self.active_adapter
         if not self.uses(name):
             return self.base_layer(x)
-        cfg = self.configs[name]
-        dt = compute_dtype(x)
-        a, b = self.lora_A[name].to(dt), self.lora_B[name].to(dt)
-        if isinstance(self.base_layer, AdapterLayer) or self.quantized:
-            # stacked over another method, or over 4-bit weights only the base layer can read: add the update
-            h = x.to(dt)
-            h = nn.functional.dropout(h, cfg.dropout, self.training) if cfg.dropout > 0 else h
-            return self.base_layer(x) + cfg.scaling * (h @ a.t()) @ b.t()
-        w, bias = self.base_layer.weight.to(dt), self.base_layer.bias
-        return kernels.lora_linear(
-            x.to(dt), w, bias.to(dt) if bias is not None else None, a, b, cfg.scaling,
-            dropout_p=cfg.dropout, training=self.training, impl=cfg.kernel, registry=self.kernel_registry,
-        )
+        return self.variant.forward(self, name, x)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={c.r}, alpha={c.alpha}" for n, c in self.configs.items())
+        return ", ".join(f"{n}: {self.variant.describe(c)}" for n, c in self.configs.items())
 
 
 class LoraConv2d(AdapterLayer):

@@ -37,3 +37,25 @@ def test_bad_options_name_the_value(bad):
     reg = fresh_registry()
     with pytest.raises(peftmed.ConfigError, match=bad.split("=")[0]):
         peftmed.apply(peftmed.build_backbone("toy-vlm"), f"fusion=dora({bad})", registry=reg)
+
+
+def test_dora_is_a_lora_variant_with_loras_options_and_kernel():
+    """DoRA gets LoRA's options (rslora, init, kernel) through the variant hook, and its output is the formula
+    (m / ||W + sBA||) (x W^T + s B A x) + b computed here with plain torch."""
+    reg = fresh_registry()
+    model = peftmed.build_backbone("toy-vlm")
+    pm = peftmed.apply(model, "fusion=dora(r=4,alpha=8,rslora=true,init=gaussian,kernel=torch)", registry=reg)
+    layer = next(m for m in pm.modules() if type(m).__name__ == "DoraLinear")
+    cfg = layer.configs["default"]
+    assert cfg.scaling == 8 / 2  # alpha / sqrt(r)
+    with torch.no_grad():
+        layer.lora_B["default"].normal_()
+        layer.magnitude["default"].uniform_(0.5, 2.0)
+    x = torch.randn(3, layer.base_layer.in_features)
+    w, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b, m = layer.lora_A["default"], layer.lora_B["default"], layer.magnitude["default"]
+    delta = cfg.scaling * b @ a
+    want = (m / (w + delta).norm(dim=1)) * (x @ w.t() + x @ delta.t()) + bias
+    torch.testing.assert_close(layer(x), want)
+    with pytest.raises(peftmed.RecipeError, match="DoRA wraps nn.Linear"):
+        type(layer)(torch.nn.Conv2d(3, 4, 2))

@@ -9,7 +9,8 @@ they are kept as non-persistent buffers: they are not parameters (never counted 
 in the adapter file (the seed in the saved config regenerates them on load), and identical on every
 machine (drawn on the CPU in float32, then moved to the layer's device and dtype).
 
-lambda_b starts at zero, so the adapted model starts as the base model.
+lambda_b starts at zero, so the adapted model starts as the base model. VeRA is a variant of LoRA (peftmed's
+``LoraVariant`` hook): the layer, its bookkeeping and its additive merge are LoRA's.
 """
 
 from __future__ import annotations
@@ -56,57 +57,50 @@ def shared_matrices(seed: int, r: int, in_features: int, out_features: int) -> t
     return a.t().contiguous(), b
 
 
-class VeraLinear(peftmed.AdapterLayer):
-    """nn.Linear + per-adapter trainable vectors over frozen shared random matrices."""
+class VeraVariant(peftmed.LoraVariant):
+    """VeRA as a variant of LoRA (peftmed's ``LoraVariant`` hook): the layer, its bookkeeping and additive merge are
+    LoRA's; the low-rank pair is frozen and seeded, and what trains is two vectors."""
 
-    adapter_attributes = ("vera_lambda_d", "vera_lambda_b")
+    label = "VeRA"
+    tensors = ("vera_lambda_d", "vera_lambda_b")
 
-    def __init__(self, base_layer: nn.Module):
-        if not isinstance(base_layer, nn.Linear):
-            raise peftmed.RecipeError(
-                f"VeRA wraps nn.Linear layers; got {type(base_layer).__name__}. Choose roles that name linear layers."
-            )
-        super().__init__(base_layer)
-        self.vera_lambda_d = nn.ParameterDict()
-        self.vera_lambda_b = nn.ParameterDict()
-
-    def add_adapter(self, name: str, config: VeraConfig, role: str) -> None:
-        base = self.base_layer
+    def init(self, layer, name, config) -> None:
+        base = layer.innermost
         dev, dtype = base.weight.device, base.weight.dtype
         a, b = shared_matrices(config.seed, config.r, base.in_features, base.out_features)
         # buffers, not parameters: moved with the model, never trained, never saved (the seed is)
-        self.register_buffer(f"vera_A_{name}", a.to(dev, dtype), persistent=False)
-        self.register_buffer(f"vera_B_{name}", b.to(dev, dtype), persistent=False)
-        self.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), config.d_initial, device=dev, dtype=dtype))
-        self.vera_lambda_b[name] = nn.Parameter(torch.zeros(base.out_features, device=dev, dtype=dtype))
-        self.configs[name] = config
-        self.roles[name] = role
+        layer.register_buffer(f"vera_A_{name}", a.to(dev, dtype), persistent=False)
+        layer.register_buffer(f"vera_B_{name}", b.to(dev, dtype), persistent=False)
+        layer.vera_lambda_d[name] = nn.Parameter(torch.full((config.r,), config.d_initial, device=dev, dtype=dtype))
+        layer.vera_lambda_b[name] = nn.Parameter(torch.zeros(base.out_features, device=dev, dtype=dtype))
 
-    def remove_adapter(self, name: str) -> None:
-        super().remove_adapter(name)
+    def remove(self, layer, name) -> None:
         for key in (f"vera_A_{name}", f"vera_B_{name}"):
-            self._buffers.pop(key, None)
+            layer._buffers.pop(key, None)
+
+    def delta_weight(self, layer, name) -> torch.Tensor:
+        """What merging adds to the base weight (the layer adds and subtracts it)."""
+        a, b = layer.frozen_pair(name)
+        return (layer.vera_lambda_b[name][:, None] * b) @ (layer.vera_lambda_d[name][:, None] * a)  # (out, in)
+
+    def forward(self, layer, name, x) -> torch.Tensor:
+        cfg = layer.configs[name]
+        a, b = (t.to(x.dtype) for t in layer.frozen_pair(name))
+        h = F.dropout(x, cfg.dropout, layer.training) if cfg.dropout > 0 else x
+        low = F.linear(h, a) * layer.vera_lambda_d[name].to(x.dtype)  # (..., r)
+        return layer.base_layer(x) + F.linear(low, b) * layer.vera_lambda_b[name].to(x.dtype)
+
+    def describe(self, config) -> str:
+        return f"r={config.r}, seed={config.seed}"
+
+
+class VeraLinear(peftmed.LoraLinear):
+    """nn.Linear + per-adapter trainable vectors over frozen shared random matrices."""
+
+    variant = VeraVariant()
 
     def frozen_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return getattr(self, f"vera_A_{name}"), getattr(self, f"vera_B_{name}")
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """What merging adds to the base weight (the base class adds and subtracts it)."""
-        a, b = self.frozen_pair(name)
-        return (self.vera_lambda_b[name][:, None] * b) @ (self.vera_lambda_d[name][:, None] * a)  # (out, in)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        name = self.active_adapter
-        if not self.uses(name):
-            return self.base_layer(x)
-        cfg = self.configs[name]
-        a, b = (t.to(x.dtype) for t in self.frozen_pair(name))
-        h = F.dropout(x, cfg.dropout, self.training) if cfg.dropout > 0 else x
-        low = F.linear(h, a) * self.vera_lambda_d[name].to(x.dtype)  # (..., r)
-        return self.base_layer(x) + F.linear(low, b) * self.vera_lambda_b[name].to(x.dtype)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{n}: r={c.r}, seed={c.seed}" for n, c in self.configs.items())
 
 
 class Vera(peftmed.Method):
