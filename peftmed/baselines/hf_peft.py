@@ -128,7 +128,7 @@ def apply_peft(model: nn.Module, recipe: Recipe | str | Mapping, backbone, regis
     if not targets:
         raise PeftUnavailable(f"the role map gives no {method} target modules in {sorted(tuned)}")
     try:
-        fields = form.config(configs, info)
+        fields = form.fields(configs, info)
     except ConfigError as exc:
         raise PeftUnavailable(str(exc)) from None
     config = peft.get_peft_config({"peft_type": form.peft_type, "target_modules": targets,

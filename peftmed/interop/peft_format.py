@@ -12,8 +12,11 @@ method that declares one exports and imports as the built-ins do. The built-ins:
   ia3               IA3               ia3_scale (n,) -> ia3_l, (out, 1), or (1, in) for feed-forward roles
   layernorm         LN_TUNING         <norm>.weight/.bias -> <norm>.ln_tuning_layers.weight/.bias
 
-Refused, with the reason: methods that declare no peft form (BitFit, full, FFN-/Attention-tuning; the DoRA and
-VeRA plugins: peft's DoRA/VeRA differ in parameterisation), prompt methods (peft's prefix tuning feeds
+A plugin's form is found the same way: the DoRA plugin's is LORA with ``use_dora`` (``PeftForm.selects`` tells forms
+of one peft type apart on import).
+
+Refused, with the reason: methods that declare no peft form (BitFit, full, FFN-/Attention-tuning; the VeRA plugin:
+peft's VeRA differs in parameterisation), prompt methods (peft's prefix tuning feeds
 past_key_values to the whole language model, not to one component's attention), LoRA with bias training (peft
 does not save base biases as LoRA), several methods in one component, and models that are not a transformers
 model inside a peftmed wrapper.
@@ -72,14 +75,30 @@ def _strip(name: str, sub: str) -> str:
     return name[len(sub) + 1:] if sub else name
 
 
-def peft_forms(registry) -> dict[str, tuple[str, PeftForm]]:
-    """peft type -> (method name, its form), over every registered method (plugins' too) that declares one."""
-    out = {}
+def peft_forms(registry) -> dict[str, list[tuple[str, PeftForm]]]:
+    """peft type -> [(method name, its form)], over every registered method (plugins' too) that declares one."""
+    out: dict[str, list[tuple[str, PeftForm]]] = {}
     for method in registry.all("method").values():
         form = getattr(method, "peft", None)
         if form is not None and not form.prompt and not form.modules_to_save:
-            out.setdefault(form.peft_type, (method.name, form))
+            out.setdefault(form.peft_type, []).append((method.name, form))
     return out
+
+
+def form_for(config: dict, registry) -> tuple[str, PeftForm]:
+    """The registered method whose peft form a peft ``adapter_config.json`` is (its type, and its ``selects``)."""
+    peft_type = config.get("peft_type")
+    forms = peft_forms(registry)
+    if peft_type not in forms:
+        raise AdapterError(f"peft adapter type {peft_type!r} has no peftmed equivalent; importable: {', '.join(forms)}")
+    found = [(method, form) for method, form in forms[peft_type] if form.selected_by(config)]
+    if not found:
+        flags = sorted({k for _, f in forms[peft_type] for k in f.selects if config.get(k, False)})
+        raise AdapterError(
+            f"peft {peft_type} adapter with {', '.join(f'{k}={config[k]!r}' for k in flags) or 'these settings'} has no "
+            f"peftmed equivalent among the installed methods ({', '.join(m for m, _ in forms[peft_type])}); a method "
+            f"plugin may add it")
+    return max(found, key=lambda pair: len(pair[1].selects))
 
 
 def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Path:
@@ -134,7 +153,7 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
         if name not in info:
             info[name] = form.info(pm.base_model.get_submodule(base), configs[name], None, name)
     try:
-        fields = form.config(configs, info)
+        fields = form.fields(configs, info)
     except ConfigError as exc:
         raise AdapterError(str(exc)) from None
     out_tensors = {f"{PREFIX}{name}.{form.tensors[attr]}": form.to_peft(attr, t, info[name])
@@ -197,7 +216,7 @@ def read_peft_config(path: Path) -> dict:
 
 def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registry=None) -> Path:
     """Write the peft adapter folder ``src`` as a peftmed adapter ``out`` for ``backbone``: the method is the
-    registered one whose peft form has the folder's ``peft_type``."""
+    registered one whose peft form the folder's config is (``form_for``)."""
     from safetensors.torch import load_file
 
 
@@ -207,10 +226,7 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
         raise AdapterError(f"{str(src)!r} is not a peft adapter folder ({PEFT_CONFIG} and {PEFT_WEIGHTS} expected)")
     config = read_peft_config(src / PEFT_CONFIG)
     peft_type = config.get("peft_type")
-    forms = peft_forms(registry)
-    if peft_type not in forms:
-        raise AdapterError(f"peft adapter type {peft_type!r} has no peftmed equivalent; importable: {', '.join(forms)}")
-    method, form = forms[peft_type]
+    method, form = form_for(config, registry)
     bb = registry.backbone(backbone)
     try:
         weights = load_file(str(src / PEFT_WEIGHTS))

@@ -91,7 +91,10 @@ class PeftForm:
     - ``prompt``: peft applies it to a whole language model (``get_peft_model``), not per module; such an adapter
       is not exported (``refusal`` says why);
     - ``modules_to_save``: a component it trains is, in peft, one of ``modules_to_save`` (full tuning) beside
-      another method's adapter; it has no adapter of its own (not exported: ``refusal``).
+      another method's adapter; it has no adapter of its own (not exported: ``refusal``);
+    - ``selects``: peft config fields, with their values, that tell this form from another of the same
+      ``peft_type`` (LoRA ``{"use_dora": False}``, the DoRA plugin ``{"use_dora": True}``): written into every
+      config (:meth:`fields`) and matched on import (a field a config lacks counts as False).
     """
 
     peft_type: str
@@ -106,6 +109,15 @@ class PeftForm:
     prompt: bool = False
     modules_to_save: bool = False
     refusal: str = ""
+    selects: Mapping[str, Any] = field(default_factory=dict)
+
+    def fields(self, configs: dict, info: dict) -> dict:
+        """peft's config fields besides ``peft_type`` and ``target_modules``: ``config``'s and ``selects``."""
+        return {**self.config(configs, info), **self.selects}
+
+    def selected_by(self, peft_config: Mapping[str, Any]) -> bool:
+        """Whether a peft ``adapter_config.json`` of this form's type is this form (its ``selects`` all hold)."""
+        return all(peft_config.get(key, False) == value for key, value in self.selects.items())
 
 
 def peft_targets(spec, name: str) -> bool:

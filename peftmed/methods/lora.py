@@ -271,7 +271,8 @@ class Lora(Method):
     identity_at_init = True  # B starts at zero; the conformance kit checks the promise
     layer_class = LoraLinear
     peft = PeftForm("LORA", tensors={"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"},
-                    trainable=("lora_A.", "lora_B."), config=_peft_config, info=_peft_info, options=_peft_options)
+                    trainable=("lora_A.", "lora_B."), config=_peft_config, info=_peft_info, options=_peft_options,
+                    selects={"use_dora": False})
 
     def layer_class_for(self, module: nn.Module) -> type[AdapterLayer]:
         """LoraConv2d for a convolution (the ``patch`` role), LoraLinear otherwise."""

@@ -167,3 +167,15 @@ def test_a_plugin_method_that_declares_its_peft_form_exports_and_imports(tmp_pat
     peftmed.apply(_model(reg), "fusion=bitfit", registry=reg).save_adapter(tmp_path / "b")
     with pytest.raises(AdapterError, match=r"peft cannot represent method\(s\) \['bitfit'\].*exportable: .*half-lora"):
         export_to_peft(tmp_path / "b", tmp_path / "out", registry=reg)
+
+
+def test_a_peft_dora_adapter_is_not_imported_as_lora(tmp_path):
+    """peft's DoRA is a LORA adapter with use_dora: without a method that declares that form it is refused by name
+    (before, it went to LoRA and failed on the magnitude tensor, naming neither DoRA nor a remedy)."""
+    reg = peftmed.build_registry(load_entrypoints=False)  # the built-ins only: no DoRA plugin
+    wrapper = h.build_model(reg.backbone(BACKBONE), seed=0)
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["self_attn.qkv"], use_dora=True)
+    peft.get_peft_model(wrapper.model, config).save_pretrained(str(tmp_path / "peft"))
+    with pytest.raises(AdapterError, match=r"LORA adapter with use_dora=True has no peftmed equivalent.*\(lora\)"):
+        import_from_peft(tmp_path / "peft", tmp_path / "mine", backbone=BACKBONE, registry=reg)
+    assert not (tmp_path / "mine").exists()

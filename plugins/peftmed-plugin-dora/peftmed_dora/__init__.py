@@ -9,6 +9,7 @@ magnitude, its forward and its merge. Written with peftmed's public API only.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,10 @@ class Dora(peftmed.Lora):
     short_label = "DoRA"
     identity_at_init = True  # B = 0 and m = ||W||: the adapted model starts as the base model
     layer_class = DoraLinear
-    peft = None  # not exported to peft's format (yet)
+    # peft's DoRA is LoRA with use_dora: the same forward (its norm a constant of the gradient too) and the magnitude
+    # saved as lora_magnitude_vector; exported, imported and run as the bench's peft baseline through this form
+    peft = dataclasses.replace(peftmed.Lora.peft, tensors={**peftmed.Lora.peft.tensors, "magnitude": "lora_magnitude_vector"},
+                               trainable=(*peftmed.Lora.peft.trainable, "lora_magnitude_vector."), selects={"use_dora": True})
     version = __version__
 
     def layer_class_for(self, module: nn.Module):

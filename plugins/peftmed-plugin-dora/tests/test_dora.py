@@ -1,5 +1,6 @@
 """DoRA against the conformance kit, plus what is specific to it."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,3 +60,38 @@ def test_dora_is_a_lora_variant_with_loras_options_and_kernel():
     torch.testing.assert_close(layer(x), want)
     with pytest.raises(peftmed.RecipeError, match="DoRA wraps nn.Linear"):
         type(layer)(torch.nn.Conv2d(3, 4, 2))
+
+
+def test_dora_crosses_to_peft_and_back_with_the_same_output(tmp_path):
+    """Exported, peft's own DoRA (LoRA with use_dora) loads it on the same transformers model and computes the same
+    output; peft's DoRA folder imports back as DoRA (not as LoRA, which has no magnitude)."""
+    peft = pytest.importorskip("peft")
+    from peftmed.interop import export_to_peft, import_from_peft
+    from peftmed.testing import helpers as h
+
+    reg = fresh_registry()
+    bb = reg.backbone("hf-blip-vqa")
+    pm = peftmed.apply(h.build_model(bb, seed=0), "vision=dora(r=4,alpha=8) fusion=dora(r=4,alpha=8)", registry=reg)
+    h.perturb_(pm.adapter_tensors(), seed=1)
+    inputs = h.example_inputs(pm.base_model, bb, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        ours = h.run(pm, inputs)
+        base = h.run(h.build_model(bb, seed=0), inputs)
+    pm.save_adapter(tmp_path / "mine")
+    export_to_peft(tmp_path / "mine", tmp_path / "peft", registry=reg)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+
+    wrapper = h.build_model(bb, seed=0)
+    peft.PeftModel.from_pretrained(wrapper.model, str(tmp_path / "peft"))
+    wrapper.eval()
+    with torch.no_grad():
+        theirs = h.run(wrapper, inputs)
+    assert not torch.allclose(ours, base)
+    h.assert_close(theirs, ours, "peft's DoRA vs peftmed's")
+
+    import_from_peft(tmp_path / "peft", tmp_path / "back", backbone="hf-blip-vqa", registry=reg)
+    manifest = json.loads((tmp_path / "back" / "adapter.json").read_text())
+    assert {m["method"] for ms in manifest["methods"].values() for m in ms} == {"dora"}
+    back = peftmed.load_adapter(h.build_model(bb, seed=0), tmp_path / "back", registry=reg)
+    with torch.no_grad():
+        h.assert_close(h.run(back, inputs), ours, "round trip through peft (DoRA)")
