@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from collections.abc import Iterable
 from pathlib import Path
 
 from ..files import sha256_file
+from .images import dataset_file
 from .records import DataError, MissingDataError, VQARecord
 
 log = logging.getLogger("peftmed.data")
@@ -59,10 +61,40 @@ def field(rec: dict, key: str, path: Path, index: int, kinds=(str,)):
     return value
 
 
-def build_record(path: Path, index: int, **kwargs) -> VQARecord:
-    """A ``VQARecord``, with a bad value (e.g. answer_type) reported with file and record index."""
+@dataclass(frozen=True)
+class VQAFields:
+    """Which fields of a dataset's JSON question are a ``VQARecord``'s (``qid``, ``question``, ``answer`` and
+    ``answer_type`` are named so in every release); every other field goes to ``extra``."""
+
+    dataset: str  # the name errors give
+    image: str  # the image file's name, relative to the images folder
+    question_type: str
+    organ: str
+    upper: bool = False  # strip and upper-case the question type and organ (VQA-RAD writes both cases)
+
+    @property
+    def mapped(self) -> set[str]:
+        return {"qid", "question", "answer", "answer_type", self.image, self.question_type, self.organ}
+
+
+def vqa_record(rec: dict, path: Path, index: int, fields: VQAFields, images: Path) -> VQARecord:
+    """The ``VQARecord`` of question ``index`` of ``path``: a missing field, a value of the wrong type or a bad value
+    (e.g. answer_type) is reported with the file and the record's index."""
+    image = field(rec, fields.image, path, index)
+    qid = str(field(rec, "qid", path, index, (str, int)))
+    tidy = (lambda v: str(v).strip().upper()) if fields.upper else str
     try:
-        return VQARecord(**kwargs)
+        return VQARecord(
+            qid=qid,
+            question=field(rec, "question", path, index),
+            answer=str(field(rec, "answer", path, index, (str, int, float))),
+            answer_type=field(rec, "answer_type", path, index),
+            image=str(dataset_file(images, image, dataset=fields.dataset, record=qid)),
+            image_id=image,
+            question_type=tidy(rec.get(fields.question_type, "")),
+            organ=tidy(rec.get(fields.organ, "")),
+            extra={k: v for k, v in rec.items() if k not in fields.mapped},
+        )
     except DataError as exc:
         raise DataError(f"{path}: record {index}: {exc}") from exc
 

@@ -13,13 +13,12 @@ Layout of ``data_dir``::
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .images import dataset_file
-from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records, release_of
+from .jsonfiles import VQAFields, data_root, drop_missing_images, read_records, release_of, vqa_record
 from .records import DatasetSpec, VQARecord
 
 SPLITS = ("train", "validate", "test")
 LANGS = ("en", "zh", "all")
-_MAPPED = {"qid", "img_name", "question", "answer", "answer_type", "content_type", "location"}
+FIELDS = VQAFields("slake", image="img_name", question_type="content_type", organ="location")
 
 
 def load(split: str, data_dir=None, lang: str = "en", skip_missing: bool = False) -> list[VQARecord]:
@@ -32,20 +31,7 @@ def load(split: str, data_dir=None, lang: str = "en", skip_missing: bool = False
         q_lang = str(rec.get("q_lang", "en"))
         if lang != "all" and q_lang != lang:
             continue
-        img_name = field(rec, "img_name", path, i)
-        qid = str(field(rec, "qid", path, i, (str, int)))
-        records.append(build_record(
-            path, i,
-            qid=qid,
-            question=field(rec, "question", path, i),
-            answer=str(field(rec, "answer", path, i, (str, int, float))),
-            answer_type=field(rec, "answer_type", path, i),
-            image=str(dataset_file(root / "imgs", img_name, dataset="slake", record=qid)),
-            image_id=img_name,
-            question_type=str(rec.get("content_type", "")),
-            organ=str(rec.get("location", "")),
-            extra={k: v for k, v in rec.items() if k not in _MAPPED},
-        ))
+        records.append(vqa_record(rec, path, i, FIELDS, root / "imgs"))
     return drop_missing_images(records, "slake", skip_missing)
 
 

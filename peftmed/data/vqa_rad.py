@@ -13,14 +13,12 @@ official release. Questions are answered about shared images, so ``image_id`` is
 
 from __future__ import annotations
 
-from .images import dataset_file
-from .jsonfiles import build_record, data_root, drop_missing_images, field, read_records, release_of
+from .jsonfiles import VQAFields, data_root, drop_missing_images, field, read_records, release_of, vqa_record
 from .records import DataError, DatasetSpec, VQARecord
 
 OFFICIAL_JSON = "VQA_RAD Dataset Public.json"
 SPLIT_FILES = {"train": "trainset.json", "test": "testset.json"}
-# fields mapped onto VQARecord attributes; everything else goes to extra
-_MAPPED = {"qid", "image_name", "question", "answer", "answer_type", "question_type", "image_organ"}
+FIELDS = VQAFields("vqa-rad", image="image_name", question_type="question_type", organ="image_organ", upper=True)
 
 
 def load(split: str, data_dir=None, skip_missing: bool = False) -> list[VQARecord]:
@@ -42,19 +40,7 @@ def load(split: str, data_dir=None, skip_missing: bool = False) -> list[VQARecor
         if official and qid not in official:
             raise DataError(f"{path}: record {i} has qid {qid!r}, which is not in {official_path.name}")
         full = {**official.get(qid, {}), **rec}
-        image_name = field(full, "image_name", path, i)
-        records.append(build_record(
-            path, i,
-            qid=qid,
-            question=field(full, "question", path, i),
-            answer=str(field(full, "answer", path, i, (str, int, float))),
-            answer_type=field(full, "answer_type", path, i),
-            image=str(dataset_file(root / "images", image_name, dataset="vqa-rad", record=qid)),
-            image_id=image_name,
-            question_type=str(full.get("question_type", "")).strip().upper(),
-            organ=str(full.get("image_organ", "")).strip().upper(),
-            extra={k: v for k, v in full.items() if k not in _MAPPED},
-        ))
+        records.append(vqa_record(full, path, i, FIELDS, root / "images"))
     return drop_missing_images(records, "vqa-rad", skip_missing)
 
 
