@@ -338,6 +338,23 @@ def measure_step(pm, batch: dict, *, optimizer_step: bool = False) -> dict[str, 
             "saved": saved}
 
 
+def build_undrawn(backbone, **options) -> nn.Module:
+    """``backbone.build(**options)`` with zeros for weights instead of random draws: the memory of a step does not
+    depend on the values, and drawing them was half of ``peftmed plan``'s time (33 of 68 s on medgemma-4b's
+    copies). torch's and transformers' initialisers do nothing during the build (transformers' own switch, the one
+    its loading uses), then every parameter is zeroed, so no value is left uninitialised (a NaN could take another
+    path). Buffers (positions, rotary frequencies) are computed as always."""
+    from transformers.initialization import no_init_weights  # deferred: transformers takes seconds to import
+
+    with no_init_weights():
+        model = backbone.build(**options)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.zero_()
+    return model
+
+
 def _reduced_options(backbone, options: dict, depths: Mapping[str, int]) -> dict:
     return {**options, **depths}
 
@@ -399,7 +416,7 @@ def plan_memory(backbone, recipe, *, registry=None, batch_size: int = 1, seq_len
     def _measure(setting: dict[str, int], optimizer: bool) -> dict:
         torch.manual_seed(0)
         with torch.device(device):
-            model = backbone.build(**_reduced_options(backbone, options, setting))
+            model = build_undrawn(backbone, **_reduced_options(backbone, options, setting))
         pm = apply(model, recipe, backbone=backbone, registry=registry, keep_base=False)
         prepare(pm, base_dtype=base_dtype, grad_checkpoint=grad_checkpoint, quantize=quantize,
                 quantize_components=quantize_components, device=torch.device(device) if quantize != "none" else None)
