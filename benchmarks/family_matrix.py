@@ -9,7 +9,7 @@ its reason); "loss" is the first and last of ``--steps`` AdamW steps on one batc
 logits of the trained model and of a fresh model with the adapter loaded (torch.equal); "peft" loads the export
 with peft's ``PeftModel.from_pretrained`` on the same transformers model (max |difference| <= 1e-5); "merge"
 saves ``merge_and_unload()``'s transformers model with ``save_pretrained``, loads it with the family's
-``from_pretrained`` and compares (<= 1e-5). "-": the method has no such form (peft holds LoRA, IA3 and
+``from_pretrained`` and compares (<= 1e-5). "-": the method has no such form (peft holds LoRA, IA3, the DoRA plugin and
 LayerNorm-tuning; merging needs a method whose effect is a weight change). Exit status 1 when a cell fails.
 """
 
@@ -104,7 +104,7 @@ def cell_row(family: str, method: str, recipe: str, steps: int, registry, work: 
     row["save_load"] = bool(torch.equal(_logits(back, batch), ours))
 
     form = registry.method(method).peft
-    if form is not None and not form.prompt:
+    if form is not None and form.adapter:
         import peft
 
         export_to_peft(work / "a", work / "peft", registry=registry)

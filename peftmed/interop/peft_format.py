@@ -80,7 +80,7 @@ def peft_forms(registry) -> dict[str, list[tuple[str, PeftForm]]]:
     out: dict[str, list[tuple[str, PeftForm]]] = {}
     for method in registry.all("method").values():
         form = getattr(method, "peft", None)
-        if form is not None and not form.prompt and not form.modules_to_save:
+        if form is not None and form.adapter:
             out.setdefault(form.peft_type, []).append((method.name, form))
     return out
 
@@ -119,12 +119,10 @@ def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Pa
         if len(ms) > 1:
             raise AdapterError(f"component {comp!r} combines {[m['method'] for m in ms]}; peft takes one method per adapter")
     forms = {kind: registry.method(kind).peft for kind in kinds}
-    unsupported = sorted(k for k, f in forms.items() if f is None or f.prompt or f.modules_to_save)
+    unsupported = sorted(k for k, f in forms.items() if f is None or not f.adapter)
     if unsupported:
         why = "; ".join(f"{k}: {forms[k].refusal}" for k in unsupported if forms[k] is not None)
-        exportable = sorted(m.name for m in registry.all("method").values()
-                            if getattr(m, "peft", None) is not None and not m.peft.prompt
-                            and not m.peft.modules_to_save)
+        exportable = sorted(name for forms_of_type in peft_forms(registry).values() for name, _ in forms_of_type)
         raise AdapterError(
             f"peft cannot represent method(s) {unsupported} of adapter {str(adapter)!r}{f' ({why})' if why else ''}; "
             f"exportable: {', '.join(exportable)} (the methods that declare a peft form)"

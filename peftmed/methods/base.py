@@ -111,6 +111,12 @@ class PeftForm:
     refusal: str = ""
     selects: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def adapter(self) -> bool:
+        """Whether peft holds it as an adapter of its own, per module (what export and import take): not a prompt
+        peft applies to a whole language model, not a component kept whole as ``modules_to_save``."""
+        return not self.prompt and not self.modules_to_save
+
     def fields(self, configs: dict, info: dict) -> dict:
         """peft's config fields besides ``peft_type`` and ``target_modules``: ``config``'s and ``selects``."""
         return {**self.config(configs, info), **self.selects}
