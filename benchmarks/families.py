@@ -1,11 +1,15 @@
 """LoRA and LayerNorm-tuning on every tiny vision-language family, peftmed beside huggingface/peft on the same model.
 
-    python benchmarks/families.py [--steps 20] [--rounds 5] [--only qwen2-vl ...]
+    python benchmarks/families.py [--steps 60] [--warmup 5] [--only qwen2-vl ...]
 
 For each family (the tiny random model peftmed builds) and each recipe, both implementations train the same model
-(the same weights, batch and AdamW settings) for ``--steps`` steps; the timing is interleaved (peftmed step, peft
-step, ... for ``--rounds`` rounds of steps) so that load on the machine hits both alike, and the median step time of
-each is compared. Memory is the peak of the allocator's own records (torch.profiler, profile_memory) over one
+(the same weights, batch and AdamW settings): ``--warmup`` steps each (first calls: extension loading, dispatch
+decisions, allocator growth), then ``--steps`` timed steps each, one of each in turn and the order swapped every
+pair (peftmed, peft, peft, peftmed, ...), so that load on the machine and cache state hit both alike; half the pairs
+with peftmed's model built first, half with peft's (whichever model is built first runs 1-2% slower on this CPU, as
+an A/A run of peft against peft shows). The step time
+is the median of each; "step x" is the median of the pairs' ratios (each pair ran back to back), with its 95%
+interval over the pairs (bootstrap) beside it. Memory is the peak of the allocator's own records (torch.profiler, profile_memory) over one
 training step, plus what the parameters and optimizer states hold. Prints a table and, per row, whether the loss
 fell over the steps. Targets: step time x peft <= 1.0, memory x peft <= 1.0.
 """
@@ -35,6 +39,15 @@ def _peak_step_bytes(step) -> int:
         running += event.nbytes()
         peak = max(peak, running)
     return peak
+
+
+def _interval(ratios: list[float], resamples: int = 2000) -> tuple[float, float]:
+    """95% bootstrap interval of the median of ``ratios`` (seeded: the same ratios give the same interval)."""
+    import random
+
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
 
 
 def _setup(kind: str, family: str, recipe: str, registry):
@@ -69,32 +82,45 @@ def main() -> int:
     from peftmed.backbones.hf.families import FAMILIES
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (of --steps // rounds steps)")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per implementation")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per implementation first")
     p.add_argument("--only", nargs="*", help="families to run")
     args = p.parse_args()
     torch.set_num_threads(1)
     registry = peftmed.default_registry()
     families = args.only or [f for f in sorted(FAMILIES) if f != "smolvlm"]
-    print(f"torch {torch.__version__}, 1 thread, {args.steps} steps per implementation, {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, 1 thread, {args.warmup} + {args.steps} steps per implementation, interleaved")
     header = (f"{'family':16s} {'recipe':10s} {'trainable':>9s} {'%':>6s} {'step ms':>8s} {'peft ms':>8s} "
-              f"{'step x':>7s} {'mem MiB':>8s} {'peft MiB':>8s} {'mem x':>6s}  loss first->last (peftmed | peft)")
+              f"{'step x':>7s} {'95% interval':>13s} {'mem MiB':>8s} {'peft MiB':>8s} {'mem x':>6s}  "
+              f"loss first->last (peftmed | peft)")
     print(header)
     print("-" * len(header))
     start = time.perf_counter()
     worst_time = worst_mem = 0.0
     for family in families:
         for name, recipe in RECIPES.items():
-            ours = _setup("peftmed", family, recipe, registry)
-            theirs = _setup("peft", family, recipe, registry)
             times = {"peftmed": [], "peft": []}
-            per_round = max(1, args.steps // args.rounds)
-            for _ in range(args.rounds):
-                for kind, (step, *_rest) in (("peftmed", ours), ("peft", theirs)):
-                    t0 = time.perf_counter()
-                    for _ in range(per_round):
+            ratios: list[float] = []
+            # the model built first runs 1-2% slower here whichever it is (an A/A run shows it: memory placement),
+            # so each order gets half the pairs and the ratios of both are pooled
+            for first in ("peftmed", "peft"):
+                built = {kind: _setup(kind, family, recipe, registry)
+                         for kind in ((first, "peft") if first == "peftmed" else (first, "peftmed"))}
+                ours, theirs = built["peftmed"], built["peft"]
+                for _ in range(args.warmup):
+                    ours[0]()
+                    theirs[0]()
+                session = {"peftmed": [], "peft": []}
+                for i in range(args.steps // 2):
+                    pair = (("peftmed", ours), ("peft", theirs))
+                    for kind, (step, *_rest) in pair if i % 2 == 0 else pair[::-1]:
+                        t0 = time.perf_counter()
                         step()
-                    times[kind].append((time.perf_counter() - t0) / per_round)
+                        session[kind].append(time.perf_counter() - t0)
+                ratios += [a / b for a, b in zip(session["peftmed"], session["peft"])]
+                for kind in times:
+                    times[kind] += session[kind]
+            low, high = _interval(ratios)
             mem = {}
             for kind, (step, _losses, _n, _total, opt, held) in (("peftmed", ours), ("peft", theirs)):
                 states = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
@@ -102,11 +128,11 @@ def main() -> int:
                             for t in held + states}.values())
                 mem[kind] = (base + _peak_step_bytes(step)) / 2**20
             ms = {k: statistics.median(v) * 1000 for k, v in times.items()}
-            tx, mx = ms["peftmed"] / ms["peft"], mem["peftmed"] / mem["peft"]
+            tx, mx = statistics.median(ratios), mem["peftmed"] / mem["peft"]
             worst_time, worst_mem = max(worst_time, tx), max(worst_mem, mx)
             lo, lt = ours[1], theirs[1]
             print(f"{family:16s} {name:10s} {ours[2]:9,d} {100 * ours[2] / ours[3]:6.2f} {ms['peftmed']:8.1f} "
-                  f"{ms['peft']:8.1f} {tx:7.2f} {mem['peftmed']:8.1f} {mem['peft']:8.1f} {mx:6.2f}  "
+                  f"{ms['peft']:8.1f} {tx:7.2f} {f'{low:.2f}-{high:.2f}':>13s} {mem['peftmed']:8.1f} {mem['peft']:8.1f} {mx:6.2f}  "
                   f"{lo[0]:.3f}->{lo[-1]:.3f} {'falls' if lo[-1] < lo[0] else 'DOES NOT FALL'} | "
                   f"{lt[0]:.3f}->{lt[-1]:.3f}")
     print(f"worst step time x peft: {worst_time:.2f} (target <= 1.0); worst memory x peft: {worst_mem:.2f} "
