@@ -41,13 +41,14 @@ def _peak_step_bytes(step) -> int:
     return peak
 
 
-def _interval(ratios: list[float], resamples: int = 2000) -> tuple[float, float]:
-    """95% bootstrap interval of the median of ``ratios`` (seeded: the same ratios give the same interval)."""
-    import random
+def _interval(ratios: list[float]) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``ratios`` (scipy's; seeded)."""
+    import numpy as np
+    from scipy.stats import bootstrap
 
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]
+    res = bootstrap((np.asarray(ratios),), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                    rng=np.random.default_rng(0))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _setup(kind: str, family: str, recipe: str, registry):
