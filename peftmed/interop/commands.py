@@ -12,10 +12,12 @@ def _export_configure(p):
     p.add_argument("--to", required=True, choices=["peft"], help="target format")
     p.add_argument("adapter", help="peftmed adapter folder (adapter.json + adapter.safetensors)")
     p.add_argument("out", help="folder to write (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a peft adapter already in OUT (its two files; nothing else is touched)")
 
 
 def _export_run(args) -> int:
-    print(f"wrote {export_to_peft(args.adapter, args.out)} (peft format)")
+    print(f"wrote {export_to_peft(args.adapter, args.out, overwrite=args.overwrite)} (peft format)")
     return 0
 
 
@@ -24,10 +26,13 @@ def _import_configure(p):
     p.add_argument("src", help="peft adapter folder")
     p.add_argument("out", help="peftmed adapter folder to write")
     p.add_argument("--backbone", "-b", required=True, help="the peftmed backbone of the model (e.g. hf-blip-vqa)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a peftmed adapter already in OUT (adapter.json + adapter.safetensors; nothing else)")
 
 
 def _import_run(args) -> int:
-    print(f"wrote {import_from_peft(args.src, args.out, backbone=args.backbone)} (peftmed adapter)")
+    print(f"wrote {import_from_peft(args.src, args.out, backbone=args.backbone, overwrite=args.overwrite)} "
+          f"(peftmed adapter)")
     return 0
 
 

@@ -35,7 +35,8 @@ from torch import nn
 from ..errors import AdapterError, ConfigError
 from ..memory.quantize import quiet_bitsandbytes_import
 from ..methods.base import PeftForm
-from ..model import PeftModel, apply, read_manifest, read_tensors
+from ..files import check_output_path
+from ..model import MANIFEST, WEIGHTS, PeftModel, apply, read_manifest, read_tensors
 from ..plugins import default_registry
 from ..recipe import MethodCall, Recipe
 
@@ -101,15 +102,29 @@ def form_for(config: dict, registry) -> tuple[str, PeftForm]:
     return max(found, key=lambda pair: len(pair[1].selects))
 
 
-def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None) -> Path:
+def check_out(out: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse, before any work, an output folder that cannot be written or that already holds a file of ``names``
+    (an adapter there would be replaced) unless ``overwrite``; then exactly those files are replaced and nothing
+    else in the folder is touched."""
+    check_output_path(out, flag="OUT")
+    held = [name for name in names if (out / name).exists()]
+    if held and not overwrite:
+        raise AdapterError(f"OUT folder {str(out)!r} already holds {', '.join(held)}; pass --overwrite to replace "
+                           f"{'it' if len(held) == 1 else 'them'} (nothing else in the folder is touched), or choose "
+                           f"another folder")
+
+
+def export_to_peft(adapter: str | Path, out: str | Path, *, registry=None, overwrite: bool = False) -> Path:
     """Write ``adapter`` (a peftmed adapter folder) as a peft adapter folder ``out``; what a method is in peft's
-    format is the method's own declaration (``Method.peft``)."""
+    format is the method's own declaration (``Method.peft``). A folder that already holds a peft adapter is refused
+    unless ``overwrite``."""
     from safetensors.torch import save_file
 
 
+    adapter, out = Path(adapter), Path(out)
+    check_out(out, (PEFT_CONFIG, PEFT_WEIGHTS), overwrite)
     peft = import_peft()
     registry = registry or default_registry()
-    adapter, out = Path(adapter), Path(out)
     manifest = read_manifest(adapter)
     tensors = read_tensors(adapter, manifest)
     backbone = registry.backbone(manifest["backbone"])
@@ -212,7 +227,7 @@ def read_peft_config(path: Path) -> dict:
     return config
 
 
-def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registry=None) -> Path:
+def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registry=None, overwrite: bool = False) -> Path:
     """Write the peft adapter folder ``src`` as a peftmed adapter ``out`` for ``backbone``: the method is the
     registered one whose peft form the folder's config is (``form_for``)."""
     from safetensors.torch import load_file
@@ -220,6 +235,7 @@ def import_from_peft(src: str | Path, out: str | Path, *, backbone: str, registr
 
     registry = registry or default_registry()
     src = Path(src)
+    check_out(Path(out), (MANIFEST, WEIGHTS), overwrite)
     if not (src / PEFT_CONFIG).is_file() or not (src / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{str(src)!r} is not a peft adapter folder ({PEFT_CONFIG} and {PEFT_WEIGHTS} expected)")
     config = read_peft_config(src / PEFT_CONFIG)

@@ -14,6 +14,8 @@ from peftmed.errors import AdapterError  # noqa: E402
 from peftmed.interop import export_to_peft, import_from_peft  # noqa: E402
 from peftmed.testing import helpers as h  # noqa: E402
 
+from cli_helpers import ok, peftmed as run, refused  # noqa: E402
+
 peft = pytest.importorskip("peft")
 BACKBONE = "hf-blip-vqa"
 
@@ -179,3 +181,27 @@ def test_a_peft_dora_adapter_is_not_imported_as_lora(tmp_path):
     with pytest.raises(AdapterError, match=r"LORA adapter with use_dora=True has no peftmed equivalent.*\(lora\)"):
         import_from_peft(tmp_path / "peft", tmp_path / "mine", backbone=BACKBONE, registry=reg)
     assert not (tmp_path / "mine").exists()
+
+
+def test_export_and_import_do_not_replace_an_adapter_already_in_out(registry, tmp_path):
+    """`peftmed export` and `peftmed import` replaced an adapter already in OUT without a word. Now they refuse
+    before any work, name --overwrite, and leave every file as it was; with --overwrite they replace their own two
+    files and nothing else."""
+    pm = peftmed.apply(_model(registry), CASES["lora"], registry=registry)
+    pm.save_adapter(tmp_path / "mine")
+    out = tmp_path / "peft"
+    out.mkdir()
+    (out / "adapter_config.json").write_text('{"theirs": true}')
+    (out / "notes.txt").write_text("keep")
+    refused(run("export", "--to", "peft", tmp_path / "mine", out), "already holds adapter_config.json", "--overwrite")
+    assert (out / "adapter_config.json").read_text() == '{"theirs": true}' and sorted(p.name for p in out.iterdir()) \
+        == ["adapter_config.json", "notes.txt"]
+    ok(run("export", "--to", "peft", tmp_path / "mine", out, "--overwrite"))
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (out / "notes.txt").read_text() == "keep"
+
+    before = {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()}
+    refused(run("import", "--from", "peft", out, tmp_path / "mine", "--backbone", BACKBONE),
+            "already holds adapter.json, adapter.safetensors", "--overwrite")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "mine").iterdir()} == before
+    ok(run("import", "--from", "peft", out, tmp_path / "mine", "--backbone", BACKBONE, "--overwrite"))
