@@ -183,6 +183,7 @@ def test_a_peft_dora_adapter_is_not_imported_as_lora(tmp_path):
     assert not (tmp_path / "mine").exists()
 
 
+@pytest.mark.slow  # four CLI processes
 def test_export_and_import_do_not_replace_an_adapter_already_in_out(registry, tmp_path):
     """`peftmed export` and `peftmed import` replaced an adapter already in OUT without a word. Now they refuse
     before any work, name --overwrite, and leave every file as it was; with --overwrite they replace their own two
