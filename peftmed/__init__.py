@@ -21,7 +21,6 @@ from .errors import (  # noqa: E402
 )
 from .hookspecs import hookimpl  # noqa: E402
 from .methods.base import AdapterLayer, ApplyContext, Method, MethodConfig, PromptModule, compute_dtype  # noqa: E402
-from .methods.lora import Lora, LoraConfig, LoraLinear, LoraVariant  # noqa: E402
 from .model import PeftModel, apply, load_adapter  # noqa: E402
 from .plugins import build_registry, default_registry  # noqa: E402
 from .recipe import MethodCall, Recipe  # noqa: E402
@@ -37,8 +36,7 @@ def get_backbone(name: str) -> Backbone:
 
 
 __all__ = [
-    "AdapterError", "AdapterLayer", "ApplyContext", "Backbone", "ConfigError", "Lora", "LoraConfig", "LoraLinear",
-    "LoraVariant", "Method", "MethodCall",
+    "AdapterError", "AdapterLayer", "ApplyContext", "Backbone", "ConfigError", "Method", "MethodCall",
     "MethodConfig", "NoMatchError", "PeftModel", "PeftmedError", "PluginError", "PromptModule", "Recipe", "RecipeError",
     "ShapeError", "UnknownNameError", "__version__", "apply", "build_backbone", "build_registry", "compute_dtype",
     "default_registry", "get_backbone", "hookimpl", "load_adapter",

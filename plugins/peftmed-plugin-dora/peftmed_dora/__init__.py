@@ -16,17 +16,18 @@ import torch
 from torch import nn
 
 import peftmed
+from peftmed.methods.lora import Lora, LoraConfig, LoraLinear, LoraVariant
 from peftmed import kernels
 
 __version__ = "0.1.0"
 
 
 @dataclass
-class DoraConfig(peftmed.LoraConfig):
+class DoraConfig(LoraConfig):
     """LoRA's options (r, alpha, dropout, bias, rslora, init, kernel): the direction update is a LoRA."""
 
 
-class DoraVariant(peftmed.LoraVariant):
+class DoraVariant(LoraVariant):
     label = "DoRA"
     tensors = ("lora_A", "lora_B", "magnitude")
     side_tables = ("_merge_norms",)  # the row norms used by merge, to unmerge exactly
@@ -66,13 +67,13 @@ class DoraVariant(peftmed.LoraVariant):
         w.copy_(w * (norm / layer.magnitude[name])[:, None] - self.delta_weight(layer, name).to(w.dtype))
 
 
-class DoraLinear(peftmed.LoraLinear):
+class DoraLinear(LoraLinear):
     """nn.Linear with per-adapter (A, B, magnitude)."""
 
     variant = DoraVariant()
 
 
-class Dora(peftmed.Lora):
+class Dora(Lora):
     name = "dora"
     config_class = DoraConfig
     default_roles = ("attn.q", "attn.v", "attn.qkv")
@@ -82,8 +83,8 @@ class Dora(peftmed.Lora):
     layer_class = DoraLinear
     # peft's DoRA is LoRA with use_dora: the same forward (its norm a constant of the gradient too) and the magnitude
     # saved as lora_magnitude_vector; exported, imported and run as the bench's peft baseline through this form
-    peft = dataclasses.replace(peftmed.Lora.peft, tensors={**peftmed.Lora.peft.tensors, "magnitude": "lora_magnitude_vector"},
-                               trainable=(*peftmed.Lora.peft.trainable, "lora_magnitude_vector."), selects={"use_dora": True})
+    peft = dataclasses.replace(Lora.peft, tensors={**Lora.peft.tensors, "magnitude": "lora_magnitude_vector"},
+                               trainable=(*Lora.peft.trainable, "lora_magnitude_vector."), selects={"use_dora": True})
     version = __version__
 
     def layer_class_for(self, module: nn.Module):

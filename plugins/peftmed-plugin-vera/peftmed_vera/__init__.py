@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import peftmed
+from peftmed.methods.lora import LoraLinear, LoraVariant
 
 __version__ = "0.1.0"
 
@@ -57,7 +58,7 @@ def shared_matrices(seed: int, r: int, in_features: int, out_features: int) -> t
     return a.t().contiguous(), b
 
 
-class VeraVariant(peftmed.LoraVariant):
+class VeraVariant(LoraVariant):
     """VeRA as a variant of LoRA (peftmed's ``LoraVariant`` hook): the layer, its bookkeeping and additive merge are
     LoRA's; the low-rank pair is frozen and seeded, and what trains is two vectors."""
 
@@ -94,7 +95,7 @@ class VeraVariant(peftmed.LoraVariant):
         return f"r={config.r}, seed={config.seed}"
 
 
-class VeraLinear(peftmed.LoraLinear):
+class VeraLinear(LoraLinear):
     """nn.Linear + per-adapter trainable vectors over frozen shared random matrices."""
 
     variant = VeraVariant()
