@@ -119,10 +119,10 @@ class LoraVariant:
         )
 
     def merge_into(self, layer: LoraLinear, name: str, base: nn.Module) -> None:
-        base.weight += self.delta_weight(layer, name).to(base.weight.dtype)
+        AdapterLayer.merge_into(layer, name, base)  # the shared additive merge of ``delta_weight``
 
     def unmerge_from(self, layer: LoraLinear, name: str, base: nn.Module) -> None:
-        base.weight -= self.delta_weight(layer, name).to(base.weight.dtype)
+        AdapterLayer.unmerge_from(layer, name, base)
 
     def remove(self, layer: LoraLinear, name: str) -> None:
         pass
