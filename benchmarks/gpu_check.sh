@@ -103,7 +103,7 @@ if not (f / 'build.log').exists():
 fi
 
 step "2. the GPU target tests, compiled (bf16 first)"
-run "tests: GPU targets, bf16" 100 "$out/tests-gpu.log" "$PY" -m pytest -q -p no:cacheprovider \
+run "tests: GPU targets, bf16" 120 "$out/tests-gpu.log" "$PY" -m pytest -q -p no:cacheprovider \
   tests/kernels/test_gpu_targets.py -k "bfloat16 or not float" --junitxml="$out/tests-gpu.xml"
 
 step "3. benchmarks at the target shapes"
@@ -115,7 +115,7 @@ run "bench_layer_norm" 120 "$out/bench_layer_norm.txt" "$PY" benchmarks/kernels/
 run "bench_prefix_attention" 150 "$out/bench_prefix_attention.txt" "$PY" benchmarks/kernels/bench_prefix_attention.py \
   --device cuda --skip-model --rounds 10 --out "$out"
 # where LoRA's time goes: each kernel against cuBLAS or a copy, and a sweep of the main GEMM's tiles (no targets)
-run "bench_lora_breakdown" 60 "$out/bench_lora_breakdown.txt" "$PY" benchmarks/kernels/bench_lora_breakdown.py \
+run "bench_lora_breakdown" 75 "$out/bench_lora_breakdown.txt" "$PY" benchmarks/kernels/bench_lora_breakdown.py \
   --rounds 10
 
 step "4. the other kernel tests, compiled (what the deadline leaves)"

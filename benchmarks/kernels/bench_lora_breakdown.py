@@ -9,7 +9,8 @@ the memory-bound ones), then a small sweep of the main GEMM's tiles against the 
 
 Each row: p50 milliseconds over interleaved rounds (L2 flushed before each call), the baseline's, their ratio, and
 the kernel's achieved TFLOP/s or TB/s. Run by benchmarks/gpu_check.sh (step 3), so the first GPU run shows which
-kernel keeps LoRA above the base GEMM pair (benchmarks/kernels/estimates.py predicts 1.23x).
+kernel keeps LoRA above the base GEMM pair (benchmarks/kernels/estimates.py predicts 1.18x for today's kernels and
+1.04x for the persistent design at cuBLAS's GEMM rate), and the whole step of each design against the cuBLAS pair.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ ROWS = (
     ("dB = sum of partials", "_reduce_kernel", "copy of the partials"),
     ("dx = dy W + gs A", "_gemm_lora_kernel", "cuBLAS dy W"),
     ("dA partials = gs^T dropout(x)", "_wgrad_kernel", "copy of x"),
+    # the persistent design (persistent.py): xa in the same pass as y; gs and dB in the same pass as dx (dropout 0)
+    ("y and xa, persistent", "_persistent_kernel fwd", "cuBLAS x W^T"),
+    ("dx, gs and dB, persistent", "_persistent_kernel dx", "cuBLAS dy W"),
 )
+# whole forward + backward (W frozen): today's kernels, the persistent design, and the cuBLAS pair alone
+STEPS = ("today's kernels fwd+bwd", "persistent fwd+bwd", "cuBLAS pair")
 # the main GEMM's tiles tried: (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages)
 SWEEP = ((128, 128, 64, 8, 8, 3), (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4),
          (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 5))
@@ -51,6 +57,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         for what, kernel, base in ROWS:
             print(f"  {kernel:<18} {what:<32} vs {base}")
+        print(f"  whole step: {', '.join(STEPS)}")
         print(f"  tile sweep of _gemm_lora_kernel: {len(SWEEP)} tiles (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, "
               f"stages) vs the launcher's and cuBLAS")
         return 0
@@ -61,6 +68,7 @@ def main(argv=None) -> int:
         return 0
     from common import percentiles, time_interleaved
 
+    from peftmed.kernels.lora_linear import persistent as pk
     from peftmed.kernels.lora_linear import triton_impl as k
     from peftmed.kernels.triton_reduce import reduce_partials
 
@@ -93,12 +101,23 @@ def main(argv=None) -> int:
                                    1.0, p),
         "cuBLAS dy W": lambda: torch.mm(dy, w, out=sink),
         "_wgrad_kernel": lambda: k._wgrad(gs, x, p, seed, torch.empty_like(a)),
+        "_persistent_kernel fwd": lambda: pk._product(x, w, False, d, bias, a, (a.stride(1), a.stride(0)), b,
+                                                      (b.stride(1), b.stride(0)), torch.empty_like(xa), s, 1.0, p, seed),
+        "_persistent_kernel dx": lambda: pk._product(dy, w, True, d, None, b, (b.stride(0), b.stride(1)), a,
+                                                     (a.stride(0), a.stride(1)), torch.empty_like(gs), 1.0, s, 0.0,
+                                                     seed, xa=xa, db=torch.zeros(d, r, device=dev)),
+        "today's kernels fwd+bwd": lambda: k.backward(dy, x, w, a, b, k.forward(x, w, None, a, b, s, 0.0, seed)[1], s,
+                                                      0.0, seed, (True, False, False, True, True)),
+        "persistent fwd+bwd": lambda: pk.backward(dy, x, w, a, b, pk.forward(x, w, None, a, b, s, 0.0, seed)[1], s,
+                                                  0.0, seed, (True, False, False, True, True)),
+        "cuBLAS pair": lambda: (torch.mm(x, w.t(), out=sink), torch.mm(dy, w, out=sink)),
     }
     times = {name: percentiles(v)[1] for name, v in time_interleaved(fns, device=dev, rounds=args.rounds).items()}
     gemm_flops = 2 * t * d * d
     print(f"{'kernel':<24} {'does':<32} {'ms':>7} {'baseline':<22} {'ms':>7} {'x':>6}  achieved")
     for (what, kernel, base), name in zip(ROWS, ("_down_kernel", "_gemm_lora_kernel fwd", "_gs_db_kernel",
-                                                 "_reduce_kernel", "_gemm_lora_kernel dx", "_wgrad_kernel")):
+                                                 "_reduce_kernel", "_gemm_lora_kernel dx", "_wgrad_kernel",
+                                                 "_persistent_kernel fwd", "_persistent_kernel dx")):
         ms, base_ms = times[name], times[base]
         if base.startswith("cuBLAS"):
             rate = f"{gemm_flops / (ms * 1e-3) / 1e12:.0f} TFLOP/s"
@@ -106,6 +125,10 @@ def main(argv=None) -> int:
             read = {"copy of x": x, "copy of dy": dy, "copy of the partials": part}[base]
             rate = f"{read.numel() * read.element_size() / (ms * 1e-3) / 1e12:.2f} TB/s read"
         print(f"{name:<24} {what:<32} {ms:>7.3f} {base:<22} {base_ms:>7.3f} {ms / base_ms:>6.2f}  {rate}")
+
+    print(f"\nwhole step at dropout 0 (W frozen; x, A, B trained), against the cuBLAS pair {times['cuBLAS pair']:.3f} ms:")
+    for name in STEPS[:2]:
+        print(f"  {name:<26} {times[name]:>7.3f} ms  {times[name] / times['cuBLAS pair']:.2f}x")
 
     sweep = {}
     for tile in SWEEP:

@@ -53,19 +53,26 @@ def lora(t=8192, k=4096, n=4096, r=16, e=2, splits=132) -> dict[str, list[Launch
     return {"base GEMM pair (cuBLAS)": base, "peftmed triton": ours, "peft LoRA layer": peft}
 
 
-def lora_persistent(t=8192, k=4096, n=4096, r=16, e=2) -> list[Launch]:
-    """The design that can reach the base GEMM (not built yet; issue: LoRA at the base GEMM): a persistent,
-    TMA-fed GEMM whose extra r-column tile computes the rank-r product in the same pass over its A operand (x in
-    the forward, dy in the backward), the other tiles adding it in their epilogue once that row block's tile is
-    done; dB accumulated by the r-column tile from the dy chunks it loads anyway, dA in one pass over x, both into
-    fp32 buffers of r x n / r x k (256 KB: they stay in L2, no HBM traffic and no reduce launch)."""
+def lora_persistent(t=8192, k=4096, n=4096, r=16, e=2, splits=132, bm=128, bn=256) -> list[Launch]:
+    """The persistent design as built (peftmed/kernels/lora_linear/persistent.py): one TMA-fed persistent GEMM per
+    product whose row blocks' first tile computes the rank-r product as an extra r-column tile of its pass over x
+    (forward) or dy (backward, adding dy^T xa into dB's fp32 sums with atomics that stay in L2), the other tiles
+    adding s L U in their epilogue; dA = gs^T x split over rows as today, the splits adding into fp32 sums with
+    atomics (no partials, no reduce); dA and dB cast in one launch each; one memset per direction for the row blocks'
+    flags (and the sums)."""
     gemm = 2 * t * k * n
-    return [Launch("y = x W^T + b, xa = x A^T as an extra tile, + s xa B^T in the epilogue (persistent)",
-                   gemm + 2 * t * k * r + 2 * t * r * n, e * (t * k + n * k + t * n + r * k + n * r), True),
-            Launch("dx = dy W, gs = s dy B as an extra tile (and dB += dy^T xa), + gs A in the epilogue (persistent)",
-                   gemm + 4 * t * n * r + 2 * t * r * k, e * (t * n + n * k + t * k + 2 * t * r + n * r + r * k), True),
-            Launch("dA = gs^T dropout(x), one pass over x into an fp32 buffer in L2", 2 * t * r * k,
-                   e * (t * k + t * r))]
+    tiles = (t // bm) * (n // bn)
+    small = e * ((t // bm) * k * r + tiles * (r * bn + bm * r))  # D per producer, U and L per tile (L2 mostly)
+    return [Launch("flags = 0 (memset)", 0, 4 * (t // bm)),
+            Launch("y = x W^T + b + s xa B^T, xa = x A^T as the producer's extra tile (_persistent_kernel)",
+                   gemm + 2 * t * k * r + 2 * t * r * n, e * (t * k + n * k + t * n + t * r) + small, True),
+            Launch("flags, dA and dB sums = 0 (one memset)", 0, 4 * (t // bm + r * k + n * r)),
+            Launch("dx = dy W + gs A, gs = s dy B as the producer's extra tile, dB += dy^T xa (_persistent_kernel)",
+                   gemm + 4 * t * n * r + 2 * t * r * k, e * (t * n + n * k + t * k + 2 * t * r) + small, True),
+            Launch("dA += gs^T x, row splits adding into fp32 sums in L2 (_wgrad_kernel, ATOMIC)", 2 * t * r * k,
+                   e * (t * r + t * k)),
+            Launch("dA = sums, cast (one torch.mul)", 0, 4 * r * k + e * r * k),
+            Launch("dB = s * sums, cast (one torch.mul)", 0, 4 * n * r + e * n * r)]
 
 
 def layer_norm_backward(m=32768, n=768, e=2, programs=4 * 132) -> dict[str, list[Launch]]:
@@ -135,15 +142,15 @@ def main() -> None:
              lora(), args, "base GEMM pair (cuBLAS)")
     print(f"peft / peftmed: {t['peft LoRA layer'] / t['peftmed triton']:.2f}x")
     print("\nLoRA designs x the base GEMM pair, by the rate of peftmed's GEMM kernels against cuBLAS's (target <= 1.10x):")
-    print(f"{'GEMM efficiency':>16} {'today (7 launches)':>20} {'persistent (3 launches, not built)':>36}")
+    print(f"{'GEMM efficiency':>16} {'today (7 launches)':>20} {'persistent (7 launches: 2 memsets, 2 casts)':>44}")
     base = seconds(lora()["base GEMM pair (cuBLAS)"], args.tflops, args.tbps, args.launch_us)
     for eff in (1.0, 0.97, 0.95, 0.9, 0.85, 0.8):
         today = seconds(lora()["peftmed triton"], args.tflops, args.tbps, args.launch_us, eff)
         persistent = seconds(lora_persistent(), args.tflops, args.tbps, args.launch_us, eff)
-        print(f"{eff:>16.2f} {today / base:>19.3f}x {persistent / base:>35.3f}x")
+        print(f"{eff:>16.2f} {today / base:>19.3f}x {persistent / base:>43.3f}x")
     if args.verbose:
         for x in lora_persistent():
-            print(f"    {x.what:<100} {x.flops / 1e9:>9.2f} GFLOP {x.bytes / 1e6:>9.1f} MB")
+            print(f"    {x.what:<104} {x.flops / 1e9:>9.2f} GFLOP {x.bytes / 1e6:>9.1f} MB")
     for n in (768, 1024):
         t = show(f"LayerNorm backward, 32768 x {n}, bf16 (target >= 80% of copy bandwidth)",
                  layer_norm_backward(n=n), args, "copy (the ceiling)")

@@ -45,6 +45,8 @@ class AotCase:
     label: str  # what the row says (shapes, dtype, flags)
     args: tuple
     kwargs: dict[str, Any]
+    arches: tuple[int, ...] | None = None  # the targets it is meant for (None: every one the report compiles)
+    grid: tuple | None = None  # the launch's grid as the launcher gave it
 
     @property
     def name(self) -> str:
@@ -91,7 +93,7 @@ def recorded_launches(sms: int = 132):
     launches: list[AotCase] = []
 
     def record(self, *args, grid, warmup, **kwargs):
-        launches.append(AotCase("", self, "", args, kwargs))
+        launches.append(AotCase("", self, "", args, kwargs, grid=tuple(grid) if not callable(grid) else None))
 
     with as_gpu(sms), mock.patch.object(JITFunction, "run", record):
         yield launches
@@ -101,7 +103,8 @@ def meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def labelled(op: str, launches: list[AotCase], tag: str, seen: dict) -> list[AotCase]:
+def labelled(op: str, launches: list[AotCase], tag: str, seen: dict, arches: tuple[int, ...] | None = None
+             ) -> list[AotCase]:
     """The launches as cases labelled ``tag`` and the kernel's flags that are on; one per distinct compilation
     (the same kernel, constexprs and JIT specialisation at two shapes compiles once)."""
     out = []
@@ -112,7 +115,7 @@ def labelled(op: str, launches: list[AotCase], tag: str, seen: dict) -> list[Aot
             continue
         seen[key] = True
         flags = [k for k, v in c.constexprs.items() if v is True and k.isupper() and k not in ("UPCAST",)]
-        out.append(dataclasses.replace(c, op=op, label=" ".join([tag, *flags])))
+        out.append(dataclasses.replace(c, op=op, label=" ".join([tag, *flags]), arches=arches))
     return out
 
 
@@ -160,7 +163,7 @@ def compile_case(case: AotCase, arch: int = 90) -> dict[str, Any]:
 
 def report(cases: list[AotCase], arches: Iterable[int] = (90, 80), workers: int = 1) -> list[dict[str, Any]]:
     """Every case compiled for every arch (``plugin.aot_cases()``: every op's)."""
-    jobs = [(case, arch) for arch in arches for case in cases]
+    jobs = [(case, arch) for arch in arches for case in cases if case.arches is None or arch in case.arches]
     if workers <= 1:
         return [compile_case(c, a) for c, a in jobs]
     from concurrent.futures import ThreadPoolExecutor

@@ -75,6 +75,13 @@ def fp32_on_gpu_at_most(limit: int, what: str, whose: str, wider: int) -> Limit:
     return check
 
 
+def by_name_only(why: str) -> Limit:
+    """Taken only when asked for by name (``why``: e.g. not yet measured where it is meant to run)."""
+    def check(call: KernelCall) -> str | None:
+        return None if call.explicit else f"taken only when asked for by name: {why}"
+    return check
+
+
 def interpreted_on_cpu(call: KernelCall) -> str | None:
     """A Triton kernel takes the CPU only interpreted (TRITON_INTERPRET=1) and only when asked for by name."""
     if call.device != "cpu":
@@ -106,8 +113,8 @@ def cuda_kernel(op: str, limits: Sequence[Limit] = ()) -> KernelImpl:
                       description=f"CUDA (csrc/{op}/{op}.cu), compiled on first use")
 
 
-def triton_kernel(op: str, limits: Sequence[Limit] = ()) -> KernelImpl:
-    return KernelImpl(op, "triton", PRIORITY["triton"], ("cuda", "cpu"), FLOATS,
-                      loader=lambda: module_fns(f"peftmed.kernels.{op}.triton_impl"), check=triton_check,
-                      limits=(interpreted_on_cpu, *limits),
-                      description=f"Triton (peftmed/kernels/{op}/triton_impl.py; CPU: interpreted, by name only)")
+def triton_kernel(op: str, limits: Sequence[Limit] = (), name: str = "triton", module: str = "triton_impl",
+                  priority: int = PRIORITY["triton"], note: str = "CPU: interpreted, by name only") -> KernelImpl:
+    return KernelImpl(op, name, priority, ("cuda", "cpu"), FLOATS,
+                      loader=lambda: module_fns(f"peftmed.kernels.{op}.{module}"), check=triton_check,
+                      limits=(interpreted_on_cpu, *limits), description=f"Triton (peftmed/kernels/{op}/{module}.py; {note})")

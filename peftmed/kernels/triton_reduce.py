@@ -55,6 +55,19 @@ def sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability (cached); a meta tensor within ``as_gpu`` stands for an H100's (9, 0)."""
+    if device.type == "meta" and _AS_GPU.get() is not None:
+        return (9, 0)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
+
+
 def row_splits(m: int, block_m: int, most: int) -> tuple[int, int]:
     """Stage 1's split of m rows: at most ``most`` programs, each a whole number of ``block_m`` rows; returns
     (programs, rows each)."""

@@ -87,15 +87,21 @@ def test_the_report_covers_every_kernel_on_both_targets(report):
     kernels = {"_gemm_lora_kernel", "_down_kernel", "_wgrad_kernel", "_gs_db_kernel", "_reduce_kernel", "_fwd_kernel",
                "_bwd_kernel",
                "_dkdv_kernel", "_dq_kernel", "_delta_kernel"}
-    assert seen == {(a, k) for a in arches for k in kernels}
+    # the persistent LoRA kernel is Hopper's alone (TMA, wgmma): sm_90 only
+    assert seen == {(a, k) for a in arches for k in kernels} | {("sm_90", "_persistent_kernel")}
     configs = " ".join(r["config"] for r in rows)
     # (LayerNorm at 1024 compiles to the kernel at 768: the same tiles, both widths divisible by 16; one row)
     for needed in ("r=16", f"r={TRITON_MAX_RANK}", "560x768", "N=768", f"N={TRITON_MAX_WIDTH}",
                    "D=64", "D=128", "mask+causal+dropout", "bf16", "fp16", "fp32"):
         assert needed in configs, needed
     # the tensor-core path is Hopper's on sm_90 for the bf16 GEMMs (not the Ampere mma.sync fallback)
-    gemm90 = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] == "_gemm_lora_kernel" and "bf16" in r["config"]]
+    gemm90 = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] in ("_gemm_lora_kernel", "_persistent_kernel")
+              and "bf16" in r["config"]]
     assert gemm90 and all(r["mma"] == "wgmma" for r in gemm90)
+    # the persistent kernel at every rank block it takes, with dB accumulated and with B frozen
+    persistent = " | ".join(r["config"] for r in rows if r["config"].startswith("persistent "))
+    for needed in ("r=16", "r=32", "r=64", "forward DROPOUT", "backward W_KN ACC_DB", "backward ATOMIC", "B frozen"):
+        assert needed in persistent, needed
 
 
 @pytest.mark.slow
@@ -203,3 +209,22 @@ def test_lora_tiles_are_keyed_by_shape():
     assert (big["BLOCK_M"], big["BLOCK_N"], big["num_warps"]) == (128, 128, 8)
     assert (small["BLOCK_M"], small["BLOCK_N"], small["num_warps"]) == (64, 64, 4)
     assert gemm_config(torch.bfloat16, False, 16, 560, 768, 132)["BLOCK_M"] == 32
+
+
+def test_the_persistent_lora_kernel_runs_one_program_per_sm_on_128_x_256_tiles():
+    """What the persistent schedule's freedom from deadlock rests on (peftmed/kernels/lora_linear/persistent.py): no
+    more programs than the GPU has SMs (all resident at once), on the tiles the gate compiled; a grid smaller than
+    the GPU (a BLIP layer) goes to today's kernels instead."""
+    proc = _run(
+        "import torch\n"
+        "from peftmed.kernels.aot import meta, recorded_launches\n"
+        "from peftmed.kernels.lora_linear import persistent\n"
+        "for m, d in ((8192, 4096), (560, 768)):\n"
+        "    with recorded_launches(sms=132) as launches:\n"
+        "        persistent.forward(meta(m, d), meta(d, d), None, meta(16, d), meta(d, 16), 2.0, 0.0, 1)\n"
+        "    for c in launches:\n"
+        "        print(m, c.name, c.grid, c.kwargs['BLOCK_M'], c.kwargs.get('BLOCK_N'), c.kwargs['num_warps'])\n")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["8192 _persistent_kernel (132,) 128 256 8",
+                                        "560 _down_kernel (9,) 64 None 4",
+                                        "560 _gemm_lora_kernel (108,) 64 64 4"]

@@ -20,7 +20,7 @@ from peftmed.kernels.prefix_attention.reference import reference as prefix_refer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-IMPLS = ["triton", "cuda"]
+IMPLS = ["triton", "triton_persistent", "cuda"]  # triton_persistent: asked for by name (auto does not pick it yet)
 
 
 def _resolve(op, impl, dtype, size):

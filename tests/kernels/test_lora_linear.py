@@ -41,7 +41,7 @@ def _grads(y, tensors, dy):
 
 
 def check_against_oracle(impl, t, d_in, d_out, r, bias, p, dtype, seed, base_trainable=False):
-    device = "cuda" if impl in ("cuda", "triton") and torch.cuda.is_available() else "cpu"
+    device = "cuda" if (impl == "cuda" or impl.startswith("triton")) and torch.cuda.is_available() else "cpu"
     x, w, b, a, bb = _inputs(t, d_in, d_out, r, bias, dtype, seed, base_trainable)
     tensors = [x, w, b, a, bb]
     moved = [u.detach().to(device).requires_grad_(u.requires_grad) if u is not None else None for u in tensors]

@@ -12,7 +12,8 @@ from collections.abc import Iterable
 import torch
 
 from ..aot import DTYPE_NAMES, AotCase, labelled, meta, recorded_launches
-from ..builtin import cpp_kernel, cuda_kernel, fp32_on_gpu_at_most, size_at_most, torch_kernel, triton_kernel
+from ..builtin import (by_name_only, cpp_kernel, cuda_kernel, fp32_on_gpu_at_most, size_at_most, torch_kernel,
+                       triton_kernel)
 from ..registry import KernelCall, KernelImpl, refusal
 
 OP = "lora_linear"
@@ -22,9 +23,17 @@ TRITON_LIMITS = (size_at_most(TRITON_MAX_RANK, "rank", "Triton kernel's"),
                  fp32_on_gpu_at_most(TRITON_FP32_MAX_RANK, "rank", "Triton kernel's", TRITON_MAX_RANK))
 
 
+# the persistent TMA kernel (persistent.py): not yet run on a GPU, so auto never picks it; its module sends what it
+# does not fit (fp32, ranks above 64, Ampere, small grids, dropout in dx) to triton_impl's kernels
+PERSISTENT_MAX_RANK = 64
+PERSISTENT_LIMITS = (*TRITON_LIMITS, by_name_only("not yet measured on a GPU (benchmarks/gpu_check.sh times it)"))
+
+
 def impls() -> list[KernelImpl]:
     # the C++ LoRA is auto's CPU pick with and without dropout (benchmarks/kernels/README.md)
-    return [torch_kernel(OP), cpp_kernel(OP), cuda_kernel(OP), triton_kernel(OP, TRITON_LIMITS)]
+    return [torch_kernel(OP), cpp_kernel(OP), cuda_kernel(OP), triton_kernel(OP, TRITON_LIMITS),
+            triton_kernel(OP, PERSISTENT_LIMITS, name="triton_persistent", module="persistent", priority=25,
+                          note="persistent TMA GEMMs for sm_90; by name only until measured on a GPU")]
 
 
 def aot_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
@@ -53,4 +62,33 @@ def aot_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
                         with recorded_launches() as launches:
                             t.backward(dy, x, w, a, b, meta(m, rank, dtype=dtype), 2.0, p, 1, needs)
                         out += labelled(OP, launches, f"{tag} {what}", seen)
+    return out + persistent_aot_cases(ranks)
+
+
+def persistent_aot_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
+    """The persistent kernel's launches at 8192 x 4096 -> 4096 (bf16, fp16; rank blocks up to its limit): forward
+    with and without dropout and bias, backward with dB accumulated and with B frozen (and dA's atomic
+    ``_wgrad_kernel``). sm_90 only (TMA and wgmma; on other GPUs the module sends every call to triton_impl's
+    kernels, gated above)."""
+    from . import persistent as p  # deferred: imports triton
+
+    out: list[AotCase] = []
+    seen: dict = {}
+    m, n, k = 8192, 4096, 4096
+    for rank in sorted(set(ranks or [16 << i for i in range(8) if 16 << i <= PERSISTENT_MAX_RANK])):
+        if rank > PERSISTENT_MAX_RANK:
+            continue
+        for dtype in (torch.bfloat16, torch.float16):
+            x, w, bias = meta(m, k, dtype=dtype), meta(n, k, dtype=dtype), meta(n, dtype=dtype)
+            a, b, dy = meta(rank, k, dtype=dtype), meta(n, rank, dtype=dtype), meta(m, n, dtype=dtype)
+            tag = f"persistent {DTYPE_NAMES[dtype]} r={rank} {m}x{k}->{n}"
+            for p_drop in (0.0, 0.1):
+                with recorded_launches() as launches:
+                    p.forward(x, w, bias if p_drop == 0 else None, a, b, 2.0, p_drop, 1)
+                out += labelled(OP, launches, f"{tag} forward", seen, arches=(90,))
+            for needs, what in (((True, False, False, True, True), "backward"),
+                                ((True, False, False, True, False), "backward, B frozen")):
+                with recorded_launches() as launches:
+                    p.backward(dy, x, w, a, b, meta(m, rank, dtype=dtype), 2.0, 0.0, 1, needs)
+                out += labelled(OP, launches, f"{tag} {what}", seen, arches=(90,))
     return out

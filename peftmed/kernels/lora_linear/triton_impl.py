@@ -106,7 +106,9 @@ def _gemm_lora_kernel(x_ptr, w_ptr, bias_ptr, l_ptr, r_ptr, c_ptr, M, N, K, R,
 @triton.jit(do_not_specialize=["key", "thr"])
 def _wgrad_kernel(g_ptr, x_ptr, part_ptr, M, N, R, rows_per_split, sgm, sgr, sxm, sxn, key, thr, drop_scale,
                   DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                  PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr = False):
+    """part[split] (R, N) = G^T dropout(X) over the split's rows; with ATOMIC every split adds into part[0] (fp32
+    sums that stay in L2: no partials in memory, no reduce launch; the order of the sums is not fixed)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rr = tl.arange(0, BLOCK_R)
@@ -122,8 +124,11 @@ def _wgrad_kernel(g_ptr, x_ptr, part_ptr, M, N, R, rows_per_split, sgm, sgr, sxm
         if DROPOUT:
             x = tl.where(_keep(rm, rn, key, thr), x.to(tl.float32) * drop_scale, 0.0).to(x.dtype)
         acc = _dot(g, x, acc, PRECISION, UPCAST)  # (BLOCK_R, BLOCK_N)
-    tl.store(part_ptr + (split * R + rr[:, None]).to(tl.int64) * N + rn[None, :], acc,
-             mask=(rr[:, None] < R) & (rn[None, :] < N))
+    ok = (rr[:, None] < R) & (rn[None, :] < N)
+    if ATOMIC:
+        tl.atomic_add(part_ptr + rr[:, None].to(tl.int64) * N + rn[None, :], acc, mask=ok, sem="relaxed")
+    else:
+        tl.store(part_ptr + (split * R + rr[:, None]).to(tl.int64) * N + rn[None, :], acc, mask=ok)
 
 
 @triton.jit
