@@ -80,10 +80,10 @@ def specialise(case: AotCase, arch: int = 90):
 
 
 @contextlib.contextmanager
-def recorded_launches(sms: int = 132):
+def recorded_launches(sms: int = 132, capability: tuple[int, int] = (9, 0)):
     """Within it a Triton kernel launch is recorded (as an ``AotCase`` without label), not run, and the
-    launchers take meta tensors for tensors on a GPU of ``sms`` SMs: calling a launcher (``forward``,
-    ``backward``) with meta tensors of the target shapes gives the launches it makes there."""
+    launchers take meta tensors for tensors on a GPU of ``sms`` SMs and this compute capability: calling a launcher
+    (``forward``, ``backward``) with meta tensors of the target shapes gives the launches it makes there."""
     from unittest import mock
 
     from triton.runtime.jit import JITFunction
@@ -95,7 +95,7 @@ def recorded_launches(sms: int = 132):
     def record(self, *args, grid, warmup, **kwargs):
         launches.append(AotCase("", self, "", args, kwargs, grid=tuple(grid) if not callable(grid) else None))
 
-    with as_gpu(sms), mock.patch.object(JITFunction, "run", record):
+    with as_gpu(sms, capability), mock.patch.object(JITFunction, "run", record):
         yield launches
 
 
@@ -110,7 +110,8 @@ def labelled(op: str, launches: list[AotCase], tag: str, seen: dict, arches: tup
     out = []
     for c in launches:
         sig = specialise(c)
-        key = (c.name, repr(sig[1]), repr(sorted(sig[2].items(), key=str)), repr(sig[3]), c.num_warps, c.num_stages)
+        key = (c.name, repr(sig[1]), repr(sorted(sig[2].items(), key=str)), repr(sig[3]), c.num_warps, c.num_stages,
+               arches)
         if key in seen:
             continue
         seen[key] = True

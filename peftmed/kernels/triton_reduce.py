@@ -25,15 +25,17 @@ def _reduce_kernel(part_ptr, out_ptr, S, R, N, s_or, s_on, scale, BLOCK_N: tl.co
 
 
 _SMS: dict[int, int] = {}
-# set by as_gpu(): the SM count of the GPU that meta tensors stand for
-_AS_GPU: contextvars.ContextVar[int | None] = contextvars.ContextVar("peftmed_as_gpu", default=None)
+# set by as_gpu(): the SM count and compute capability of the GPU that meta tensors stand for
+_AS_GPU: contextvars.ContextVar[tuple[int, tuple[int, int]] | None] = contextvars.ContextVar("peftmed_as_gpu",
+                                                                                            default=None)
 
 
 @contextlib.contextmanager
-def as_gpu(sms: int = 132):
-    """Within it the launchers take meta tensors for tensors on a GPU of ``sms`` SMs: they choose tiles, grids
-    and splits as they would there (the AOT report records the launches they make so, with no GPU)."""
-    token = _AS_GPU.set(sms)
+def as_gpu(sms: int = 132, capability: tuple[int, int] = (9, 0)):
+    """Within it the launchers take meta tensors for tensors on a GPU of ``sms`` SMs and this compute capability
+    (an H100's by default): they choose tiles, grids and splits as they would there (the AOT report records the
+    launches they make so, with no GPU)."""
+    token = _AS_GPU.set((sms, tuple(capability)))
     try:
         yield
     finally:
@@ -48,7 +50,7 @@ def on_gpu(t: torch.Tensor) -> bool:
 def sm_count(device: torch.device) -> int:
     """The GPU's number of SMs (cached: the launchers ask on every call)."""
     if device.type == "meta" and _AS_GPU.get() is not None:
-        return _AS_GPU.get()
+        return _AS_GPU.get()[0]
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
@@ -59,9 +61,9 @@ _CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def capability(device: torch.device) -> tuple[int, int]:
-    """The GPU's compute capability (cached); a meta tensor within ``as_gpu`` stands for an H100's (9, 0)."""
+    """The GPU's compute capability (cached); a meta tensor within ``as_gpu`` stands for that GPU's."""
     if device.type == "meta" and _AS_GPU.get() is not None:
-        return (9, 0)
+        return _AS_GPU.get()[1]
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _CAPABILITY:
         _CAPABILITY[index] = torch.cuda.get_device_capability(index)

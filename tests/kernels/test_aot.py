@@ -98,6 +98,10 @@ def test_the_report_covers_every_kernel_on_both_targets(report):
     gemm90 = [r for r in rows if r["arch"] == "sm_90" and r["kernel"] in ("_gemm_lora_kernel", "_persistent_kernel")
               and "bf16" in r["config"]]
     assert gemm90 and all(r["mma"] == "wgmma" for r in gemm90)
+    # prefix attention's bf16 kernels take Hopper's tensor-core path too, D=128 dk/dv included (its sm_90 tiles)
+    prefix90 = [r for r in rows if r["arch"] == "sm_90" and r["op"] == "prefix_attention" and "bf16" in r["config"]
+                and r["kernel"] in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel")]
+    assert prefix90 and [r["kernel"] + " " + r["config"] for r in prefix90 if r["mma"] != "wgmma"] == []
     # the persistent kernel at every rank block it takes, with dB accumulated and with B frozen
     persistent = " | ".join(r["config"] for r in rows if r["config"].startswith("persistent "))
     for needed in ("r=16", "r=32", "r=64", "forward DROPOUT", "backward W_KN ACC_DB", "backward ATOMIC", "B frozen"):

@@ -14,7 +14,7 @@ style: scores never leave the program, only out and the fp32 log-sum-exp are wri
   H = 12, P <= 64); ``_dq_kernel`` one program per (query block, b*h) adding the prefix and the sequence
   parts of dq.
 
-Tiles come from ``config(head_dim, dtype)`` (GPU_TILES, checked by ``peftmed.kernels.aot``: no spills, shared memory within
+Tiles come from ``config(head_dim, dtype, gpu, capability)`` (GPU_TILES, and SM90_TILES on Hopper; checked by ``peftmed.kernels.aot``: no spills, shared memory within
 the target's limit; head dims above 128 go to another implementation); offsets are 64-bit.
 
 Dropout uses the shared hash of peftmed.kernels.dropout (row (b*H + h)*Tq + i, column over
@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..dropout import seed_key, threshold
 from ..triton_dropout import keep_mask as _keep
-from ..triton_reduce import on_gpu, reduce_partials, row_splits, sm_count
+from ..triton_reduce import capability, on_gpu, reduce_partials, row_splits, sm_count
 
 
 @triton.jit
@@ -247,18 +247,23 @@ GPU_TILES: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
     # fp32 above head dim 64: no tile without spills; the dispatcher does not give it to Triton
     # (impls.TRITON_LIMITS)
 }
+# On Hopper (sm_90) alone, larger tiles where they compile spill-free under both Tritons and take wgmma, where the
+# common table's would run mma.sync: dk/dv at D=128 bf16 (32-row tiles cannot use wgmma; 128 x 32 spills on sm_80)
+SM90_TILES: dict[tuple[int, int], dict[str, tuple[int, int, int, int]]] = {
+    (128, 2): dict(dkdv=(128, 32, 8, 2)),
+}
 KERNELS = ("fwd", "dkdv", "dq")
 
 
-def config(head_dim: int, dtype: torch.dtype, gpu: bool) -> dict[str, dict]:
-    """Tiles of each prefix-attention kernel ("fwd", "dkdv", "dq") for a head dim and element type (the
-    interpreter pays per element: small tiles)."""
+def config(head_dim: int, dtype: torch.dtype, gpu: bool, capability: tuple[int, int] = (8, 0)) -> dict[str, dict]:
+    """Tiles of each prefix-attention kernel ("fwd", "dkdv", "dq") for a head dim and element type, on a GPU of this
+    compute capability (the interpreter pays per element: small tiles)."""
     bd = max(16, triton.next_power_of_2(head_dim))
     if not gpu:
         one = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=bd, num_warps=4, num_stages=1)
         return {k: dict(one) for k in KERNELS}
-    size = dtype.itemsize
-    tiles = GPU_TILES[(max(64, bd), 4 if size == 4 else 2)]
+    key = (max(64, bd), 4 if dtype.itemsize == 4 else 2)
+    tiles = dict(GPU_TILES[key], **(SM90_TILES.get(key, {}) if tuple(capability) >= (9, 0) else {}))
     return {k: dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, num_warps=w, num_stages=st)
             for k, (bm, bn, w, st) in tiles.items()}
 
@@ -268,7 +273,7 @@ def _common(q, pk, mask, scale, p, seed):
     d = q.shape[-1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     gpu = on_gpu(q)
-    cfg = config(d, q.dtype, gpu)
+    cfg = config(d, q.dtype, gpu, capability(q.device) if gpu else (8, 0))
     if mask is None:
         m_ptr, strides = q, (0, 0, 0, 0)  # never read (HAS_MASK is false)
     else:
