@@ -107,14 +107,21 @@ class LoraVariant:
         layer can read, the update is added to the base layer's output."""
         cfg = layer.configs[name]
         dt = compute_dtype(x)
-        a, b = layer.lora_A[name].to(dt), layer.lora_B[name].to(dt)
-        if isinstance(layer.base_layer, AdapterLayer) or layer.quantized:
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        if a.dtype != dt or b.dtype != dt:  # a cast only where the adapter's dtype differs (autocast, a bf16 base under fp32 factors)
+            a, b = a.to(dt), b.to(dt)
+        base = layer.base_layer
+        if isinstance(base, AdapterLayer) or layer.quantized:
             h = x.to(dt)
             h = nn.functional.dropout(h, cfg.dropout, layer.training) if cfg.dropout > 0 else h
-            return layer.base_layer(x) + cfg.scaling * (h @ a.t()) @ b.t()
-        w, bias = layer.base_layer.weight.to(dt), layer.base_layer.bias
+            return base(x) + cfg.scaling * (h @ a.t()) @ b.t()
+        w, bias = base.weight, base.bias
+        if w.dtype != dt:
+            w = w.to(dt)
+        if bias is not None and bias.dtype != dt:
+            bias = bias.to(dt)
         return kernels.lora_linear(
-            x.to(dt), w, bias.to(dt) if bias is not None else None, a, b, cfg.scaling,
+            x if x.dtype == dt else x.to(dt), w, bias, a, b, cfg.scaling,
             dropout_p=cfg.dropout, training=layer.training, impl=cfg.kernel, registry=layer.kernel_registry,
         )
 

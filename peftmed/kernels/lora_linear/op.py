@@ -4,7 +4,8 @@ Eager calls go through a small ``torch.autograd.Function`` (the cheapest path: a
 about 50 us more per step); under ``torch.compile`` the same forward/backward run inside the custom
 ops ``peftmed::lora_linear_fwd`` / ``peftmed::lora_linear_bwd`` so the compiler sees one opaque node
 with a fake (shape-only) implementation and a registered backward. Both paths dispatch once, through the
-registry the model was applied with (``registry.dispatch``); the custom ops receive the decision's key.
+registry the model was applied with (``registry.resolve``; under torch.compile ``dispatch_key``: the custom ops
+receive the decision's key).
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ from torch import Tensor
 
 from ...errors import ShapeError
 from ..dropout import new_seed
-from ..registry import KernelInputError, dispatch, dispatch_key, resolved
+from ..registry import KernelInputError, dispatch_key, resolve, resolved
 
 OP = "lora_linear"
 
 
 def _check(x, w, bias, a, b) -> None:
     d_in = x.shape[-1]
+    if w.dim() == 2 and a.dim() == 2 and b.dim() == 2 and w.shape[1] == d_in and a.shape[1] == d_in \
+            and b.shape[0] == w.shape[0] and b.shape[1] == a.shape[0] \
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == w.shape[0])) \
+            and w.dtype == x.dtype and a.dtype == x.dtype and b.dtype == x.dtype \
+            and (bias is None or bias.dtype == x.dtype) and w.device == x.device and a.device == x.device \
+            and b.device == x.device and (bias is None or bias.device == x.device):
+        return  # the common case in one expression (this runs on every call); the messages below name what is wrong
     if w.dim() != 2 or w.shape[1] != d_in:
         raise ShapeError(f"lora_linear: x has shape {tuple(x.shape)} (last dim {d_in}) but weight has shape "
                          f"{tuple(w.shape)}; expected weight (out_features, {d_in})")
@@ -64,21 +72,23 @@ def lora_linear(x, weight, bias, lora_a, lora_b, scaling, dropout_p=0.0, trainin
     ``registry``: where to find the implementations (the model's; None: the default registry)."""
     _check(x, weight, bias, lora_a, lora_b)
     p = float(dropout_p) if training else 0.0
-    lead, d_in, d_out = x.shape[:-1], x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, d_in).contiguous()  # a copy only when x is not already row-contiguous
+    d_in, d_out = x.shape[-1], weight.shape[0]
+    flat = x.dim() == 2
+    x2 = x.contiguous() if flat else x.reshape(-1, d_in).contiguous()  # a copy only when x is not row-contiguous
     w, a, b = weight.contiguous(), lora_a.contiguous(), lora_b.contiguous()
     if torch.compiler.is_compiling():  # the same dispatch, its key a constant of the graph
         key = dispatch_key(OP, impl, x.device.type, x.dtype, a.shape[0], registry)
         seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
         y, _ = lora_linear_fwd(x2, w, bias, a, b, float(scaling), p, seed, key)
-        return y.view(*lead, d_out)
-    _, _, fns = dispatch(OP, impl, x.device, x.dtype, a.shape[0], registry)
+        return y if flat else y.view(*x.shape[:-1], d_out)
+    _, fns = resolve(OP, impl, x.device, x.dtype, a.shape[0], registry)  # eager: no key for a custom op needed
     seed = new_seed() if p > 0 else 0
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, lora_a, lora_b)):
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or lora_a.requires_grad
+                                    or lora_b.requires_grad or (bias is not None and bias.requires_grad)):
         y = _LoraLinearFunction.apply(x2, w, bias, a, b, float(scaling), p, seed, fns)
     else:
         y, _ = fns["forward"](x2, w, bias, a, b, float(scaling), p, seed)
-    return y.view(*lead, d_out)
+    return y if flat else y.view(*x.shape[:-1], d_out)
 
 
 # ---- torch.library registration (what torch.compile traces) ----------------------------------------
