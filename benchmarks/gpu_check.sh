@@ -11,8 +11,8 @@
 #   3. runs the three kernel benchmarks at the target shapes (CUDA events, L2 flushed); each target is written to
 #      targets.json the moment it is measured
 #   4. runs the other kernel tests, compiled, in what the deadline leaves
-#   5. prints one table: every step and every benchmark, each target measured (met / NOT MET) and NOT MEASURED
-#      (with the reason) for every benchmark that recorded none
+#   0. lists every target the benchmarks record (their --list-targets, no GPU needed)
+#   5. prints one table: every step, and every target: measured (met / NOT MET) or NOT MEASURED (with the reason)
 # --dry-run (or a machine without a CUDA device) runs none of the GPU steps and prints the same table, all NOT
 # MEASURED. Everything lands in OUT_DIR (default /tmp/peftmed-gpu-check): logs, CSVs, targets.json, summary.txt.
 # The end-to-end training run (benchmarks/gpu_e2e.sh) is a separate call: it does not fit in the same 15 minutes.
@@ -66,6 +66,20 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 python -c "import triton; print('triton', triton.__version__)" 2>&1 || echo "triton: not importable"
 [ "$gpu" = 1 ] || echo "no CUDA device$([ "$dry" = 1 ] && echo ' (dry run)'): the GPU steps are listed, not run"
 
+# the benchmarks' arguments (the same for listing their targets and for running them)
+LORA_ARGS=(--device cuda --rounds 30 --no-compile --out "$out")
+LN_ARGS=(--device cuda --rounds 50 --out "$out")
+PREFIX_ARGS=(--device cuda --skip-model --rounds 10 --out "$out")
+step "0. every target the benchmarks record (listed in the background while the extensions build; no GPU needed)"
+rm -f "$out"/expected-*.json
+listing=()
+timeout 60 "$PY" benchmarks/kernels/bench_lora_linear.py --list-targets "${LORA_ARGS[@]}" \
+  > "$out/expected-bench_lora_linear.json" 2> "$out/expected.log" & listing+=($!)
+timeout 60 "$PY" benchmarks/kernels/bench_layer_norm.py --list-targets "${LN_ARGS[@]}" \
+  > "$out/expected-bench_layer_norm.json" 2>> "$out/expected.log" & listing+=($!)
+timeout 60 "$PY" benchmarks/kernels/bench_prefix_attention.py --list-targets "${PREFIX_ARGS[@]}" \
+  > "$out/expected-bench_prefix_attention.json" 2>> "$out/expected.log" & listing+=($!)
+
 step "1. CUDA extensions (built side by side)"
 build_one() {
   local name="$1"
@@ -85,10 +99,11 @@ except Exception as e:
 "
 }
 export -f build_one
+builds=()
 for name in lora_linear_cuda layer_norm_cuda prefix_attention_cuda; do
-  run "build $name" 150 "$out/build-$name.log" bash -c "build_one $name" &
+  run "build $name" 150 "$out/build-$name.log" bash -c "build_one $name" & builds+=($!)
 done
-wait
+wait "${builds[@]}"
 if [ "$gpu" = 1 ] && [ "$dry" = 0 ] && [ "$assume" = 0 ]; then
   for name in lora_linear_cuda layer_norm_cuda prefix_attention_cuda; do
     if ! grep -q "^built" "$out/build-$name.log" 2>/dev/null; then  # stopped or failed: nothing later waits on it
@@ -108,12 +123,10 @@ run "tests: GPU targets, bf16" 120 "$out/tests-gpu.log" "$PY" -m pytest -q -p no
 
 step "3. benchmarks at the target shapes"
 # the first call of each Triton configuration compiles (about 20 per prefix head dim): the timeouts hold them
-run "bench_lora_linear" 90 "$out/bench_lora_linear.txt" "$PY" benchmarks/kernels/bench_lora_linear.py --device cuda \
-  --rounds 30 --no-compile --out "$out"
-run "bench_layer_norm" 120 "$out/bench_layer_norm.txt" "$PY" benchmarks/kernels/bench_layer_norm.py --device cuda \
-  --rounds 50 --out "$out"
+run "bench_lora_linear" 90 "$out/bench_lora_linear.txt" "$PY" benchmarks/kernels/bench_lora_linear.py "${LORA_ARGS[@]}"
+run "bench_layer_norm" 120 "$out/bench_layer_norm.txt" "$PY" benchmarks/kernels/bench_layer_norm.py "${LN_ARGS[@]}"
 run "bench_prefix_attention" 150 "$out/bench_prefix_attention.txt" "$PY" benchmarks/kernels/bench_prefix_attention.py \
-  --device cuda --skip-model --rounds 10 --out "$out"
+  "${PREFIX_ARGS[@]}"
 # where LoRA's time goes: each kernel against cuBLAS or a copy, and a sweep of the main GEMM's tiles (no targets)
 run "bench_lora_breakdown" 75 "$out/bench_lora_breakdown.txt" "$PY" benchmarks/kernels/bench_lora_breakdown.py \
   --rounds 10
@@ -123,36 +136,7 @@ run "tests: kernels" 120 "$out/tests-kernels.log" "$PY" -m pytest -q -p no:cache
   tests/kernels/test_gpu_targets.py tests/kernels/test_cuda_sources.py tests/kernels/test_lora_linear.py \
   tests/kernels/test_layer_norm.py tests/kernels/test_prefix_attention.py --junitxml="$out/tests.xml"
 
+wait "${listing[@]}"  # (each under its own 60 s timeout)
 step "5. targets"
-python - "$out" "$([ "$assume" = 1 ] && echo 0 || echo "$gpu")" <<'EOF' | tee "$out/summary.txt"
-import json, sys
-from pathlib import Path
-out, gpu = Path(sys.argv[1]), sys.argv[2] == "1"
-rows = json.loads((out / "targets.json").read_text()) if (out / "targets.json").exists() else []
-steps = [ln.rstrip("\n").split("\t") for ln in (out / "steps.tsv").read_text().splitlines()] \
-    if (out / "steps.tsv").exists() else []
-if gpu:
-    import torch, triton
-    print(f"{torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}")
-else:
-    print("no CUDA device: nothing measured")
-print("\nsteps")
-for name, result, detail in steps:
-    print(f"  {name:<32} {result:<10} {detail}")
-prefixes = {"bench_lora_linear": "LoRA", "bench_layer_norm": "LayerNorm", "bench_prefix_attention": "prefix attention"}
-w = max([len(r["target"]) for r in rows] + [40])
-print(f"\n{'target':<{w}}  {'figure':>9}  {'goal':>8}  result")
-for bench, prefix in prefixes.items():
-    mine = [r for r in rows if r["target"].startswith(prefix)]
-    for r in mine:
-        print(f"{r['target']:<{w}}  {r['figure']:>9}  {r['goal']:>8}  {'met' if r['met'] else 'NOT MET'}")
-    if not mine:
-        why = next((f"{res}: {det}" for n, res, det in steps if n == bench), "not run")
-        print(f"{prefix + ' targets (' + bench + ')':<{w}}  {'-':>9}  {'-':>8}  NOT MEASURED ({why})")
-    else:
-        res = next((f"{res}" for n, res, det in steps if n == bench), "")
-        if res and res != "ok":
-            print(f"{'  (' + bench + ' ' + res + ': targets after these NOT MEASURED)':<{w}}")
-print(f"{sum(r['met'] for r in rows)} of {len(rows)} measured targets met")
-EOF
+python benchmarks/kernels/gpu_summary.py "$out" "$([ "$assume" = 1 ] && echo 0 || echo "$gpu")" | tee "$out/summary.txt"
 exit $status

@@ -20,9 +20,37 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, percentiles, report, row, target, time_interleaved, write_targets  # noqa: E402
+from common import REPO, percentiles, print_expected, report, row, target, time_interleaved, write_targets  # noqa: E402
 
 from peftmed import kernels  # noqa: E402
+
+
+def _params(args):
+    gpu = args.device == "cuda"
+    rows_n = args.rows or (32768 if gpu else 2048)
+    widths = args.widths or ([768, 1024] if gpu else [768])
+    dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16", "float32"] if gpu else ["float32"]))]
+    return gpu, rows_n, widths, dtypes
+
+
+def _fwd_target(other: str, gpu: bool, what: str) -> tuple[str, str]:
+    best = "peftmed triton" if gpu else "peftmed cpp"
+    return f"LayerNorm fwd+bwd {other} / {best} time, {what}", ">= 1.3x" if not gpu and other == "torch native" else "> 1x"
+
+
+def _bwd_target(rows_n: int, n: int, dtype) -> tuple[str, str]:
+    return f"LayerNorm backward (triton) share of copy bandwidth, {rows_n}x{n} {str(dtype)[6:]}", ">= 80%"
+
+
+def _expected(args) -> list[tuple[str, str]]:
+    gpu, rows_n, widths, dtypes = _params(args)
+    others = ["torch native"] + ([] if args.no_compile else ["torch.compile(native)"])
+    out = []
+    for dtype in dtypes:
+        for n in widths:
+            out += [_fwd_target(other, gpu, f"{rows_n}x{n} {str(dtype)[6:]}") for other in others]
+            out += [_bwd_target(rows_n, n, dtype)] if gpu else []
+    return out
 
 
 def main() -> None:
@@ -36,13 +64,14 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
     ap.add_argument("--targets-json", type=Path, help="append the targets' figures here (JSON list)")
+    ap.add_argument("--list-targets", action="store_true", help="print the targets these arguments record, run nothing")
     args = ap.parse_args()
+    if args.list_targets:
+        print_expected(_expected(args))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpu = args.device == "cuda"
-    rows_n = args.rows or (32768 if gpu else 2048)
-    widths = args.widths or ([768, 1024] if gpu else [768])
-    dtypes = [getattr(torch, d) for d in (args.dtypes or (["bfloat16", "float32"] if gpu else ["float32"]))]
+    gpu, rows_n, widths, dtypes = _params(args)
     impls = ["triton", "cuda", "torch"] if gpu else ["cpp", "torch"]
 
     torch.manual_seed(0)
@@ -93,9 +122,8 @@ def main() -> None:
                 others = [k for k in ("torch native", "torch.compile(native)") if k in times]
                 for other in others:
                     ratio = percentiles(times[other])[1] / ours
-                    goal = ">= 1.3x" if not gpu and other == "torch native" else "> 1x"
-                    target(f"LayerNorm fwd+bwd {other} / {best} time, {what}", ratio, goal,
-                           ratio >= 1.3 if goal == ">= 1.3x" else ratio > 1.0, "x")
+                    name, goal = _fwd_target(other, gpu, what)
+                    target(name, ratio, goal, ratio >= 1.3 if goal == ">= 1.3x" else ratio > 1.0, "x")
             if gpu:
                 out_rows += backward_only(rows_n, n, dtype, impls, args)
     report("layer_norm", out_rows, args.out)
@@ -126,8 +154,8 @@ def backward_only(rows_n: int, n: int, dtype, impls, args) -> list[dict]:
     nbytes = 3 * rows_n * n * x.element_size()
     if "peftmed triton" in times:
         frac = copy_p50 / percentiles(times["peftmed triton"])[1]
-        target(f"LayerNorm backward (triton) share of copy bandwidth, {rows_n}x{n} {str(dtype)[6:]}", 100 * frac,
-               ">= 80%", frac >= 0.8, "%")
+        name, goal = _bwd_target(rows_n, n, dtype)
+        target(name, 100 * frac, goal, frac >= 0.8, "%")
     return [row(f"{rows_n}x{n}", dtype, "bwd only", name, samples, "cuda",
                 f"{nbytes / (percentiles(samples)[1] * 1e-3) / 1e9:.1f} GB/s",
                 None if name.startswith("copy") else copy_p50) for name, samples in times.items()]

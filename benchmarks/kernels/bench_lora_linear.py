@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, percentiles, report, row, target, time_interleaved, write_targets  # noqa: E402
+from common import REPO, percentiles, print_expected, report, row, target, time_interleaved, write_targets  # noqa: E402
 
 from peftmed.methods.lora import LoraConfig, LoraLinear  # noqa: E402
 
@@ -63,6 +63,28 @@ def flops(t: int, d_in: int, d_out: int, r: int, lora: bool) -> int:
     return base + (6 * 2 * t * r * (d_in + d_out) // 2 if lora else 0)
 
 
+def _params(args):
+    gpu = args.device == "cuda"
+    t = args.tokens or (8192 if gpu else 512)
+    d = args.features or (4096 if gpu else 768)
+    r = args.rank or (16 if gpu else 8)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    return gpu, t, d, r, dtype
+
+
+def _names(args, p: float) -> dict[str, tuple[str, str]]:
+    """The targets one dropout's rows record: key -> (name, goal)."""
+    gpu, t, d, r, dtype = _params(args)
+    best = "peftmed triton" if gpu else "peftmed cpp"
+    limit = 1.10 if gpu else (1.15 if p == 0 else 1.25)
+    shape = f"{t}x{d}->{d} r={r} {str(dtype)[6:]} dropout {p}"
+    names = {"pair": (f"LoRA {best} fwd+bwd / base GEMM pair, {shape}", f"<= {limit}x")}
+    if gpu:
+        names["peft"] = (f"LoRA peft / {best} time, {shape}", ">= 1.3x")
+        names["persistent"] = (f"LoRA peftmed triton_persistent fwd+bwd / base GEMM pair, {shape}", f"<= {limit}x")
+    return names
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -76,14 +98,14 @@ def main() -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (slow to build)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "kernels")
     ap.add_argument("--targets-json", type=Path, help="append the targets' figures here (JSON list)")
+    ap.add_argument("--list-targets", action="store_true", help="print the targets these arguments record, run nothing")
     args = ap.parse_args()
+    if args.list_targets:
+        print_expected([x for p in args.dropout for x in _names(args, p).values()])
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
-    gpu = args.device == "cuda"
-    t = args.tokens or (8192 if gpu else 512)
-    d = args.features or (4096 if gpu else 768)
-    r = args.rank or (16 if gpu else 8)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    gpu, t, d, r, dtype = _params(args)
     # triton_persistent: the persistent TMA design (asked for by name; auto does not pick it until it is measured)
     impls = ["triton", "triton_persistent", "cuda", "torch"] if gpu else ["cpp", "torch"]
     alpha = 2.0 * r
@@ -132,19 +154,17 @@ def main() -> None:
             rows.append(row(f"{t}x{d}->{d} r={r}", dtype, mode, name, samples, args.device,
                             f"{tflops:.3f} TFLOP/s", None if name.startswith("base") else base_p50))
         best = "peftmed triton" if gpu else "peftmed cpp"
+        names = _names(args, p)
         if best in times:
             ours = percentiles(times[best])[1]
             limit = 1.10 if gpu else (1.15 if p == 0 else 1.25)
-            shape = f"{t}x{d}->{d} r={r} {str(dtype)[6:]} dropout {p}"
-            target(f"LoRA {best} fwd+bwd / base GEMM pair, {shape}", ours / base_p50, f"<= {limit}x",
-                   ours / base_p50 <= limit, "x")
+            target(names["pair"][0], ours / base_p50, names["pair"][1], ours / base_p50 <= limit, "x")
             if gpu and "peft LoRA" in times:
                 peft_p50 = percentiles(times["peft LoRA"])[1]
-                target(f"LoRA peft / {best} time, {shape}", peft_p50 / ours, ">= 1.3x", peft_p50 / ours >= 1.3, "x")
+                target(names["peft"][0], peft_p50 / ours, names["peft"][1], peft_p50 / ours >= 1.3, "x")
             if gpu and "peftmed triton_persistent" in times:  # the design meant to reach the base GEMM pair
                 mine = percentiles(times["peftmed triton_persistent"])[1]
-                target(f"LoRA peftmed triton_persistent fwd+bwd / base GEMM pair, {shape}", mine / base_p50,
-                       f"<= {limit}x", mine / base_p50 <= limit, "x")
+                target(names["persistent"][0], mine / base_p50, names["persistent"][1], mine / base_p50 <= limit, "x")
     report("lora_linear", rows, args.out)
     write_targets(args.targets_json)
 

@@ -90,6 +90,12 @@ def target(name: str, figure: float, goal: str, met: bool, unit: str = "") -> No
         _STREAMED.add(id(record))
 
 
+def print_expected(targets: list[tuple[str, str]]) -> None:
+    """``--list-targets``: every (target, goal) a run with these arguments records, as JSON, before anything runs (the
+    GPU check lists each one in its table, NOT MEASURED where a run did not get to it)."""
+    print(json.dumps([{"target": name, "goal": goal} for name, goal in targets]))
+
+
 def write_targets(path: Path | None) -> None:
     """Append the targets recorded here to ``path`` (those streamed to the same file already are not repeated)."""
     if path is not None:

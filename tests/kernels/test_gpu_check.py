@@ -1,5 +1,5 @@
 """The GPU check returns a table whatever happens: a dry run and a machine without a GPU list every step and every
-benchmark as NOT MEASURED; a build that hangs is stopped at the global deadline and the table is still whole;
+target (each benchmark's --list-targets) as NOT MEASURED; a build that hangs is stopped at the global deadline and the table is still whole;
 each benchmark target is on disk the moment it is measured; and nothing the check imports is missing on the GPU
 machine (its package list is in ../shared/DESIGN.md)."""
 
@@ -28,10 +28,25 @@ def _run(tmp_path, *args, **env):
     return proc, time.monotonic() - start, (tmp_path / "out" / "summary.txt").read_text()
 
 
+def _listed(bench: str, *args: str) -> list[str]:
+    """The targets ``bench`` records with the GPU check's arguments (its --list-targets)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels" / f"{bench}.py"), "--list-targets",
+                           "--device", "cuda", *args], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [t["target"] for t in json.loads(proc.stdout)]
+
+
 def _assert_whole_table(summary: str, why: str):
-    for bench in BENCHES:
-        line = next(ln for ln in summary.splitlines() if f"({bench})" in ln)
+    """Every target of every benchmark has its own line, NOT MEASURED with the reason."""
+    lines = summary.splitlines()
+    listed = (_listed("bench_lora_linear", "--no-compile") + _listed("bench_layer_norm")
+              + _listed("bench_prefix_attention", "--skip-model"))
+    assert len(listed) >= 40 and any("triton_persistent" in t for t in listed), listed
+    for name in listed:
+        line = next((ln for ln in lines if ln.startswith(name + " ")), None)
+        assert line is not None, f"no line for the target {name!r}"
         assert "NOT MEASURED" in line and why in line, line
+    assert f"{len(listed)} NOT MEASURED" in summary
     for name in ("build lora_linear_cuda", "build layer_norm_cuda", "build prefix_attention_cuda",
                  "tests: GPU targets, bf16", "tests: kernels", "bench_lora_breakdown", *BENCHES):
         assert name in summary, name
@@ -84,6 +99,28 @@ def test_each_target_is_on_disk_as_soon_as_it_is_measured(tmp_path):
     subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, check=True, capture_output=True,
                    env={**os.environ, "PEFTMED_TARGETS_JSON": str(path)})
     assert [r["target"] for r in json.loads(path.read_text())] == ["LoRA a", "LoRA b"]
+
+
+def test_a_benchmark_stopped_after_its_first_target_leaves_the_rest_not_measured(tmp_path):
+    """The table from what a run left: LoRA's benchmark timed out after one target, so that one is shown measured and
+    each other target it lists NOT MEASURED with the reason; a benchmark whose listing failed still has a line."""
+    listed = [{"target": f"LoRA t{i}", "goal": "<= 1.10x"} for i in range(3)]
+    (tmp_path / "expected-bench_lora_linear.json").write_text(json.dumps(listed))
+    (tmp_path / "expected-bench_layer_norm.json").write_text(json.dumps([{"target": "LayerNorm n", "goal": "> 1x"}]))
+    (tmp_path / "targets.json").write_text(json.dumps([{"target": "LoRA t0", "figure": "1.05x", "goal": "<= 1.10x",
+                                                        "met": True}]))
+    (tmp_path / "steps.tsv").write_text("bench_lora_linear\tTIMED OUT\tstopped after 90 s\n"
+                                        "bench_layer_norm\tok\t120 s budget\n")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernels" / "gpu_summary.py"), str(tmp_path), "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = {ln.split("  ")[0]: ln for ln in proc.stdout.splitlines()}
+    assert lines["LoRA t0"].endswith(" met")
+    for name in ("LoRA t1", "LoRA t2"):
+        assert "NOT MEASURED (bench_lora_linear TIMED OUT: stopped after 90 s)" in lines[name]
+    assert "NOT MEASURED (bench_layer_norm ok" in lines["LayerNorm n"]  # it ran, and recorded nothing for it
+    assert "NOT MEASURED (bench_prefix_attention not run)" in proc.stdout
+    assert "1 of 1 measured targets met; 4 NOT MEASURED" in proc.stdout
 
 
 # What the GPU machine has (../shared/DESIGN.md): the check and peftmed's import-time dependencies must be among them.
