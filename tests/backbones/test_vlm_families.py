@@ -84,6 +84,39 @@ def test_every_method_reaches_the_loss_on_every_family(family, registry):
         assert not dead, f"{family} {recipe}: no gradient reaches {dead[:3]}"
 
 
+@pytest.mark.parametrize("family", ["qwen2-vl", "gemma3", "mllama", "paligemma"])
+def test_the_loss_reads_logits_only_where_answers_are_and_equals_the_full_sequence_s(family, registry):
+    """The language model head runs on the answer's window only (``logits_to_keep``: from the position before the
+    earliest answer token to the end; the image and prompt tokens, most of the sequence, make no logits), and
+    transformers is not asked for a second loss of its own over the whole sequence: the loss equals cross-entropy
+    over the full sequence's logits, to fp32 rounding."""
+    model = registry.backbone(family).build().eval()
+    batch = _batch(model, 3)
+    calls = []
+    real = model.model.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    model.model.forward = spy
+    with torch.no_grad():
+        out = model(batch)
+    (kw,) = calls
+    assert "labels" not in kw, "transformers computed a second loss over the whole sequence"
+    inputs = model._encode(batch, model._answers(batch), left=False)
+    labels = inputs.pop("labels")
+    width = labels.shape[1]
+    first = min(int((row != -100).nonzero()[0]) for row in labels)
+    assert kw["logits_to_keep"] == width - first + 1 < width
+    assert out["logits"].shape[1] == width - first + 1 and torch.equal(out["labels"], labels[:, first - 1:])
+    with torch.no_grad():
+        full = real(**inputs, use_cache=False).logits
+    want = torch.nn.functional.cross_entropy(full[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+                                             ignore_index=-100)
+    torch.testing.assert_close(out["loss"], want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", FAMS)
 def test_lora_lowers_the_loss_saves_and_loads_exactly(family, registry, tmp_path):
     bb = registry.backbone(family)

@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import functools
 import importlib.util
+import inspect
 import json
 import os
 from collections.abc import Mapping
@@ -466,11 +467,28 @@ class HFVisionLanguage(VQAModule):
         return self(batch)["loss"]
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
+        """The loss of the answers, with the logits and labels of the window it reads: the language model head runs
+        from the position before the earliest answer token to the end (``logits_to_keep``), not over the image and
+        prompt tokens that make most of the sequence and no loss (a 262k-vocabulary head over 300 positions is most
+        of a step's time and its largest activation); transformers is not given the labels (it would compute a
+        second loss over the whole sequence)."""
         inputs = self._encode(batch, self._answers(batch), left=False)
-        out = self.model(**inputs, use_cache=False)
-        logits, labels = out.logits[:, :-1].float(), inputs["labels"][:, 1:]
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return {"loss": loss, "logits": out.logits, "labels": inputs["labels"]}
+        labels = inputs.pop("labels")
+        answered = (labels != -100).any(0).nonzero()
+        first = int(answered[0]) if len(answered) else 1
+        keep = labels.shape[1] - max(first, 1) + 1 if self._keeps_logits else 0
+        out = self.model(**inputs, use_cache=False, **({"logits_to_keep": keep} if keep else {}))
+        labels = labels[:, -keep:] if keep else labels
+        logits, targets = out.logits[:, :-1].float(), labels[:, 1:]
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return {"loss": loss, "logits": out.logits, "labels": labels}
+
+    @functools.cached_property
+    def _keeps_logits(self) -> bool:
+        """Whether the model's forward takes ``logits_to_keep`` (every family transformers ships here does; through
+        a peft wrapper, its base model's)."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return "logits_to_keep" in inspect.signature(type(model).forward).parameters
 
     def loss_terms(self, batch) -> tuple[torch.Tensor, int]:
         """(sum of the answer tokens' cross-entropy, number of answer tokens), for token-normalised training."""
