@@ -23,6 +23,7 @@ def products(monkeypatch):
     ok, why = triton_runs_here()
     if not ok:
         pytest.skip(why)
+    from peftmed import kernels
     from peftmed.kernels.lora_linear import persistent
 
     made = []
@@ -32,7 +33,11 @@ def products(monkeypatch):
         made.append((x.shape[0], n, x.shape[1], kwargs.get("db") is not None))
         return real(x, w, w_kn, n, *args, **kwargs)
 
-    monkeypatch.setattr(persistent, "_product", spy)
+    # the module the dispatcher loaded the implementation from (the one imported here, unless an earlier test left
+    # the registry holding another copy)
+    _, fns = kernels.resolve("lora_linear", IMPL, "cpu", torch.bfloat16, 8)
+    for namespace in {id(g): g for g in (vars(persistent), fns["forward"].__globals__)}.values():
+        monkeypatch.setitem(namespace, "_product", spy)
     return made
 
 
@@ -41,6 +46,9 @@ def test_forward_and_backward_match_the_oracle_over_producer_and_waiting_tiles(p
     """130 rows (five row blocks of the interpreter's 32, the last of 2 rows) x 96 outputs (three column blocks: one
     producer, two tiles that wait for its L): y, dx, dA and dB equal the oracle's; the forward and the backward's
     dx (with gs and dB in the same pass) each ran as one persistent launch."""
+    from peftmed.kernels.lora_linear import persistent
+
+    assert persistent.fits(torch.empty(130, 64, dtype=dtype), 130, 96, 64, 8) is None
     check_against_oracle(IMPL, 130, 64, 96, 8, True, 0.0, dtype, 11)
     assert products == [(130, 96, 64, False), (130, 64, 96, True)]
 
