@@ -86,6 +86,10 @@ def run_job(job: Job) -> dict[str, Any]:
     row: dict[str, Any] = {"label": job.label, "recipe": job.recipe, "provider": job.provider, "status": "ok",
                            "error": None}
     t0 = time.perf_counter()
+    # what a job sets for itself (threads, deterministic algorithms, oneDNN) is put back after it: run in a caller's
+    # process, it must not choose the caller's kernels or threads from then on
+    settings = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.mkldnn.enabled)
     try:
         registry = glue.registry_with(job.plugins)
         row.update(_run(job, registry))
@@ -93,6 +97,10 @@ def run_job(job: Job) -> dict[str, Any]:
         row["status"] = "oom" if glue.is_oom(exc) else "failed"
         row["error"] = f"{type(exc).__name__}: {exc}".strip()
         row["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        torch.set_num_threads(settings[0])
+        torch.use_deterministic_algorithms(settings[1], warn_only=settings[2])
+        torch.backends.mkldnn.enabled = settings[3]
     row["job_time_s"] = time.perf_counter() - t0  # the whole job: data, model, training, evaluation
     return row
 

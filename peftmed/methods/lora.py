@@ -108,7 +108,7 @@ class LoraVariant:
         cfg = layer.configs[name]
         dt = compute_dtype(x)
         a, b = layer.lora_A[name], layer.lora_B[name]
-        if a.dtype != dt or b.dtype != dt:  # a cast only where the adapter's dtype differs (autocast, a bf16 base under fp32 factors)
+        if a.dtype != dt or b.dtype != dt:  # a cast only where the dtypes differ (autocast; fp32 factors, bf16 base)
             a, b = a.to(dt), b.to(dt)
         base = layer.base_layer
         if isinstance(base, AdapterLayer) or layer.quantized:

@@ -94,7 +94,11 @@ def test_same_seed_same_results(registry):
     train, _ = task.load_data(job, registry)
     job.shared_options = task.shared_build_options(registry.get("task", "vqa"), registry.backbone("miss-tiny"), {},
                                                    train)
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     a, b = run_job(job), run_job(job)
+    # a job run in this process leaves its settings behind it (threads, deterministic algorithms: a later caller's
+    # kernels would be chosen under them)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)
     assert a["status"] == b["status"] == "ok"
     assert a["final_loss"] == b["final_loss"] and a["predictions"] == b["predictions"]
     assert a["acc_overall"] == b["acc_overall"]
