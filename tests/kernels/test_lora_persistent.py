@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peftmed.kernels.lora_linear.impls import PERSISTENT_MAX_RANK, impls
+from peftmed.kernels.lora_linear.impls import impls
+from peftmed.kernels.lora_linear.persistent import MAX_RANK as PERSISTENT_MAX_RANK
 from peftmed.kernels.registry import KernelCall
 
 from kernels_testlib import triton_runs_here

@@ -24,8 +24,7 @@ TRITON_LIMITS = (size_at_most(TRITON_MAX_RANK, "rank", "Triton kernel's"),
 
 
 # the persistent TMA kernel (persistent.py): not yet run on a GPU, so auto never picks it; its module sends what it
-# does not fit (fp32, ranks above 64, Ampere, small grids, dropout in dx) to triton_impl's kernels
-PERSISTENT_MAX_RANK = 64
+# does not fit (fp32, ranks above its MAX_RANK, Ampere, small grids, dropout in dx) to triton_impl's kernels
 PERSISTENT_LIMITS = (*TRITON_LIMITS, by_name_only("not yet measured on a GPU (benchmarks/gpu_check.sh times it)"))
 
 
@@ -75,8 +74,8 @@ def persistent_aot_cases(ranks: Iterable[int] | None = None) -> list[AotCase]:
     out: list[AotCase] = []
     seen: dict = {}
     m, n, k = 8192, 4096, 4096
-    for rank in sorted(set(ranks or [16 << i for i in range(8) if 16 << i <= PERSISTENT_MAX_RANK])):
-        if rank > PERSISTENT_MAX_RANK:
+    for rank in sorted(set(ranks or [16 << i for i in range(8) if 16 << i <= p.MAX_RANK])):
+        if rank > p.MAX_RANK:
             continue
         for dtype in (torch.bfloat16, torch.float16):
             x, w, bias = meta(m, k, dtype=dtype), meta(n, k, dtype=dtype), meta(n, dtype=dtype)

@@ -45,8 +45,10 @@ import triton.language as tl
 from ..triton_dropout import keep_mask as _keep
 from ..triton_reduce import capability, on_gpu, row_splits, sm_count
 from . import triton_impl as fallback
-from .impls import PERSISTENT_MAX_RANK
 from .triton_impl import _block_r, _dot, _dot_args, _drop_args
+
+
+MAX_RANK = 64  # at rank blocks of 128 the backward spills registers on sm_90 (the AOT gate)
 
 
 @triton.jit
@@ -151,8 +153,8 @@ def fits(x: torch.Tensor, m: int, n: int, k: int, r: int) -> str | None:
     e = x.element_size()
     if (k * e) % 16 or (n * e) % 16:
         return f"rows of {k} and {n} elements are not 16-byte multiples (TMA)"
-    if r > PERSISTENT_MAX_RANK:
-        return f"rank {r} is above {PERSISTENT_MAX_RANK} (at rank blocks of 128 the backward spills registers on sm_90)"
+    if r > MAX_RANK:
+        return f"rank {r} is above {MAX_RANK} (at rank blocks of 128 the backward spills registers on sm_90)"
     if torch.are_deterministic_algorithms_enabled():
         return "deterministic algorithms are asked for (dB's atomic sums have no fixed order)"
     gpu = on_gpu(x)
