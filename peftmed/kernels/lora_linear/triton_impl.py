@@ -257,17 +257,23 @@ def _gemm_lora(x, w, w_strides, n, bias, lo, up, up_strides, alpha, p, seed):
     return c
 
 
-def _wgrad(g, x, p, seed, out: torch.Tensor, scale: float = 1.0, transpose: bool = False) -> torch.Tensor:
-    """``out`` = scale * g^T dropout(x) ((R, N); its transpose (N, R) with ``transpose``), in out's dtype."""
+def _wgrad(g, x, p, seed, out: torch.Tensor | None, scale: float = 1.0, transpose: bool = False,
+           sums: torch.Tensor | None = None, most: int | None = None) -> torch.Tensor:
+    """``out`` = scale * g^T dropout(x) ((R, N); its transpose (N, R) with ``transpose``), in out's dtype; with
+    ``sums`` (zeroed fp32 (R, N)) every row split adds into it instead (atomics: no partials, no reduce launch) and
+    it is returned. ``most``: the most row splits (default 64 on a GPU, 1 on the CPU)."""
     m, n = x.shape
     r = g.shape[1]
     gpu = on_gpu(x)
     cfg = wgrad_config(x.dtype, gpu, _block_r(r))
-    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], 64 if gpu else 1)
-    part = torch.empty(splits, r, n, device=x.device, dtype=torch.float32)
+    splits, rows_per_split = row_splits(m, cfg["BLOCK_M"], most or (64 if gpu else 1))
+    part = sums if sums is not None else torch.empty(splits, r, n, device=x.device, dtype=torch.float32)
     _wgrad_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), splits)](
         g, x, part, m, n, r, rows_per_split, g.stride(0), g.stride(1), x.stride(0), x.stride(1),
-        *_drop_args(p, seed), DROPOUT=p > 0, BLOCK_R=_block_r(r), **_dot_args(x.dtype, gpu), **cfg)
+        *_drop_args(p, seed), DROPOUT=p > 0, BLOCK_R=_block_r(r), ATOMIC=sums is not None,
+        **_dot_args(x.dtype, gpu), **cfg)
+    if sums is not None:
+        return sums
     return reduce_partials(part, out, scale, transpose)  # stage 2 of the fp32 reduction, in one launch
 
 
